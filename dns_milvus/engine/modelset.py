@@ -1,0 +1,214 @@
+"""A model set: the networks that index videos and re-rank candidates, loaded together.
+
+A model set is a directory with ``manifest.json`` naming its files::
+
+    {"name": "dns-effnet-lite0", "coarse": "cg_student.pth", "fine": "fg_bin_student.pth",
+     "selector": "selector.pth", "backbone": "efficientnet-lite0", "pca": "pca.pth",
+     "fps": 1.0}
+
+``backbone``/``pca`` are optional: without them the set indexes region features given
+directly (e.g. the DnS release's HDF5 features) but cannot decode video files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dns_milvus.errors import CheckpointError, InvalidInputError
+from dns_milvus.models import load_checkpoint
+from dns_milvus.similarity import pack_codes
+
+PAYLOAD_PACKED = "packed_bits"
+PAYLOAD_FLOAT16 = "float16"
+
+
+@dataclass
+class VideoRecord:
+    """Everything DnS keeps of one video: the coarse vector, the selector's self-similarity
+    and the fine-grained tensor (packed bits or float16)."""
+
+    coarse: np.ndarray  # float32 [dim], L2-normalised
+    self_sim: float
+    fine: np.ndarray  # uint8 [T, R, L/8] or float16 [T, R, D]
+    payload_kind: str
+    video_id: str | None = None
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.fine.shape[0])
+
+
+@dataclass
+class ModelSet:
+    """The coarse student, the fine student and the selector (plus an optional feature extractor)."""
+
+    coarse: torch.nn.Module
+    fine: torch.nn.Module
+    selector: torch.nn.Module
+    name: str = "custom"
+    extractor: Any | None = None  # dns_milvus.features.FeatureExtractor
+    fps: float = 1.0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tag: str = ""
+
+    def __post_init__(self) -> None:
+        for net in (self.coarse, self.fine, self.selector):
+            net.to(self.device).eval()
+        if not self.tag:
+            self.tag = _state_tag(self.coarse, self.fine, self.selector)
+
+    # -- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        coarse: str | Path,
+        fine: str | Path,
+        selector: str | Path,
+        *,
+        name: str = "custom",
+        extractor: Any | None = None,
+        fps: float = 1.0,
+        device: str | torch.device | None = None,
+    ) -> ModelSet:
+        """Load the three networks from release-layout checkpoint files."""
+        dev = resolve_device(device)
+        return cls(
+            coarse=load_checkpoint(coarse, expected="cg_student"),
+            fine=load_checkpoint(fine, expected=("fg_bin_student", "fg_att_student")),
+            selector=load_checkpoint(selector, expected="selector"),
+            name=name,
+            extractor=extractor,
+            fps=fps,
+            device=dev,
+        )
+
+    @classmethod
+    def load(cls, directory: str | Path, *, device: str | torch.device | None = None) -> ModelSet:
+        """Load a model-set directory (see the module docstring for ``manifest.json``)."""
+        directory = Path(directory)
+        manifest_path = directory / "manifest.json"
+        if not manifest_path.is_file():
+            raise CheckpointError(f"{directory} is not a model set: {manifest_path.name} is missing")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"cannot read {manifest_path}: {exc}") from exc
+        missing = [k for k in ("coarse", "fine", "selector") if k not in manifest]
+        if missing:
+            raise CheckpointError(f"{manifest_path} lacks the entries {missing}")
+        dev = resolve_device(device)
+        extractor = None
+        if manifest.get("backbone"):
+            from dns_milvus.features import FeatureExtractor
+
+            pca = directory / manifest["pca"] if manifest.get("pca") else None
+            weights = directory / manifest["backbone_weights"] if manifest.get("backbone_weights") else None
+            extractor = FeatureExtractor(
+                backbone=manifest["backbone"], weights=weights, pca=pca, device=dev,
+                **manifest.get("extractor_options", {}),
+            )
+        return cls.from_checkpoints(
+            directory / manifest["coarse"],
+            directory / manifest["fine"],
+            directory / manifest["selector"],
+            name=manifest.get("name", directory.name),
+            extractor=extractor,
+            fps=float(manifest.get("fps", 1.0)),
+            device=dev,
+        )
+
+    # -- properties ----------------------------------------------------------------------------
+
+    @property
+    def payload_kind(self) -> str:
+        return PAYLOAD_PACKED if getattr(self.fine, "fg_type", "bin") == "bin" else PAYLOAD_FLOAT16
+
+    @property
+    def coarse_dim(self) -> int:
+        return int(self.coarse.output_dim)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.coarse.dims)
+
+    # -- indexing ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def index_features(self, features: Sequence[np.ndarray | torch.Tensor]) -> list[VideoRecord]:
+        """Index a batch of videos given as region features [T, R, D] each.
+
+        The networks are batch-invariant, so videos are padded into one batch per call.
+        """
+        if len(features) == 0:
+            return []
+        tensors = [_as_features(f, self.feature_dim, i) for i, f in enumerate(features)]
+        lengths = torch.tensor([t.shape[0] for t in tensors])
+        batch = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True).to(self.device)
+        mask = (torch.arange(batch.shape[1])[None, :] < lengths[:, None]).to(self.device)
+        coarse = self.coarse.index_video(batch, mask).float().cpu().numpy()
+        self_sim = self.selector.index_video(batch, mask).float().cpu().numpy()
+        fine = self.fine.index_video(batch, mask)
+        records = []
+        for i, n in enumerate(lengths.tolist()):
+            codes = fine[i, :n]
+            if self.payload_kind == PAYLOAD_PACKED:
+                payload = pack_codes(codes.cpu()).numpy()
+            else:
+                payload = codes.to(torch.float16).cpu().numpy()
+            records.append(
+                VideoRecord(
+                    coarse=np.ascontiguousarray(coarse[i], dtype=np.float32),
+                    self_sim=float(self_sim[i]),
+                    fine=payload,
+                    payload_kind=self.payload_kind,
+                )
+            )
+        return records
+
+    def extract_video(self, path: str | Path, *, max_frames: int | None = None) -> torch.Tensor:
+        """Decode a video file and extract its region features [T, R, D]."""
+        if self.extractor is None:
+            raise InvalidInputError(
+                f"model set {self.name!r} has no feature extractor (no backbone in its manifest); "
+                "give region features instead of a video file"
+            )
+        return self.extractor.extract_video(path, fps=self.fps, max_frames=max_frames)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The requested device, or CUDA when available, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _as_features(x: np.ndarray | torch.Tensor, dim: int, index: int) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
+    if t.ndim == 2:  # [T, D] frame-level features: one region a frame
+        t = t[:, None, :]
+    if t.ndim != 3 or t.shape[-1] != dim or t.shape[0] == 0:
+        raise InvalidInputError(
+            f"video #{index}: expected region features [T, R, {dim}] with T >= 1, got {list(t.shape)}"
+        )
+    if not torch.isfinite(t).all():
+        raise InvalidInputError(f"video #{index}: region features contain NaN or Inf")
+    return t
+
+
+def _state_tag(*nets: torch.nn.Module) -> str:
+    """A short content hash of the networks' weights: rows remember which set indexed them."""
+    h = hashlib.sha256()
+    for net in nets:
+        for key, value in sorted(net.state_dict().items()):
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

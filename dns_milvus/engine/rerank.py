@@ -1,0 +1,228 @@
+"""Stage 2 of DnS search: the selector picks candidates, the fine student re-scores them.
+
+This module is the one place where coarse and fine scores are merged. The merge follows
+the DnS release: fine-student similarities are rescaled to [0, 1] as ``s / 2 + 0.5`` and
+replace the coarse similarity of the selected candidates; the others keep their coarse score.
+
+``LocalReranker`` runs in-process; the gRPC sidecar wraps the same class, and the engine's
+remote mode talks to it through ``Reranker``, so both paths share this code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from dns_milvus.engine.cache import ByteLRUCache
+from dns_milvus.engine.modelset import ModelSet, VideoRecord
+from dns_milvus.engine.policy import SelectionPolicy
+from dns_milvus.errors import CorruptObjectError, InvalidInputError
+from dns_milvus.similarity import fine_similarity_float, fine_similarity_packed
+from dns_milvus.store import ObjectStore, decode_fine_tensor
+
+STAGE_FINE = "fine"
+STAGE_COARSE = "coarse"
+STAGE_FINE_MISSING = "coarse-fine-missing"
+
+#: Upper bound on candidates in one re-rank call: bounds memory of a single request.
+MAX_CANDIDATES = 20_000
+
+
+@dataclass
+class Candidate:
+    """A stage-1 hit as Milvus returns it."""
+
+    video_id: str
+    coarse_score: float
+    self_sim: float
+    fine_key: str
+    n_frames: int = 0
+    payload_kind: str = ""
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass
+class SearchHit:
+    """One ranked result with the provenance of its score."""
+
+    video_id: str
+    score: float
+    coarse_score: float
+    selector_confidence: float | None
+    fine_score: float | None
+    stage: str
+    metadata: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RerankResult:
+    hits: list[SearchHit]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    degraded: bool = False
+    n_candidates: int = 0
+    n_reranked: int = 0
+
+
+class Reranker(Protocol):
+    """Stage 2: anything that turns candidates into a merged ranking."""
+
+    def rerank(
+        self, query: VideoRecord, candidates: Sequence[Candidate], policy: SelectionPolicy, top_k: int
+    ) -> RerankResult: ...
+
+
+class LocalReranker:
+    """Runs the selector and the fine student in this process (CPU or CUDA)."""
+
+    def __init__(self, models: ModelSet, store: ObjectStore, *, cache_bytes: int = 256 << 20) -> None:
+        self.models = models
+        self.store = store
+        self.cache = ByteLRUCache(cache_bytes)
+
+    @torch.inference_mode()
+    def selector_confidence(self, query_self_sim: float, candidates: Sequence[Candidate]) -> np.ndarray:
+        """The selector's probability that each pair needs the fine student."""
+        if not candidates:
+            return np.zeros(0, dtype=np.float32)
+        z = np.empty((len(candidates), 3), dtype=np.float32)
+        z[:, 0] = query_self_sim
+        z[:, 1] = [c.self_sim for c in candidates]
+        z[:, 2] = [c.coarse_score for c in candidates]
+        out = self.models.selector(torch.from_numpy(z).to(self.models.device))
+        return out.reshape(-1).float().cpu().numpy()
+
+    def fetch_fine(self, candidates: Sequence[Candidate]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """Fine tensors of the candidates by video id, through the cache; and the errors by id."""
+        tensors: dict[str, np.ndarray] = {}
+        errors: dict[str, str] = {}
+        to_fetch: dict[str, Candidate] = {}
+        for c in candidates:
+            cached = self.cache.get(c.fine_key)
+            if cached is not None:
+                tensors[c.video_id] = cached
+            else:
+                to_fetch[c.fine_key] = c
+        if to_fetch:
+            fetched = self.store.get_many(list(to_fetch))
+            for key, c in to_fetch.items():
+                data = fetched.get(key)
+                if isinstance(data, Exception) or data is None:
+                    errors[c.video_id] = str(data) if data is not None else f"object {key} missing"
+                    continue
+                try:
+                    ft = decode_fine_tensor(data, video_id=c.video_id)
+                except CorruptObjectError as exc:
+                    errors[c.video_id] = str(exc)
+                    continue
+                if ft.kind != self.models.payload_kind:
+                    errors[c.video_id] = (
+                        f"stored fine tensor of {c.video_id!r} is {ft.kind}, the model set needs "
+                        f"{self.models.payload_kind}"
+                    )
+                    continue
+                tensors[c.video_id] = ft.array
+                self.cache.put(key, ft.array)
+        return tensors, errors
+
+    def fine_scores(self, query: VideoRecord, targets: Sequence[np.ndarray]) -> np.ndarray:
+        """Raw fine-student similarities (in [-1, 1]) of the query against each target."""
+        if not targets:
+            return np.zeros(0, dtype=np.float32)
+        fn = fine_similarity_packed if query.payload_kind == "packed_bits" else fine_similarity_float
+        q = torch.from_numpy(np.ascontiguousarray(query.fine))
+        ts = [torch.from_numpy(np.ascontiguousarray(t)) for t in targets]
+        return fn(self.models.fine, q, ts, device=self.models.device).float().cpu().numpy()
+
+    def rerank(
+        self, query: VideoRecord, candidates: Sequence[Candidate], policy: SelectionPolicy, top_k: int
+    ) -> RerankResult:
+        if top_k < 1:
+            raise InvalidInputError(f"top_k must be >= 1, got {top_k}")
+        if len(candidates) > MAX_CANDIDATES:
+            raise InvalidInputError(
+                f"{len(candidates)} candidates in one request; the limit is {MAX_CANDIDATES}"
+            )
+        if query.payload_kind != self.models.payload_kind:
+            raise InvalidInputError(
+                f"query fine tensor is {query.payload_kind}; the model set needs {self.models.payload_kind}"
+            )
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        confidence = self.selector_confidence(query.self_sim, candidates)
+        selected = policy.select(confidence)
+        timings["selector_ms"] = _ms_since(t0)
+
+        t1 = time.perf_counter()
+        chosen = [candidates[i] for i in selected]
+        tensors, errors = self.fetch_fine(chosen)
+        timings["fetch_ms"] = _ms_since(t1)
+
+        t2 = time.perf_counter()
+        scored = [i for i in selected if candidates[i].video_id in tensors]
+        raw = self.fine_scores(query, [tensors[candidates[i].video_id] for i in scored])
+        timings["fine_ms"] = _ms_since(t2)
+
+        fine_by_index = {int(i): float(s) / 2.0 + 0.5 for i, s in zip(scored, raw)}
+        selected_set = {int(i) for i in selected}
+        hits = []
+        for i, c in enumerate(candidates):
+            fine = fine_by_index.get(i)
+            if fine is not None:
+                stage, score = STAGE_FINE, fine
+            else:
+                stage = STAGE_FINE_MISSING if i in selected_set else STAGE_COARSE
+                score = float(c.coarse_score)
+            hits.append(
+                SearchHit(
+                    video_id=c.video_id,
+                    score=score,
+                    coarse_score=float(c.coarse_score),
+                    selector_confidence=float(confidence[i]),
+                    fine_score=fine,
+                    stage=stage,
+                    metadata=c.metadata,
+                )
+            )
+        hits.sort(key=lambda h: (-h.score, h.video_id))
+        warnings = [f"fine tensor unavailable for {vid!r}: {msg}" for vid, msg in errors.items()]
+        return RerankResult(
+            hits=hits[:top_k],
+            timings_ms=timings,
+            warnings=warnings,
+            n_candidates=len(candidates),
+            n_reranked=len(scored),
+        )
+
+
+def coarse_only(candidates: Sequence[Candidate], top_k: int, reason: str) -> RerankResult:
+    """The stage-1 ranking, flagged as degraded: what search returns when stage 2 is unavailable."""
+    hits = [
+        SearchHit(c.video_id, float(c.coarse_score), float(c.coarse_score), None, None, STAGE_COARSE, c.metadata)
+        for c in candidates
+    ]
+    hits.sort(key=lambda h: (-h.score, h.video_id))
+    return RerankResult(hits=hits[:top_k], warnings=[reason], degraded=True, n_candidates=len(candidates))
+
+
+def _ms_since(t: float) -> float:
+    return (time.perf_counter() - t) * 1000.0
+
+
+__all__ = [
+    "MAX_CANDIDATES",
+    "Candidate",
+    "LocalReranker",
+    "RerankResult",
+    "Reranker",
+    "SearchHit",
+    "coarse_only",
+]
