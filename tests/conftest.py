@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.fixtures.data",
     "tests.fixtures.s3",
     "tests.fixtures.milvus_server",
+    "tests.fixtures.engine",
 ]
 
 

@@ -1,1 +1,26 @@
+"""Packed binary codes and the fine-grained similarity kernels of DnS stage 2.
 
+- :mod:`~dns_milvus.similarity.codes`: ±1 codes <-> packed uint8 (torch or numpy).
+- :mod:`~dns_milvus.similarity.hamming`: frame-to-frame similarity straight from packed codes
+  (a C XOR/popcount kernel on CPU, an exact ±1 GEMM anywhere else).
+- :mod:`~dns_milvus.similarity.fine`: one query against many targets through the fine student's
+  video comparator, from packed codes or from float16/float32 region tensors.
+"""
+
+from dns_milvus.similarity.codes import pack_codes, unpack_codes
+from dns_milvus.similarity.fine import fine_similarity_float, fine_similarity_packed
+from dns_milvus.similarity.hamming import (
+    packed_frame_similarity,
+    packed_frame_to_frame,
+    resolve_backend,
+)
+
+__all__ = [
+    "fine_similarity_float",
+    "fine_similarity_packed",
+    "pack_codes",
+    "packed_frame_similarity",
+    "packed_frame_to_frame",
+    "resolve_backend",
+    "unpack_codes",
+]

@@ -1,0 +1,283 @@
+"""``dns-milvus``: the command line. A thin shell over ``dns_milvus.engine``.
+
+Sub-commands: ingest, search, get, delete, stats, repair, demo, serve-reranker, train, eval.
+Every command prints a readable table, or JSON with ``--json``. Errors the user can fix
+are printed as one line (exit code 2), without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dns_milvus.config import Settings
+from dns_milvus.errors import DnSError
+
+
+def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    """Left-aligned text table; floats with 4 decimals."""
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return str(v)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join(out)
+
+
+def _open_index(args: argparse.Namespace) -> Any:
+    from dns_milvus.engine import DnSIndex
+
+    settings = Settings.resolve(vars(args), args.config)
+    models = Path(settings.models)
+    if not (models / "manifest.json").is_file():
+        raise DnSError(
+            f"no model set at {models}: pass --models DIR (a directory with manifest.json), "
+            "or build the default one with 'dns-milvus train default'"
+        )
+    return DnSIndex(
+        settings.uri,
+        models=models,
+        store=settings.store,
+        collection=settings.collection,
+        token=settings.token,
+        device=None if settings.device == "auto" else settings.device,
+    )
+
+
+def _emit(args: argparse.Namespace, payload: Any, text: Callable[[], str]) -> None:
+    if args.json:
+        print(json.dumps(payload, indent=2, default=str))
+    else:
+        print(text())
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from dns_milvus.ingest import file_source, hdf5_source, ingest, video_files
+
+    index = _open_index(args)
+    with index:
+        if args.hdf5:
+            items = hdf5_source(args.hdf5)
+            total = None
+        else:
+            files = video_files(args.inputs)
+            items = file_source(files, lambda p: index.models.extract_video(p, max_frames=args.max_frames),
+                                id_from=args.id_from)
+            total = len(files)
+        report = ingest(index, items, batch_size=args.batch_size, skip_existing=not args.overwrite,
+                        progress=not args.json, total=total)
+    _emit(args, report.to_dict(), report.summary)
+    return 1 if report.failed and not report.added else 0
+
+
+def _parse_query(index: Any, args: argparse.Namespace) -> Any:
+    if args.id is not None:
+        return args.id
+    if args.features is not None:
+        import numpy as np
+
+        return np.load(args.features)
+    if args.video is not None:
+        return Path(args.video)
+    raise DnSError("give a query: a video file, --id VIDEO_ID or --features FILE.npy")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    index = _open_index(args)
+    with index:
+        query = _parse_query(index, args)
+        if args.exhaustive:
+            resp = index.exhaustive_search(query, args.top_k, policy=args.policy)
+        else:
+            resp = index.search(query, args.top_k, candidates=args.candidates, policy=args.policy,
+                                filter=args.filter)
+
+    def text() -> str:
+        rows = [
+            (i + 1, h.video_id, h.score, h.coarse_score, h.selector_confidence, h.fine_score, h.stage)
+            for i, h in enumerate(resp.hits)
+        ]
+        table = format_table(rows, ["rank", "video_id", "score", "coarse", "selector", "fine", "stage"])
+        timing = ", ".join(f"{k.removesuffix('_ms')} {v:.1f} ms" for k, v in resp.timings_ms.items())
+        notes = [f"policy {resp.policy}: {resp.n_reranked} of {resp.n_candidates} candidates re-ranked; {timing}"]
+        if resp.degraded:
+            notes.append("DEGRADED: stage 2 was unavailable, coarse ranking shown")
+        notes += [f"warning: {w}" for w in resp.warnings]
+        return table + "\n" + "\n".join(notes)
+
+    _emit(args, resp.to_dict(), text)
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    index = _open_index(args)
+    with index:
+        rows = index.get(args.ids)
+    missing = [v for v in args.ids if v not in rows]
+
+    def text() -> str:
+        table = format_table(
+            [(v, r["n_frames"], r["self_sim"], r["payload_kind"], json.dumps(r.get("metadata") or {}))
+             for v, r in rows.items()],
+            ["video_id", "frames", "self_sim", "payload", "metadata"],
+        )
+        return table + ("\nnot found: " + ", ".join(missing) if missing else "")
+
+    _emit(args, {"found": rows, "missing": missing}, text)
+    return 1 if missing else 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    index = _open_index(args)
+    with index:
+        n = index.delete(args.ids)
+    _emit(args, {"deleted": n, "requested": len(args.ids)}, lambda: f"deleted {n} of {len(args.ids)} videos")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    index = _open_index(args)
+    with index:
+        stats = index.stats()
+    _emit(args, stats, lambda: format_table(list(stats.items()), ["key", "value"]))
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    index = _open_index(args)
+    with index:
+        report = index.repair(fix=args.fix)
+
+    def text() -> str:
+        lines = [
+            f"checked {report.rows_checked} rows and {report.objects_checked} objects",
+            f"orphan objects: {len(report.orphan_objects)}" + (" (deleted)" if report.fixed else ""),
+            f"rows whose object is missing: {len(report.rows_missing_object)}"
+            + (" (re-ingest these videos)" if report.rows_missing_object else ""),
+        ]
+        lines += [f"  {v}" for v in report.rows_missing_object[:50]]
+        return "\n".join(lines)
+
+    _emit(args, report.to_dict(), text)
+    return 1 if report.rows_missing_object or (report.orphan_objects and not args.fix) else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dns_milvus.demo import run_demo
+
+    return run_demo(workdir=Path(args.workdir), json_output=args.json)
+
+
+def cmd_serve_reranker(args: argparse.Namespace) -> int:
+    from rerankers.server import main as serve_main
+
+    return serve_main(args.rest)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dns_milvus.train.cli import main as train_main
+
+    return train_main(args.rest)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dns_milvus.eval.cli import main as eval_main
+
+    return eval_main(args.rest)
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--uri", help="Milvus URI: a local .db file (Milvus Lite) or http://host:19530")
+    common.add_argument("--token", help="Milvus token (or user:password); prefer DNS_MILVUS_TOKEN")
+    common.add_argument("--store", help="object store: a directory or s3://bucket/prefix?endpoint_url=...")
+    common.add_argument("--collection", help="collection name (default: videos)")
+    common.add_argument("--models", help="model-set directory (default: the bundled model set)")
+    common.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default)")
+    common.add_argument("--config", help=f"TOML config file (default: ./{'dns-milvus.toml'} if present)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+    parser = argparse.ArgumentParser(prog="dns-milvus", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", parents=[common], help="index video files, directories, globs or HDF5 features")
+    p.add_argument("inputs", nargs="*", help="video files, directories or glob patterns")
+    p.add_argument("--hdf5", help="HDF5 feature file in the DnS release layout instead of videos")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-frames", type=int, default=None, help="cap on sampled frames per video")
+    p.add_argument("--id-from", choices=["stem", "name", "path"], default="stem")
+    p.add_argument("--overwrite", action="store_true", help="re-index videos that are already indexed")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("search", parents=[common], help="two-stage DnS search")
+    p.add_argument("video", nargs="?", help="query video file")
+    p.add_argument("--id", help="query by an indexed video id")
+    p.add_argument("--features", help="query region features (.npy, [T, R, D])")
+    p.add_argument("-k", "--top-k", type=int, default=10)
+    p.add_argument("--candidates", type=int, default=1000, help="stage-1 candidates from Milvus")
+    p.add_argument("--policy", default="5%", help="5%%, count:50, threshold:0.6, none or all")
+    p.add_argument("--filter", help="Milvus filter expression on metadata (trusted input)")
+    p.add_argument("--exhaustive", action="store_true", help="selector over every indexed video (paper protocol)")
+    p.set_defaults(func=cmd_search)
+
+    for name, func, helptext in (("get", cmd_get, "show indexed videos"), ("delete", cmd_delete, "delete videos")):
+        p = sub.add_parser(name, parents=[common], help=helptext)
+        p.add_argument("ids", nargs="+")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("stats", parents=[common], help="collection statistics")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("repair", parents=[common], help="find orphan objects and rows without objects")
+    p.add_argument("--fix", action="store_true", help="delete orphan objects")
+    p.set_defaults(func=cmd_repair)
+
+    p = sub.add_parser("demo", help="index real footage and copies of it, then search (offline)")
+    p.add_argument("--workdir", default="./dns-demo")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    for name, func, helptext in (
+        ("serve-reranker", cmd_serve_reranker, "start the gRPC/HTTP re-ranker sidecar"),
+        ("train", cmd_train, "train PCA, ITQ, teacher, students, selector"),
+        ("eval", cmd_eval, "evaluate on benchmark datasets"),
+    ):
+        p = sub.add_parser(name, help=helptext, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DnSError as exc:
+        print(f"dns-milvus {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Bulk ingestion: features -> coarse vector, self-similarity, fine tensor -> object -> row.
+
+Batched (bounded memory: one batch of features at a time, plus a small read-ahead),
+resumable (a re-run skips ids already indexed: a row exists only after its object was
+written and verified), idempotent (re-ingesting an id is an upsert). A failing video is
+reported and skipped; the rest of its batch goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from dns_milvus.engine.index import DnSIndex
+from dns_milvus.errors import BackendUnavailableError, DnSError, InvalidInputError
+from dns_milvus.ids import validate_video_id
+from dns_milvus.ingest.sources import SourceItem
+
+
+@dataclass
+class IngestReport:
+    added: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def videos_per_second(self) -> float:
+        return len(self.added) / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "added": len(self.added),
+            "skipped": len(self.skipped),
+            "failed": self.failed,
+            "seconds": round(self.seconds, 3),
+            "videos_per_second": round(self.videos_per_second, 2),
+            "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+        }
+
+    def summary(self) -> str:
+        lines = [
+            f"ingested {len(self.added)} videos, skipped {len(self.skipped)} already indexed, "
+            f"{len(self.failed)} failed, in {self.seconds:.1f} s ({self.videos_per_second:.1f} videos/s)"
+        ]
+        for vid, reason in list(self.failed.items())[:50]:
+            lines.append(f"  FAILED {vid}: {reason}")
+        if len(self.failed) > 50:
+            lines.append(f"  ... and {len(self.failed) - 50} more failures")
+        return "\n".join(lines)
+
+
+def ingest(
+    index: DnSIndex,
+    items: Iterable[SourceItem],
+    *,
+    batch_size: int = 32,
+    skip_existing: bool = True,
+    progress: bool = True,
+    total: int | None = None,
+    read_ahead: int = 2,
+) -> IngestReport:
+    """Index every item of a source into ``index``; see the module docstring for the guarantees."""
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+    report = IngestReport()
+    stages = dict.fromkeys(("load", "networks", "store", "milvus"), 0.0)
+    seen: set[str] = set()
+    start = time.perf_counter()
+    bar = tqdm(total=total, unit="video", desc="ingest", disable=not progress, dynamic_ncols=True)
+    with ThreadPoolExecutor(max_workers=max(1, read_ahead)) as pool:
+        for batch in _batches(_valid_items(items, seen, report), batch_size):
+            if skip_existing:
+                existing = set(index.collection.get([it.video_id for it in batch]))
+                report.skipped.extend(it.video_id for it in batch if it.video_id in existing)
+                batch = [it for it in batch if it.video_id not in existing]
+            loaded = _load_all(pool, batch, report, stages)
+            _index_batch(index, loaded, report, stages)
+            bar.update(len(batch))
+            bar.set_postfix(ok=len(report.added), failed=len(report.failed), refresh=False)
+    bar.close()
+    report.seconds = time.perf_counter() - start
+    report.stage_seconds = stages
+    return report
+
+
+def _valid_items(items: Iterable[SourceItem], seen: set[str], report: IngestReport) -> Iterator[SourceItem]:
+    for item in items:
+        try:
+            validate_video_id(item.video_id)
+        except InvalidInputError as exc:
+            report.failed[str(item.video_id)[:80]] = str(exc)
+            continue
+        if item.video_id in seen:
+            report.failed[item.video_id] = "duplicate video id in this ingest run (first occurrence kept)"
+            continue
+        seen.add(item.video_id)
+        yield item
+
+
+def _batches(items: Iterator[SourceItem], size: int) -> Iterator[list[SourceItem]]:
+    batch: list[SourceItem] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _load_all(
+    pool: ThreadPoolExecutor, batch: list[SourceItem], report: IngestReport, stages: dict[str, float]
+) -> list[tuple[SourceItem, Any]]:
+    t0 = time.perf_counter()
+    futures: list[tuple[SourceItem, Future]] = [(it, pool.submit(it.load)) for it in batch]
+    loaded = []
+    for item, fut in futures:
+        try:
+            loaded.append((item, fut.result()))
+        except DnSError as exc:
+            report.failed[item.video_id] = str(exc)
+        except (OSError, ValueError, RuntimeError) as exc:  # decoders raise these on damaged input
+            report.failed[item.video_id] = f"{type(exc).__name__}: {exc}"
+    stages["load"] += time.perf_counter() - t0
+    return loaded
+
+
+def _index_batch(
+    index: DnSIndex, loaded: list[tuple[SourceItem, Any]], report: IngestReport, stages: dict[str, float]
+) -> None:
+    if not loaded:
+        return
+    t0 = time.perf_counter()
+    try:
+        records = index.models.index_features([features for _, features in loaded])
+    except InvalidInputError:
+        # One bad tensor fails the whole padded batch: index one at a time to isolate it.
+        records = []
+        kept = []
+        for item, features in loaded:
+            try:
+                records.append(index.models.index_features([features])[0])
+                kept.append((item, features))
+            except InvalidInputError as exc:
+                report.failed[item.video_id] = str(exc)
+        loaded = kept
+    stages["networks"] += time.perf_counter() - t0
+    for (item, _), rec in zip(loaded, records):
+        rec.video_id = item.video_id
+    if not records:
+        return
+    try:
+        timings = index.write_records(records, [item.metadata for item, _ in loaded])
+    except BackendUnavailableError:
+        raise  # a server that is down fails every video: stop with the cause
+    except DnSError as exc:
+        for item, _ in loaded:
+            report.failed[item.video_id] = f"write failed: {exc}"
+        return
+    stages["store"] += timings["store_ms"] / 1000.0
+    stages["milvus"] += timings["milvus_ms"] / 1000.0
+    report.added.extend(item.video_id for item, _ in loaded)

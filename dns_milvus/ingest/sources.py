@@ -1,0 +1,109 @@
+"""Where videos come from: files/directories/globs, HDF5 feature files, in-memory arrays.
+
+A source yields ``SourceItem``s lazily; each item's ``load()`` returns region features
+[T, R, D] or raises a ``DnSError`` naming the video, so one bad video never stops a batch.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dns_milvus.errors import InvalidInputError
+
+#: File suffixes treated as videos when a directory is scanned.
+VIDEO_SUFFIXES = frozenset(
+    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".ts", ".wmv", ".3gp", ".ogv"}
+)
+
+
+@dataclass
+class SourceItem:
+    video_id: str
+    load: Callable[[], Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def video_files(inputs: Iterable[str | os.PathLike], *, recursive: bool = True) -> list[Path]:
+    """Expand files, directories and glob patterns into a sorted, de-duplicated list of video files."""
+    found: dict[Path, None] = {}
+    for raw in inputs:
+        text = os.fspath(raw)
+        path = Path(text)
+        if path.is_dir():
+            pattern = "**/*" if recursive else "*"
+            for p in sorted(path.glob(pattern)):
+                if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES:
+                    found[p] = None
+        elif any(ch in text for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(text, recursive=recursive))
+            if not matches:
+                raise InvalidInputError(f"glob pattern {text!r} matches no file")
+            for p in matches:
+                if p.is_file():
+                    found[p] = None
+        else:
+            # A missing file is kept: it fails (and is reported) as that video, not as the whole run.
+            found[path] = None
+    return list(found)
+
+
+def file_source(
+    paths: Iterable[str | os.PathLike],
+    extract: Callable[[Path], Any],
+    *,
+    id_from: str = "stem",
+) -> Iterator[SourceItem]:
+    """Video files; ``extract(path)`` decodes and returns region features.
+
+    ``id_from``: ``stem`` (file name without suffix), ``name`` (with suffix) or ``path`` (as given).
+    """
+    if id_from not in ("stem", "name", "path"):
+        raise InvalidInputError(f"id_from must be 'stem', 'name' or 'path', got {id_from!r}")
+    for path in video_files(paths):
+        vid = {"stem": path.stem, "name": path.name, "path": str(path)}[id_from]
+        yield SourceItem(vid, lambda p=path: extract(p), {"source": str(path)})
+
+
+def hdf5_source(path: str | os.PathLike, ids: Iterable[str] | None = None) -> Iterator[SourceItem]:
+    """An HDF5 feature file in the DnS release layout: one dataset [T, R, D] (or [T, D]) per video id."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"HDF5 feature file {path} does not exist")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise InvalidInputError(f"{path} is not a readable HDF5 file: {exc}") from exc
+    with handle:
+        wanted = list(ids) if ids is not None else sorted(handle.keys())
+        for vid in wanted:
+            yield SourceItem(vid, lambda v=vid: _read_h5(handle, path, v), {"source": f"{path.name}:{vid}"})
+
+
+def _read_h5(handle: Any, path: Path, vid: str) -> np.ndarray:
+    if vid not in handle:
+        raise InvalidInputError(f"{path}: no dataset for video {vid!r}")
+    ds = handle[vid]
+    if not hasattr(ds, "shape") or len(ds.shape) not in (2, 3) or ds.shape[0] == 0:
+        raise InvalidInputError(
+            f"{path}: dataset {vid!r} has shape {getattr(ds, 'shape', None)}; expected [T, R, D] or [T, D], T >= 1"
+        )
+    return np.asarray(ds[()], dtype=np.float32)
+
+
+def array_source(
+    arrays: Mapping[str, Any] | Iterable[tuple[str, Any]],
+    metadata: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Iterator[SourceItem]:
+    """In-memory region features: a mapping or pairs of (video id, array [T, R, D])."""
+    items = arrays.items() if isinstance(arrays, Mapping) else arrays
+    for vid, arr in items:
+        yield SourceItem(vid, lambda a=arr: a, dict((metadata or {}).get(vid, {})))

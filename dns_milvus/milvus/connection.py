@@ -1,0 +1,205 @@
+"""Connecting to Milvus (a Milvus Lite file or a server) and translating its failures.
+
+Error messages name the URI with any credentials removed; tokens and passwords never
+appear in them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import grpc
+from pymilvus import MilvusClient
+from pymilvus.exceptions import (
+    ConnectError,
+    ConnectionNotExistException,
+    MilvusException,
+    MilvusUnavailableException,
+)
+
+from dns_milvus.errors import BackendUnavailableError, DnSError, InvalidInputError
+from dns_milvus.milvus._checks import require_seconds
+
+BackendKind = Literal["lite", "server"]
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+
+_SERVER_URI = re.compile(r"^(https?|tcp)://", re.IGNORECASE)
+_UNAVAILABLE_GRPC_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_UNAVAILABLE_HINTS = ("fail connecting", "server unavailable", "deadline exceeded", "connection refused")
+
+
+class MilvusOperationError(DnSError):
+    """Milvus was reachable but failed or refused an operation."""
+
+
+@dataclass(frozen=True)
+class _ClientInfo:
+    display_uri: str
+    kind: BackendKind
+
+
+# What connect() learnt about each client it made (MilvusClient has no public field for it).
+_CLIENT_INFO: weakref.WeakKeyDictionary[MilvusClient, _ClientInfo] = weakref.WeakKeyDictionary()
+
+
+def connect(
+    uri: str | os.PathLike[str],
+    *,
+    token: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    db_name: str | None = None,
+    timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+) -> MilvusClient:
+    """Open a Milvus client.
+
+    ``uri`` is either a local ``*.db`` path (a Milvus Lite database; missing parent
+    directories are created) or ``http(s)://host:port`` / ``tcp://host:port`` (a server;
+    authenticate with ``token`` or ``user``/``password``). A server that cannot be reached
+    within ``timeout`` seconds raises ``BackendUnavailableError``.
+    """
+    timeout = require_seconds(timeout, "connect timeout")
+    text = os.fspath(uri)
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidInputError("Milvus URI must be a non-empty path or http(s)://host:port")
+    if _SERVER_URI.match(text):
+        return _connect_server(text, token=token, user=user, password=password, db_name=db_name,
+                               timeout=timeout)
+    if "://" in text:
+        raise InvalidInputError(
+            f"unsupported Milvus URI scheme in {redact_uri(text)!r}; expected http(s)://host:port, "
+            "tcp://host:port or a local path ending in .db"
+        )
+    return _connect_lite(Path(text).expanduser())
+
+
+def _connect_lite(path: Path) -> MilvusClient:
+    if path.suffix != ".db":
+        raise InvalidInputError(f"a Milvus Lite database path must end in .db, got {str(path)!r}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        client = MilvusClient(str(path))
+    except (OSError, MilvusException) as exc:
+        raise BackendUnavailableError(f"cannot open the Milvus Lite database {str(path)!r}: {exc}") from exc
+    _CLIENT_INFO[client] = _ClientInfo(str(path), "lite")
+    return client
+
+
+def _connect_server(
+    uri: str,
+    *,
+    token: str | None,
+    user: str | None,
+    password: str | None,
+    db_name: str | None,
+    timeout: float,
+) -> MilvusClient:
+    shown = redact_uri(uri)
+    secrets = [s for s in (token, password, _userinfo(uri)) if s]
+    try:
+        client = MilvusClient(
+            uri=uri, token=token or "", user=user or "", password=password or "",
+            db_name=db_name or "", timeout=timeout,
+        )
+    except (MilvusException, grpc.RpcError) as exc:
+        reason = _scrub(_reason(exc), secrets)
+        raise BackendUnavailableError(
+            f"cannot reach Milvus at {shown} within {timeout:g} s: {reason}"
+        ) from None  # the chained pymilvus error may echo connection parameters
+    _CLIENT_INFO[client] = _ClientInfo(shown, _detect_kind(client))
+    return client
+
+
+def backend_kind(client: MilvusClient) -> BackendKind:
+    """``"lite"`` for Milvus Lite, ``"server"`` for a Milvus server."""
+    info = _CLIENT_INFO.get(client)
+    return info.kind if info is not None else _detect_kind(client)
+
+
+def display_uri(client: MilvusClient) -> str:
+    """Where ``client`` points, fit for error messages (no credentials)."""
+    info = _CLIENT_INFO.get(client)
+    if info is not None:
+        return info.display_uri
+    config = getattr(client, "_config", None)
+    return redact_uri(str(getattr(config, "uri", "Milvus")))
+
+
+def _detect_kind(client: MilvusClient) -> BackendKind:
+    with translate_errors("ask the server version", "Milvus"):
+        version = str(client.get_server_version())
+    return "lite" if version.startswith("milvus_lite") else "server"
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without user name, password or query string."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparseable URI>"
+    if not parts.scheme:
+        return uri
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _userinfo(uri: str) -> str:
+    parts = urlsplit(uri)
+    return ":".join(p for p in (parts.username, parts.password) if p)
+
+
+def _scrub(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, MilvusException):
+        return str(exc.message)
+    if isinstance(exc, grpc.RpcError):
+        return f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+    return str(exc)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the backend could not be reached (rather than refused a request)."""
+    if isinstance(exc, ConnectError | MilvusUnavailableException | ConnectionNotExistException):
+        return True
+    if isinstance(exc, grpc.RpcError):
+        return exc.code() in _UNAVAILABLE_GRPC_CODES  # type: ignore[attr-defined]
+    if isinstance(exc, MilvusException):
+        message = str(exc.message).lower()
+        return exc.code == 2 or any(hint in message for hint in _UNAVAILABLE_HINTS)
+    return False
+
+
+@contextmanager
+def translate_errors(action: str, where: str, *, user_filter: str | None = None) -> Iterator[None]:
+    """Re-raise pymilvus / gRPC failures of ``action`` as the project's errors.
+
+    Unreachable backends give ``BackendUnavailableError``; a refusal while a caller-written
+    filter is involved gives ``InvalidInputError`` naming the filter (the filter is the only
+    free-form part of a request); anything else gives ``MilvusOperationError``.
+    """
+    try:
+        yield
+    except (MilvusException, grpc.RpcError) as exc:
+        reason = _reason(exc)
+        if is_unavailable(exc):
+            raise BackendUnavailableError(f"Milvus at {where} is unavailable ({action}): {reason}") from exc
+        if user_filter is not None:
+            raise InvalidInputError(
+                f"Milvus refused the filter {user_filter!r} ({action}): {reason}"
+            ) from exc
+        raise MilvusOperationError(f"Milvus at {where} failed to {action}: {reason}") from exc

@@ -1,0 +1,80 @@
+"""The DnS selector network: decides which query-target pairs the fine-grained student
+re-ranks, from each video's self-similarity and the pair's coarse similarity."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dns_milvus.models._validate import selector_input, video_batch
+from dns_milvus.models.layers import HAttention, VideoComparator, masked_mean
+
+
+class SelectorMLP(nn.Module):
+    """[N, 3] -> [N, 1] confidence: (Linear without bias, BatchNorm, ReLU, Dropout) x
+    (1 + num_layers), then Linear and Sigmoid. Indices in ``model`` are the release's."""
+
+    def __init__(self, input_size: int = 3, hidden_size: int = 100, num_layers: int = 1) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = input_size
+        for _ in range(1 + num_layers):
+            layers += [
+                nn.Linear(width, hidden_size, bias=False),
+                nn.BatchNorm1d(hidden_size),
+                nn.ReLU(),
+                nn.Dropout(0.5),
+            ]
+            width = hidden_size
+        layers += [nn.Linear(hidden_size, 1), nn.Sigmoid()]
+        self.model = nn.Sequential(*layers)
+        for module in self.model:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.model(z)
+
+
+class SelectorNetwork(nn.Module):
+    """Self-similarity of a video (``index_video``) and the re-ranking confidence of a pair
+    (``forward``).
+
+    Self-similarity: attention on region vectors, the video's frame-to-frame matrix with itself
+    averaged over both region axes, the video comparator, and the mean of its output over the
+    real cells (no Hardtanh). Confidence input order: [self_sim(query), self_sim(target),
+    coarse_similarity].
+    """
+
+    def __init__(self, dims: int = 512, hidden_size: int = 100, num_layers: int = 1) -> None:
+        super().__init__()
+        self.dims = dims
+        self.attention = HAttention(dims)
+        self.visil_head = VideoComparator()
+        self.mlp = SelectorMLP(3, hidden_size, num_layers)
+        self._config = {"dims": dims, "hidden_size": hidden_size, "num_layers": num_layers}
+
+    def config(self) -> dict[str, Any]:
+        """Constructor options: ``SelectorNetwork(**net.config())`` builds the same shape."""
+        return dict(self._config)
+
+    def index_video(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Region features ``[T, R, dims]`` or ``[B, T, R, dims]`` with an optional frame mask
+        -> self-similarity, a scalar or ``[B]``."""
+        batch = video_batch(x, mask, dim=self.dims, like=self.visil_head.conv1.weight)
+        # The mean over both region axes of the region dot products is the dot product of the
+        # region means: one [T, D] x [D, T] product instead of a [T, R, R, T] tensor.
+        frames = self.attention(batch.features).mean(dim=2)
+        frames = frames.masked_fill(~batch.mask.unsqueeze(-1), 0.0)
+        sim = torch.bmm(frames, frames.transpose(1, 2))
+        out, ql, tl = self.visil_head.compare(sim, batch.lengths, batch.lengths)
+        return batch.unbatch(masked_mean(out, ql, tl))
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Selector inputs ``[N, 3]`` (or ``[3]``) -> confidence that the fine-grained student
+        changes the pair's score, ``[N]`` (or a scalar) in (0, 1)."""
+        z, batched = selector_input(z, like=self.visil_head.conv1.weight)
+        out = self.mlp(z).squeeze(-1)
+        return out if batched else out[0]

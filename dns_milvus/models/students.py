@@ -1,0 +1,167 @@
+"""The DnS student networks: the coarse-grained student (one vector a video) and the
+fine-grained students (a region tensor a video, compared by the video comparator).
+
+Constructor options carry the release's argument names, so a release file's ``args`` maps
+onto them, and the state_dict keys are the release's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dns_milvus.errors import InvalidInputError
+from dns_milvus.models._validate import vector_batch, video_batch
+from dns_milvus.models.layers import BinarizationLayer, HAttention, NetVLAD, VideoComparator
+from dns_milvus.models.pairwise import FineSimilarityNetwork
+
+
+class CoarseGrainedStudent(nn.Module):
+    """Indexes a video as one L2-normalised vector; similarity is the dot product.
+
+    Region features -> attention -> sum over regions -> L2-normalise -> transformer encoder over
+    the frames (padded frames masked out of the keys) -> NetVLAD over the real frames -> L2.
+    """
+
+    def __init__(
+        self,
+        dims: int = 512,
+        attention: bool = True,
+        transformer: bool = True,
+        transformer_heads: int = 8,
+        transformer_feedforward_dims: int = 2048,
+        transformer_layers: int = 1,
+        netvlad: bool = True,
+        netvlad_clusters: int = 64,
+        netvlad_outdims: int | None = 1024,
+    ) -> None:
+        super().__init__()
+        self.dims = dims
+        self._config = {
+            "dims": dims, "attention": attention, "transformer": transformer,
+            "transformer_heads": transformer_heads,
+            "transformer_feedforward_dims": transformer_feedforward_dims,
+            "transformer_layers": transformer_layers, "netvlad": netvlad,
+            "netvlad_clusters": netvlad_clusters, "netvlad_outdims": netvlad_outdims,
+        }  # fmt: skip
+        if attention:
+            self.attention = HAttention(dims)
+        if transformer:
+            layer = nn.TransformerEncoderLayer(
+                dims, transformer_heads, transformer_feedforward_dims, batch_first=True
+            )
+            # Nested tensors would only skip padded frames, which the key padding mask already
+            # keeps out of every real frame's output; the dense path is simpler and warns nothing.
+            self.transformer = nn.TransformerEncoder(
+                layer, transformer_layers, nn.LayerNorm(dims), enable_nested_tensor=False
+            )
+            for module in self.transformer.modules():
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if netvlad:
+            self.netvlad = NetVLAD(dims, netvlad_clusters, outdims=netvlad_outdims)
+
+    def config(self) -> dict[str, Any]:
+        """Constructor options: ``CoarseGrainedStudent(**net.config())`` builds the same shape."""
+        return dict(self._config)
+
+    @property
+    def output_dim(self) -> int:
+        """Size of the video vector."""
+        return self.netvlad.outdims if hasattr(self, "netvlad") else self.dims
+
+    def _weight(self) -> Tensor:
+        return next(self.parameters())
+
+    def index_video(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Region features ``[T, R, dims]`` or ``[B, T, R, dims]`` with an optional frame mask
+        -> L2-normalised video vectors ``[output_dim]`` or ``[B, output_dim]``."""
+        batch = video_batch(x, mask, dim=self.dims, like=self._weight())
+        frame_mask = batch.mask if batch.padded else None
+        x = batch.features
+        if hasattr(self, "attention"):
+            x = self.attention(x)
+        x = F.normalize(x.sum(dim=2), p=2, dim=-1)  # [B, T, D]
+        if hasattr(self, "transformer"):
+            x = self.transformer(x, src_key_padding_mask=None if frame_mask is None else ~frame_mask)
+        if hasattr(self, "netvlad"):
+            x = self.netvlad(x, frame_mask)
+        else:
+            x = x.masked_fill(~batch.mask.unsqueeze(-1), 0.0).sum(1) / batch.lengths[:, None].to(x.dtype)
+        return batch.unbatch(F.normalize(x, p=2, dim=-1))
+
+    def calculate_video_similarity(self, query: Tensor, target: Tensor) -> Tensor:
+        """Dot products of video vectors: query ``[Bq, d]`` x target ``[Bt, d]`` -> ``[Bq, Bt]``;
+        an unbatched ``[d]`` side drops its axis."""
+        q, q_batched = vector_batch(query, dim=self.output_dim, like=self._weight(), what="query vectors")
+        t, t_batched = vector_batch(target, dim=self.output_dim, like=self._weight(), what="target vectors")
+        sim = q @ t.T
+        if not t_batched:
+            sim = sim[:, 0]
+        return sim if q_batched else sim[0]
+
+    def forward(self, query: Tensor, target: Tensor) -> Tensor:
+        """Similarity of aligned pairs of video vectors ``[N, d]`` x ``[N, d]`` -> ``[N]`` (training)."""
+        q, _ = vector_batch(query, dim=self.output_dim, like=self._weight(), what="query vectors")
+        t, _ = vector_batch(target, dim=self.output_dim, like=self._weight(), what="target vectors")
+        if q.shape != t.shape:
+            raise InvalidInputError(
+                f"expected aligned pairs of vectors [N, {self.output_dim}], "
+                f"got {list(q.shape)} and {list(t.shape)}"
+            )
+        return (q * t).sum(-1)
+
+
+class FineGrainedStudent(FineSimilarityNetwork):
+    """Indexes a video as a region tensor and compares two videos with the video comparator.
+
+    Three kinds, as in the release: with ``attention`` (float region vectors weighted by
+    attention), with ``binarization`` (region codes in {-1, +1} of ``bits`` bits at evaluation,
+    a zero projection giving +1; their tensor dot is divided by ``bits``, so it equals
+    1 - 2 hamming / bits), or plain. In training mode binarization gives the smooth surrogate.
+    """
+
+    def __init__(
+        self, dims: int = 512, attention: bool = False, binarization: bool = False, bits: int = 512
+    ) -> None:
+        super().__init__()
+        if attention and binarization:
+            raise InvalidInputError("a fine-grained student has either attention or binarization, not both")
+        self.dims = dims
+        self.fg_type = "bin" if binarization else "att" if attention else "none"
+        if binarization:
+            self.binarization = BinarizationLayer(dims, bits)
+        elif attention:
+            self.attention = HAttention(dims)
+        self.visil_head = VideoComparator()
+
+    def config(self) -> dict[str, Any]:
+        """Constructor options: ``FineGrainedStudent(**net.config())`` builds the same shape."""
+        return {
+            "dims": self.dims,
+            "attention": self.fg_type == "att",
+            "binarization": self.fg_type == "bin",
+            "bits": self.binarization.bits if self.fg_type == "bin" else self.dims,
+        }
+
+    @property
+    def index_dims(self) -> int:
+        return self.binarization.bits if self.fg_type == "bin" else self.dims
+
+    @property
+    def output_dim(self) -> int:
+        """Last dimension of an indexed tensor (bits for the binarization student)."""
+        return self.index_dims
+
+    @property
+    def _f2f_scale(self) -> float:
+        return 1.0 / self.binarization.bits if self.fg_type == "bin" else 1.0
+
+    def _index(self, x: Tensor) -> Tensor:
+        if self.fg_type == "bin":
+            return self.binarization(x)
+        if self.fg_type == "att":
+            return self.attention(x)
+        return x

@@ -1,0 +1,236 @@
+"""Fine-grained similarity of one query against many stored targets (stage 2b of DnS search).
+
+Both entry points share one batching scheme (:func:`_score_targets`):
+
+1. targets are sorted by length, so neighbours need little padding;
+2. consecutive runs ("groups") get their frame-to-frame matrices in one go, within a memory
+   budget: from packed codes by the Hamming kernel (binarization student), or by the
+   student's own region tensor dot (float tensors, e.g. the attention student's float16 store);
+3. each group is fed to the student's video comparator in batches of ``batch_size`` pairs, each
+   batch cut to its own longest target, through ``student.similarity_from_frame_matrix``
+   (comparator -> Hardtanh -> Chamfer), which is batch-invariant: the result does not depend on
+   the batching and equals ``student.calculate_video_similarity``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from dns_milvus.errors import InvalidInputError
+from dns_milvus.models import FineSimilarityNetwork
+from dns_milvus.similarity.hamming import check_packed_video, packed_frame_similarity, scatter_frames
+
+#: Pairs a comparator call on CPU: larger batches leave the caches (see docs/kernel.md).
+CPU_BATCH_SIZE = 16
+#: Pairs a comparator call on CUDA, where bigger launches pay off.
+CUDA_BATCH_SIZE = 256
+#: Largest intermediate of one group of targets, in floats (64 MiB in float32).
+GROUP_ELEMENTS = 2**24
+
+#: Builds the frame-to-frame matrices [n, Tq, Tt_max] (float32, zero-padded) of a group of targets.
+FrameMatrices = Callable[[list[int], int], Tensor]
+
+
+def _shape(x: Tensor) -> str:
+    return "[" + ", ".join(str(int(s)) for s in x.shape) + "]"
+
+
+def _resolve_device(student: FineSimilarityNetwork, device: str | torch.device | None) -> torch.device:
+    student_device = next(student.parameters()).device
+    if device is None:
+        return student_device
+    device = torch.device(device)
+    if device.type != student_device.type or (device.index is not None and device != student_device):
+        raise InvalidInputError(
+            f"the student is on {student_device} but device={device} was asked; move it first"
+        )
+    return student_device
+
+
+def _check_targets(targets: object) -> list:
+    if isinstance(targets, Tensor) or not isinstance(targets, Sequence):
+        raise InvalidInputError(
+            f"expected targets as a sequence of per-video tensors [Tt, R, C], got {type(targets).__name__}"
+        )
+    if len(targets) == 0:
+        raise InvalidInputError("expected at least one target video, got an empty sequence")
+    return list(targets)
+
+
+def _groups(sorted_lengths: list[int], floats_per_frame: int, budget: int) -> list[tuple[int, int]]:
+    """Runs [start, stop) of the length-sorted targets whose padded size
+    (count x longest length x floats a target frame) stays within ``budget``; at least one target."""
+    runs, start = [], 0
+    while start < len(sorted_lengths):
+        stop = start + 1
+        while (
+            stop < len(sorted_lengths)
+            and (stop + 1 - start) * sorted_lengths[stop] * floats_per_frame <= budget
+        ):
+            stop += 1
+        runs.append((start, stop))
+        start = stop
+    return runs
+
+
+def _score_targets(
+    student: FineSimilarityNetwork,
+    query_length: int,
+    target_lengths: list[int],
+    frame_matrices: FrameMatrices,
+    *,
+    floats_per_frame: int,
+    device: torch.device,
+    batch_size: int | None,
+    timings: dict[str, float] | None,
+) -> Tensor:
+    """The shared driver: sort, group, build frame matrices, run the comparator in batches."""
+    if batch_size is None:
+        batch_size = CUDA_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
+    if batch_size < 1:
+        raise InvalidInputError(f"expected batch_size >= 1, got {batch_size}")
+    order = sorted(range(len(target_lengths)), key=target_lengths.__getitem__)
+    sorted_lengths = [target_lengths[i] for i in order]
+    out = torch.empty(len(order), dtype=torch.float32, device=device)
+    stage_seconds = {"frame_matrices": 0.0, "comparator": 0.0}
+    clock = _StageClock(device if timings is not None else None)
+    for start, stop in _groups(sorted_lengths, floats_per_frame, GROUP_ELEMENTS):
+        f2f = frame_matrices(order[start:stop], sorted_lengths[stop - 1])
+        stage_seconds["frame_matrices"] += clock.lap()
+        for first in range(start, stop, batch_size):
+            last = min(first + batch_size, stop)
+            longest = sorted_lengths[last - 1]
+            ql = torch.full((last - first,), query_length, dtype=torch.long, device=device)
+            tl = torch.tensor(sorted_lengths[first:last], dtype=torch.long, device=device)
+            sims = student.similarity_from_frame_matrix(
+                f2f[first - start : last - start, :, :longest], ql, tl
+            )
+            out[torch.tensor(order[first:last], device=device)] = sims.to(torch.float32)
+        stage_seconds["comparator"] += clock.lap()
+    if timings is not None:
+        for stage, seconds in stage_seconds.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+    return out
+
+
+class _StageClock:
+    """Wall-clock laps. Given a CUDA device it waits for queued kernels, so that each stage gets
+    its own time; without one it never synchronises (laps are then only a rough split)."""
+
+    def __init__(self, device: torch.device | None) -> None:
+        self._sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else None
+        self._last = time.perf_counter()
+
+    def lap(self) -> float:
+        if self._sync is not None:
+            self._sync()
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        return elapsed
+
+
+def fine_similarity_packed(
+    student: FineSimilarityNetwork,
+    query_packed: Tensor,
+    targets_packed: Sequence[Tensor],
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int | None = None,
+    backend: str = "auto",
+    timings: dict[str, float] | None = None,
+) -> Tensor:
+    """Fine-grained similarity of a query with each target, from packed binary codes.
+
+    ``query_packed`` uint8 [Tq, R, L/8] and each target uint8 [Tt_i, R, L/8] (same R and L; L =
+    the binarization student's bits) -> float32 [B] in [-1, 1] on the student's device, equal to
+    ``student.calculate_video_similarity`` on the unpacked ±1 codes. ``batch_size`` is the number
+    of pairs a comparator call (default 16 on CPU, 256 on CUDA); ``backend`` picks the Hamming
+    kernel (``auto``, ``native``, ``gemm``; see :mod:`dns_milvus.similarity.hamming`). A
+    ``timings`` dict, when given, accumulates the seconds spent in the two stages
+    (``frame_matrices``, ``comparator``); on CUDA measuring them synchronises the device.
+    """
+    fg_type = getattr(student, "fg_type", None)
+    if fg_type != "bin":
+        raise InvalidInputError(f"packed codes need a binarization student (fg_type 'bin'), got {fg_type!r}")
+    device = _resolve_device(student, device)
+    query = check_packed_video(query_packed, "query").to(device)
+    bits = int(student.index_dims)
+    if 8 * query.shape[2] != bits:
+        raise InvalidInputError(
+            f"expected packed codes uint8 [T, R, {bits // 8}] for a {bits}-bit student, "
+            f"got query {_shape(query)}"
+        )
+    targets = [
+        check_packed_video(t, f"target {i}", query.shape[1], query.shape[2]).to(device)
+        for i, t in enumerate(_check_targets(targets_packed))
+    ]
+
+    def frame_matrices(indices: list[int], longest: int) -> Tensor:
+        frames = torch.cat([targets[i] for i in indices])  # real frames only: no padding computed
+        sim = packed_frame_similarity(query, frames, backend=backend)
+        lengths = torch.tensor([targets[i].shape[0] for i in indices])
+        return scatter_frames(sim, lengths, longest)
+
+    with torch.inference_mode():
+        return _score_targets(
+            student, query.shape[0], [t.shape[0] for t in targets], frame_matrices,
+            floats_per_frame=2 * query.shape[0], device=device, batch_size=batch_size, timings=timings,
+        )  # fmt: skip
+
+
+def _check_float_video(x: object, what: str, regions: int | None, dims: int) -> Tensor:
+    expected = f"float region tensors [T, {regions if regions is not None else 'R'}, {dims}]"
+    if not isinstance(x, Tensor):
+        raise InvalidInputError(f"expected {what} as {expected} torch tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise InvalidInputError(f"expected {what} as {expected} (float16 or float32), got dtype {x.dtype}")
+    if x.ndim != 3 or 0 in x.shape or x.shape[2] != dims or (regions is not None and x.shape[1] != regions):
+        raise InvalidInputError(f"expected {what} as {expected} with T >= 1, got {_shape(x)}")
+    return x
+
+
+def fine_similarity_float(
+    student: FineSimilarityNetwork,
+    query: Tensor,
+    targets: Sequence[Tensor],
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int | None = None,
+    timings: dict[str, float] | None = None,
+) -> Tensor:
+    """Fine-grained similarity of a query with each target, from float region tensors.
+
+    ``query`` [Tq, R, D] and each target [Tt_i, R, D] (float16 as stored, or float32; D = the
+    student's ``index_dims``) -> float32 [B] on the student's device, equal to
+    ``student.calculate_video_similarity`` on the same tensors. Uses the same sorting, grouping
+    and comparator batching (and ``timings``) as :func:`fine_similarity_packed`.
+    """
+    device = _resolve_device(student, device)
+    compute_dtype = next(student.parameters()).dtype  # float16 storage is widened once, here
+    dims = int(student.index_dims)
+    query = _check_float_video(query, "query", None, dims).to(device)
+    regions = query.shape[1]
+    target_list = [
+        _check_float_video(t, f"target {i}", regions, dims).to(device)
+        for i, t in enumerate(_check_targets(targets))
+    ]
+
+    def frame_matrices(indices: list[int], longest: int) -> Tensor:
+        group = [target_list[i] for i in indices]
+        padded = torch.zeros(len(group), longest, regions, dims, dtype=compute_dtype, device=device)
+        mask = torch.zeros(len(group), longest, dtype=torch.bool, device=device)
+        for k, t in enumerate(group):
+            padded[k, : t.shape[0]] = t
+            mask[k, : t.shape[0]] = True
+        return student.frame_to_frame_similarity(query.unsqueeze(0), padded, None, mask)[0]
+
+    with torch.inference_mode():
+        return _score_targets(
+            student, query.shape[0], [t.shape[0] for t in target_list], frame_matrices,
+            floats_per_frame=query.shape[0] * regions * regions, device=device, batch_size=batch_size,
+            timings=timings,
+        )  # fmt: skip

