@@ -75,7 +75,11 @@ def test_resnet50_loads_torchvision_files_and_gives_3840_d_regions(
     full = tmp_path / "resnet50.pth"
     torch.save(state, full)
     trunk_only = tmp_path / "resnet50_no_fc.pth"
-    torch.save({k: v for k, v in state.items() if not k.startswith("fc.")}, trunk_only)
+    # Like torchvision's older ImageNet files: no fc, no batch-norm num_batches_tracked counters.
+    torch.save(
+        {k: v for k, v in state.items() if not k.startswith("fc.") and "num_batches_tracked" not in k},
+        trunk_only,
+    )
 
     extractor = FeatureExtractor("resnet50", weights=full, device="cpu")
     loaded = extractor.backbone.state_dict()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import numpy as np
@@ -17,6 +18,7 @@ from dns_milvus.milvus import (
     SchemaMismatchError,
     VideoCollection,
     VideoRow,
+    backend_kind,
     connect,
     ids_filter,
     metadata_filter,
@@ -25,6 +27,7 @@ from dns_milvus.milvus import (
     render_literal,
 )
 from dns_milvus.milvus.schema import collection_properties
+from tests.fixtures.milvus_server import KEEP_PREFIX
 
 DIM = 16
 MODEL_SET = "test-set"
@@ -69,9 +72,30 @@ def client(milvus_uri: str) -> MilvusClient:
     client.close()
 
 
+@pytest.fixture(scope="session")
+def shared_server_collection_name() -> str:
+    return f"{KEEP_PREFIX}milvus_tests_{secrets.token_hex(4)}"
+
+
 @pytest.fixture
-def coll(client: MilvusClient, milvus_collection_name: str) -> VideoCollection:
-    return VideoCollection.create(client, milvus_collection_name, dim=DIM, model_set=MODEL_SET)
+def coll(request: pytest.FixtureRequest, client: MilvusClient, milvus_uri: str,
+         milvus_collection_name: str) -> VideoCollection:
+    """An empty FLAT collection: a new one on Lite; on the server one kept for the session
+    and emptied before each test (creating and loading a server collection takes seconds)."""
+    if backend_kind(client) == "lite":
+        return VideoCollection.create(client, milvus_collection_name, dim=DIM, model_set=MODEL_SET)
+    name = request.getfixturevalue("shared_server_collection_name")
+    collection = VideoCollection.create(client, name, dim=DIM, model_set=MODEL_SET)
+    client.delete(name, filter='video_id != ""')
+    remaining = client.query(name, filter="", output_fields=["count(*)"], consistency_level="Strong")
+    assert remaining[0]["count(*)"] == 0
+    return collection
+
+
+@pytest.fixture
+def lite_coll(tmp_path) -> VideoCollection:
+    """An empty collection on Milvus Lite, for checks that end before any request is sent."""
+    return VideoCollection.create(connect(tmp_path / "lite.db"), "checks", dim=DIM, model_set=MODEL_SET)
 
 
 @pytest.fixture
@@ -232,8 +256,12 @@ def test_create_and_reopen(coll: VideoCollection, client: MilvusClient, milvus_u
 
 
 def test_foreign_collections_are_refused(client: MilvusClient, milvus_collection_name: str) -> None:
+    # Created without an index so the server does not spend seconds loading them.
     plain = milvus_collection_name + "_plain"
-    client.create_collection(plain, dimension=DIM)
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=DIM)
+    client.create_collection(plain, schema=schema)
     with pytest.raises(SchemaMismatchError, match="not created by dns-milvus"):
         VideoCollection.open(client, plain)
 
@@ -242,10 +270,7 @@ def test_foreign_collections_are_refused(client: MilvusClient, milvus_collection
     schema.add_field("video_id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
     schema.add_field("coarse", DataType.FLOAT_VECTOR, dim=DIM)
     schema.add_field("self_sim", DataType.DOUBLE)
-    index = client.prepare_index_params()
-    index.add_index(field_name="coarse", index_type="FLAT", metric_type="IP")
-    client.create_collection(altered, schema=schema, index_params=index,
-                             properties=collection_properties(DIM, MODEL_SET))
+    client.create_collection(altered, schema=schema, properties=collection_properties(DIM, MODEL_SET))
     with pytest.raises(SchemaMismatchError) as info:
         VideoCollection.open(client, altered)
     message = str(info.value)
@@ -334,7 +359,8 @@ def test_hostile_ids_cannot_inject(coll: VideoCollection, rng) -> None:
     assert set(coll.get([r.video_id for r in benign])) == {r.video_id for r in benign}
 
 
-def test_invalid_rows_are_refused_and_nothing_is_written(coll: VideoCollection, rng) -> None:
+def test_invalid_rows_are_refused_and_nothing_is_written(lite_coll: VideoCollection, rng) -> None:
+    coll = lite_coll
     good = unit_rows(rng, 3)
 
     def with_changes(**changes) -> list[VideoRow]:
@@ -366,7 +392,8 @@ def test_invalid_rows_are_refused_and_nothing_is_written(coll: VideoCollection, 
     assert coll.count() == 0
 
 
-def test_bad_queries_are_refused(coll: VideoCollection, rng) -> None:
+def test_bad_queries_are_refused(lite_coll: VideoCollection, rng) -> None:
+    coll = lite_coll
     coll.upsert(unit_rows(rng, 3))
     cases = [
         (np.ones((1, DIM + 1), dtype=np.float32), 5),

@@ -7,6 +7,7 @@ can therefore leave an orphan object (``repair`` removes it), never a row withou
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -108,9 +109,9 @@ class DnSIndex:
         self.collection = VideoCollection.create(
             self.client,
             collection,
+            model_set=self.models.tag,
             dim=self.models.coarse_dim,
             index=index,
-            model_tag=self.models.tag,
             exist_ok=True,
         )
         self.local_reranker = LocalReranker(self.models, self.store)
@@ -220,7 +221,7 @@ class DnSIndex:
         rows = self.collection.get(ids, with_vectors=with_fine)
         out: dict[str, dict[str, Any]] = {}
         for vid, row in rows.items():
-            item = row.to_dict(include_vector=False)
+            item = {k: v for k, v in dataclasses.asdict(row).items() if k != "coarse"}
             if with_fine:
                 item["record"] = self.load_record(vid, row)
             out[vid] = item
@@ -342,13 +343,12 @@ class DnSIndex:
         self_id = query if isinstance(query, str) and exclude_self else None
         cands = []
         t1 = time.perf_counter()
-        for row in self.collection.iter_rows(with_vectors=True):
-            if row.video_id == self_id:
+        for row in self.collection.iter_rows():
+            if row["video_id"] == self_id:
                 continue
-            score = float(np.dot(record.coarse, np.asarray(row.coarse, dtype=np.float32)))
             cands.append(
-                Candidate(row.video_id, score, row.self_sim, row.fine_key, row.n_frames, row.payload_kind,
-                          row.metadata)
+                Candidate(row["video_id"], float(np.dot(record.coarse, row["coarse"])), row["self_sim"],
+                          row["fine_key"], row["n_frames"], row["payload_kind"], row["metadata"])
             )
         scan_ms = _ms(t1)
         result = self.local_reranker.rerank(record, cands, policy, top_k)
@@ -384,8 +384,8 @@ class DnSIndex:
         """
         report = RepairReport()
         referenced: dict[str, str] = {}
-        for row in self.collection.iter_rows(with_vectors=False):
-            referenced[row.fine_key] = row.video_id
+        for row in self.collection.iter_rows(["fine_key"]):
+            referenced[row["fine_key"]] = row["video_id"]
             report.rows_checked += 1
         stored = set()
         for key in self.store.iter_keys(prefix=f"{self.name}/"):

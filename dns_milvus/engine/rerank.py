@@ -138,8 +138,8 @@ class LocalReranker:
         if not targets:
             return np.zeros(0, dtype=np.float32)
         fn = fine_similarity_packed if query.payload_kind == "packed_bits" else fine_similarity_float
-        q = torch.from_numpy(np.ascontiguousarray(query.fine))
-        ts = [torch.from_numpy(np.ascontiguousarray(t)) for t in targets]
+        q = torch.from_numpy(np.require(query.fine, requirements=["C", "W"]))
+        ts = [torch.from_numpy(np.require(t, requirements=["C", "W"])) for t in targets]
         return fn(self.models.fine, q, ts, device=self.models.device).float().cpu().numpy()
 
     def rerank(

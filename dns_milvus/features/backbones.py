@@ -120,11 +120,15 @@ class ResNet50(Backbone):
         return outputs
 
     def load_torchvision_weights(self, path: str | os.PathLike) -> None:
-        """Load a torchvision ``resnet50`` state_dict file (``fc.*`` optional, every other key required)."""
+        """Load a torchvision ``resnet50`` state_dict file: every trunk tensor is required.
+
+        ``fc.*`` may be absent (it is never run), and so may the batch-norm ``num_batches_tracked``
+        counters, which torchvision's older ImageNet files predate.
+        """
         state = _load_state_dict(path)
         state = {k.removeprefix("module."): v for k, v in state.items()}
         expected = self.state_dict()
-        trunk = {k for k in expected if not k.startswith("fc.")}
+        trunk = {k for k in expected if not k.startswith("fc.") and not k.endswith(".num_batches_tracked")}
         missing = sorted(trunk - state.keys())
         unexpected = sorted(state.keys() - expected.keys())
         if missing or unexpected:

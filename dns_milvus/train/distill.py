@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dns_milvus.errors import InvalidInputError
 from dns_milvus.models import CoarseGrainedStudent, FineGrainedStudent, load_checkpoint
 from dns_milvus.train.config import StudentsConfig
 from dns_milvus.train.data import FeatureSet, pad_videos, temporal_augment
@@ -107,6 +108,11 @@ class DistillationTask(TrainingTask):
         self.augmentation_p = augmentation_p
         self.max_frames = max_frames
         self.validation = validation
+        if len(pairs.anchors) == 0:
+            raise InvalidInputError(
+                f"the mined pairs ({len(pairs)}) give no anchor with both a positive and a negative: "
+                "no video had a teacher similarity above the mining threshold; lower mine.threshold"
+            )
         self.coarse = isinstance(model, CoarseGrainedStudent)
         # The coarse student learns similarities on [0, 1] (its vectors are compared by a dot product).
         self.targets = pairs.similarity / 2.0 + 0.5 if self.coarse else pairs.similarity

@@ -69,9 +69,9 @@ class Recipe:
     transform_names: tuple[str, ...] | None = None  # None: every transform
     dims: int = 512
     held_out_fraction: float = 0.2
-    teacher_epochs: int = 30
-    teacher_triplets: int = 200
-    teacher_lr: float = 1e-4
+    teacher_epochs: int = 25
+    teacher_triplets: int = 160
+    teacher_lr: float = 5e-4
     mining_threshold: float = 0.3
     negatives_per_kind: int = 50
     student_epochs: int = 60
@@ -96,8 +96,10 @@ class Recipe:
             pans_per_video=2,
             pan_frames=6,
             copies_per_video=2,
-            teacher_epochs=4,
+            teacher_epochs=6,
             teacher_triplets=48,
+            teacher_lr=1e-3,
+            mining_threshold=0.2,
             student_epochs=6,
             selector_epochs=4,
             selector_pairs_per_class=48,

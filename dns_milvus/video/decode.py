@@ -7,8 +7,9 @@ gives the same frames as index-based sampling on constant-frame-rate files (fram
 index says nothing about time. Frames without a timestamp, or whose timestamp does not
 increase, are placed one nominal frame period after the previous frame.
 
-Decoding streams: only the sampled frames are converted to RGB arrays and kept, so memory is
-bounded by the output, never by the file's native frame rate.
+Decoding is streamed: only the sampled frames are converted to RGB arrays and kept, so memory
+is bounded by the output, never by the file's native frame rate or length (``iter_frames``
+holds one frame at a time).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import io
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import BinaryIO
@@ -71,10 +72,11 @@ def _check_file(source: VideoSource) -> None:
 
 def _open(source: VideoSource) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
     _check_file(source)
-    if isinstance(source, (io.IOBase,)) and source.seekable():
-        source.seek(0)
+    if isinstance(source, io.IOBase) and source.seekable():
+        source.seek(0)  # the same buffer may be read more than once
+    target = os.fspath(source) if isinstance(source, os.PathLike) else source
     try:
-        container = av.open(source if not isinstance(source, os.PathLike) else os.fspath(source), mode="r")
+        container = av.open(target, mode="r")
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         raise VideoDecodeError(f"{_describe(source)} is not a readable video file: {exc}") from exc
     if not container.streams.video:
@@ -262,7 +264,7 @@ def read_frames(
     return np.stack(frames)
 
 
-def frames_from_images(images: list[str | os.PathLike | np.ndarray]) -> np.ndarray:
+def frames_from_images(images: Sequence[str | os.PathLike | np.ndarray]) -> np.ndarray:
     """Stack still images (files PyAV can read, or ``uint8 [H, W, 3]`` arrays) into frames ``[T, H, W, 3]``.
 
     Images of another size than the first are resized to it, so the result is one array.
