@@ -76,11 +76,20 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             total = None
         else:
             files = video_files(args.inputs)
-            items = file_source(files, lambda p: index.models.extract_video(p, max_frames=args.max_frames),
-                                id_from=args.id_from)
+            items = file_source(
+                files,
+                lambda p: index.models.extract_video(p, max_frames=args.max_frames),
+                id_from=args.id_from,
+            )
             total = len(files)
-        report = ingest(index, items, batch_size=args.batch_size, skip_existing=not args.overwrite,
-                        progress=not args.json, total=total)
+        report = ingest(
+            index,
+            items,
+            batch_size=args.batch_size,
+            skip_existing=not args.overwrite,
+            progress=not args.json,
+            total=total,
+        )
     _emit(args, report.to_dict(), report.summary)
     return 1 if report.failed and not report.added else 0
 
@@ -104,8 +113,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         if args.exhaustive:
             resp = index.exhaustive_search(query, args.top_k, policy=args.policy)
         else:
-            resp = index.search(query, args.top_k, candidates=args.candidates, policy=args.policy,
-                                filter=args.filter)
+            resp = index.search(
+                query, args.top_k, candidates=args.candidates, policy=args.policy, filter=args.filter
+            )
 
     def text() -> str:
         rows = [
@@ -114,7 +124,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         ]
         table = format_table(rows, ["rank", "video_id", "score", "coarse", "selector", "fine", "stage"])
         timing = ", ".join(f"{k.removesuffix('_ms')} {v:.1f} ms" for k, v in resp.timings_ms.items())
-        notes = [f"policy {resp.policy}: {resp.n_reranked} of {resp.n_candidates} candidates re-ranked; {timing}"]
+        notes = [
+            f"policy {resp.policy}: {resp.n_reranked} of {resp.n_candidates} candidates re-ranked; {timing}"
+        ]
         if resp.degraded:
             notes.append("DEGRADED: stage 2 was unavailable, coarse ranking shown")
         notes += [f"warning: {w}" for w in resp.warnings]
@@ -132,8 +144,10 @@ def cmd_get(args: argparse.Namespace) -> int:
 
     def text() -> str:
         table = format_table(
-            [(v, r["n_frames"], r["self_sim"], r["payload_kind"], json.dumps(r.get("metadata") or {}))
-             for v, r in rows.items()],
+            [
+                (v, r["n_frames"], r["self_sim"], r["payload_kind"], json.dumps(r.get("metadata") or {}))
+                for v, r in rows.items()
+            ],
             ["video_id", "frames", "self_sim", "payload", "metadata"],
         )
         return table + ("\nnot found: " + ", ".join(missing) if missing else "")
@@ -218,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dns-milvus", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("ingest", parents=[common], help="index video files, directories, globs or HDF5 features")
+    p = sub.add_parser(
+        "ingest", parents=[common], help="index video files, directories, globs or HDF5 features"
+    )
     p.add_argument("inputs", nargs="*", help="video files, directories or glob patterns")
     p.add_argument("--hdf5", help="HDF5 feature file in the DnS release layout instead of videos")
     p.add_argument("--batch-size", type=int, default=32)
@@ -235,10 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=int, default=1000, help="stage-1 candidates from Milvus")
     p.add_argument("--policy", default="5%", help="5%%, count:50, threshold:0.6, none or all")
     p.add_argument("--filter", help="Milvus filter expression on metadata (trusted input)")
-    p.add_argument("--exhaustive", action="store_true", help="selector over every indexed video (paper protocol)")
+    p.add_argument(
+        "--exhaustive", action="store_true", help="selector over every indexed video (paper protocol)"
+    )
     p.set_defaults(func=cmd_search)
 
-    for name, func, helptext in (("get", cmd_get, "show indexed videos"), ("delete", cmd_delete, "delete videos")):
+    for name, func, helptext in (
+        ("get", cmd_get, "show indexed videos"),
+        ("delete", cmd_delete, "delete videos"),
+    ):
         p = sub.add_parser(name, parents=[common], help=helptext)
         p.add_argument("ids", nargs="+")
         p.set_defaults(func=func)

@@ -34,7 +34,9 @@ class Settings:
         return f"Settings({shown})"
 
     @classmethod
-    def resolve(cls, flags: dict[str, Any] | None = None, config_file: str | os.PathLike | None = None) -> Settings:
+    def resolve(
+        cls, flags: dict[str, Any] | None = None, config_file: str | os.PathLike | None = None
+    ) -> Settings:
         values: dict[str, Any] = {}
         values.update(_read_config(config_file))
         for f in fields(cls):

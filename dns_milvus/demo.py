@@ -37,8 +37,9 @@ def footage_dir() -> Path:
     return Path(spec.origin).parent / "datasets" / "data"
 
 
-def build_collection(fps: float, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, set[str]],
-                                                      dict[str, list[str]]]:
+def build_collection(
+    fps: float, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, set[str]], dict[str, list[str]]]:
     """(queries, database videos as frames, relevant ids per query, transforms per copy)."""
     rng = np.random.default_rng(seed)
     data = footage_dir()
@@ -68,7 +69,9 @@ def build_collection(fps: float, seed: int) -> tuple[dict[str, np.ndarray], dict
     return queries, database, relevant, applied
 
 
-def run_demo(workdir: Path, *, json_output: bool = False, seed: int = 7, models_dir: Path | None = None) -> int:
+def run_demo(
+    workdir: Path, *, json_output: bool = False, seed: int = 7, models_dir: Path | None = None
+) -> int:
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -82,21 +85,28 @@ def run_demo(workdir: Path, *, json_output: bool = False, seed: int = 7, models_
     t0 = time.perf_counter()
     queries, database, relevant, applied = build_collection(models.fps, seed)
     make_s = time.perf_counter() - t0
-    say(f"decoded {len(queries)} source videos at {models.fps:g} fps and made {len(database)} database videos "
-        f"(copies + unrelated footage) in {make_s:.1f} s")
+    say(
+        f"decoded {len(queries)} source videos at {models.fps:g} fps and made "
+        f"{len(database)} database videos "
+        f"(copies + unrelated footage) in {make_s:.1f} s"
+    )
 
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     t1 = time.perf_counter()
-    index = DnSIndex(str(workdir / "demo.db"), models=models, store=str(workdir / "objects"), collection="demo")
+    index = DnSIndex(
+        str(workdir / "demo.db"), models=models, store=str(workdir / "objects"), collection="demo"
+    )
     with index:
         ids = list(database)
         feats = [models.extractor(database[v]) for v in tqdm(ids, desc="extract", disable=json_output)]
         index.add_many(ids, feats, [{"made_by": ", ".join(applied[v])} for v in ids])
         ingest_s = time.perf_counter() - t1
-        say(f"indexed {index.count()} videos (features, coarse vector, self-similarity, packed fine tensor) "
-            f"in {ingest_s:.1f} s\n")
+        say(
+            f"indexed {index.count()} videos (features, coarse vector, self-similarity, packed fine tensor) "
+            f"in {ingest_s:.1f} s\n"
+        )
 
         results: dict[str, Any] = {}
         aps = []
@@ -110,18 +120,35 @@ def run_demo(workdir: Path, *, json_output: bool = False, seed: int = 7, models_
             if not json_output:
                 from dns_milvus.cli import format_table
 
-                print(f"query: {name} ({len(frames)} frames); its copies: {', '.join(sorted(relevant[name]))}")
+                print(
+                    f"query: {name} ({len(frames)} frames); its copies: {', '.join(sorted(relevant[name]))}"
+                )
                 rows = [
-                    (i + 1, h.video_id, "copy" if h.video_id in relevant[name] else "", h.score,
-                     h.coarse_score, h.fine_score, h.stage, applied[h.video_id][0] if len(applied[h.video_id]) == 1
-                     else " + ".join(applied[h.video_id]))
+                    (
+                        i + 1,
+                        h.video_id,
+                        "copy" if h.video_id in relevant[name] else "",
+                        h.score,
+                        h.coarse_score,
+                        h.fine_score,
+                        h.stage,
+                        applied[h.video_id][0]
+                        if len(applied[h.video_id]) == 1
+                        else " + ".join(applied[h.video_id]),
+                    )
                     for i, h in enumerate(resp.hits)
                 ]
-                print(format_table(rows, ["rank", "video_id", "", "score", "coarse", "fine", "stage", "made by"]))
+                print(
+                    format_table(
+                        rows, ["rank", "video_id", "", "score", "coarse", "fine", "stage", "made by"]
+                    )
+                )
                 t = resp.timings_ms
-                print(f"stage 1 (Milvus ANN) {t['stage1_ms']:.1f} ms, selector {t['selector_ms']:.1f} ms, "
-                      f"fetch {t['fetch_ms']:.1f} ms, fine student {t['fine_ms']:.1f} ms on "
-                      f"{resp.n_reranked}/{resp.n_candidates} candidates; AP {ap:.3f}\n")
+                print(
+                    f"stage 1 (Milvus ANN) {t['stage1_ms']:.1f} ms, selector {t['selector_ms']:.1f} ms, "
+                    f"fetch {t['fetch_ms']:.1f} ms, fine student {t['fine_ms']:.1f} ms on "
+                    f"{resp.n_reranked}/{resp.n_candidates} candidates; AP {ap:.3f}\n"
+                )
     mean_ap = float(np.mean(aps))
     summary = {
         "model_set": models.name,
@@ -134,7 +161,10 @@ def run_demo(workdir: Path, *, json_output: bool = False, seed: int = 7, models_
     if json_output:
         print(json.dumps(summary, indent=2, default=str))
     else:
-        print(f"mAP over {len(queries)} queries: {mean_ap:.3f} (1.0 = every copy ranked above every other video); "
-              f"total {summary['seconds']} s. The index stays in {workdir} for 'dns-milvus search "
-              f"--uri {workdir / 'demo.db'} --store {workdir / 'objects'} --collection demo ...'.")
+        print(
+            f"mAP over {len(queries)} queries: {mean_ap:.3f} "
+            "(1.0 = every copy ranked above every other video); "
+            f"total {summary['seconds']} s. The index stays in {workdir} for 'dns-milvus search "
+            f"--uri {workdir / 'demo.db'} --store {workdir / 'objects'} --collection demo ...'."
+        )
     return 0

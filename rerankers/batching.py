@@ -297,11 +297,12 @@ class BatchingReranker(LocalReranker):
         return super().fetch_fine(candidates)
 
     def score_jobs(self, jobs: Sequence[FineJob]) -> list[np.ndarray]:
-        """Score a batch in the scoring thread. Jobs of the same query share one kernel call
-        (each call is itself batched over its targets by the similarity kernels)."""
+        """Score a batch in the scoring thread. Jobs whose query is the same tensor (an uploaded
+        query handle, or an indexed query read through the cache, used by concurrent requests)
+        share one kernel call; each call is itself batched over its targets by the kernels."""
         groups: dict[int, list[int]] = {}
         for i, job in enumerate(jobs):
-            groups.setdefault(id(job.query), []).append(i)
+            groups.setdefault(id(job.query.fine), []).append(i)
         out: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(jobs)
         for members in groups.values():
             targets = [t for i in members for t in jobs[i].targets]

@@ -39,11 +39,17 @@ def write_model_set(
             netvlad_outdims=2 * dims,
         )
         save_checkpoint(coarse, directory / "cg_student.pth")
-        save_checkpoint(FineGrainedStudent(dims=dims, binarization=True, bits=bits), directory / "fg_student.pth")
+        fine = FineGrainedStudent(dims=dims, binarization=True, bits=bits)
+        save_checkpoint(fine, directory / "fg_student.pth")
         save_checkpoint(SelectorNetwork(dims=dims), directory / "selector.pth")
     finally:
         torch.random.set_rng_state(generator_state)
-    manifest = {"name": name, "coarse": "cg_student.pth", "fine": "fg_student.pth", "selector": "selector.pth"}
+    manifest = {
+        "name": name,
+        "coarse": "cg_student.pth",
+        "fine": "fg_student.pth",
+        "selector": "selector.pth",
+    }
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return directory
 

@@ -35,7 +35,9 @@ def test_scores_equal_direct_network_computation(dns_index: DnSIndex) -> None:
         for hit in resp.hits:
             t = torch.from_numpy(videos[hit.video_id])
             coarse = float(q_coarse @ m.coarse.index_video(t))
-            fine = float(m.fine.calculate_video_similarity(q_fine[None], m.fine.index_video(t)[None]).squeeze())
+            fine = float(
+                m.fine.calculate_video_similarity(q_fine[None], m.fine.index_video(t)[None]).squeeze()
+            )
             z = torch.tensor([[float(q_self), float(m.selector.index_video(t)), coarse]])
             conf = float(m.selector(z).squeeze())
             assert hit.coarse_score == pytest.approx(coarse, abs=1e-5)

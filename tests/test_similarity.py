@@ -241,6 +241,14 @@ def test_float_path_equals_student_and_packed(
     half = fine_similarity_float(att_student, query.half(), [t.half() for t in targets])
     rounded = fine_similarity_float(att_student, query.half().float(), [t.half().float() for t in targets])
     torch.testing.assert_close(half, rounded, rtol=0, atol=1e-6)
+    mixed = [t.half() if k % 2 else t for k, t in enumerate(targets)]  # stores of both kinds at once
+    mixed_rounded = [t.half().float() if k % 2 else t for k, t in enumerate(targets)]
+    torch.testing.assert_close(
+        fine_similarity_float(att_student, query, mixed),
+        fine_similarity_float(att_student, query, mixed_rounded),
+        rtol=0,
+        atol=1e-6,
+    )
     # the binarization student's ±1 codes give the same scores by either path
     codes_q = random_codes(5, REGIONS, BITS, generator=g)
     codes_t = mixed_targets(codes_q, g)

@@ -24,12 +24,12 @@ from dns_milvus.engine.policy import SelectionPolicy
 from dns_milvus.engine.rerank import (
     Candidate,
     LocalReranker,
-    RerankResult,
     Reranker,
+    RerankResult,
     SearchHit,
     coarse_only,
 )
-from dns_milvus.errors import BackendUnavailableError, DnSError, InvalidInputError, NotFoundError
+from dns_milvus.errors import BackendUnavailableError, InvalidInputError, NotFoundError
 from dns_milvus.ids import validate_video_id
 from dns_milvus.milvus import IndexConfig, VideoCollection, VideoRow, connect
 from dns_milvus.store import ObjectStore, encode_fine_tensor, fine_key, open_store, put_verified
@@ -136,8 +136,12 @@ class DnSIndex:
         return self.add_many([video_id], [features], [metadata])[0]
 
     def add_video(
-        self, video_id: str, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None,
-        *, max_frames: int | None = None,
+        self,
+        video_id: str,
+        path: str | os.PathLike,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        max_frames: int | None = None,
     ) -> VideoRecord:
         """Decode a video file, extract its features and index it."""
         return self.add(video_id, self.models.extract_video(path, max_frames=max_frames), metadata)
@@ -281,8 +285,13 @@ class DnSIndex:
         A query given as an indexed id is left out of its own results unless ``exclude_self=False``.
         """
         return self.search_batch(
-            [query], top_k, candidates=candidates, policy=policy, filter=filter,
-            filter_params=filter_params, exclude_self=exclude_self,
+            [query],
+            top_k,
+            candidates=candidates,
+            policy=policy,
+            filter=filter,
+            filter_params=filter_params,
+            exclude_self=exclude_self,
         )[0]
 
     def search_batch(
@@ -334,7 +343,12 @@ class DnSIndex:
         return responses
 
     def exhaustive_search(
-        self, query: Query, top_k: int = 10, *, policy: SelectionPolicy | str = "5%", exclude_self: bool = True
+        self,
+        query: Query,
+        top_k: int = 10,
+        *,
+        policy: SelectionPolicy | str = "5%",
+        exclude_self: bool = True,
     ) -> SearchResponse:
         """The paper's protocol: coarse scores and the selector over EVERY indexed video (no ANN)."""
         policy = SelectionPolicy.parse(policy) if isinstance(policy, str) else policy
@@ -347,15 +361,25 @@ class DnSIndex:
             if row["video_id"] == self_id:
                 continue
             cands.append(
-                Candidate(row["video_id"], float(np.dot(record.coarse, row["coarse"])), row["self_sim"],
-                          row["fine_key"], row["n_frames"], row["payload_kind"], row["metadata"])
+                Candidate(
+                    row["video_id"],
+                    float(np.dot(record.coarse, row["coarse"])),
+                    row["self_sim"],
+                    row["fine_key"],
+                    row["n_frames"],
+                    row["payload_kind"],
+                    row["metadata"],
+                )
             )
         scan_ms = _ms(t1)
         result = self.local_reranker.rerank(record, cands, policy, top_k)
         return SearchResponse(
             hits=result.hits,
-            timings_ms={"encode_ms": _ms(t0) - scan_ms - sum(result.timings_ms.values()), "scan_ms": scan_ms,
-                        **result.timings_ms},
+            timings_ms={
+                "encode_ms": _ms(t0) - scan_ms - sum(result.timings_ms.values()),
+                "scan_ms": scan_ms,
+                **result.timings_ms,
+            },
             policy=str(policy),
             n_candidates=len(cands),
             n_reranked=result.n_reranked,
@@ -413,10 +437,7 @@ class DnSIndex:
 
     def close(self) -> None:
         self.store.close()
-        try:
-            self.client.close()
-        except DnSError:
-            pass
+        self.client.close()
 
     def __enter__(self) -> DnSIndex:
         return self

@@ -113,7 +113,10 @@ class ModelSet:
             pca = directory / manifest["pca"] if manifest.get("pca") else None
             weights = directory / manifest["backbone_weights"] if manifest.get("backbone_weights") else None
             extractor = FeatureExtractor(
-                backbone=manifest["backbone"], weights=weights, pca=pca, device=dev,
+                backbone=manifest["backbone"],
+                weights=weights,
+                pca=pca,
+                device=dev,
                 **manifest.get("extractor_options", {}),
             )
         return cls.from_checkpoints(

@@ -43,7 +43,7 @@ class SelectionPolicy:
 
     @classmethod
     def parse(cls, text: str) -> SelectionPolicy:
-        """Parse the CLI/config form: ``5%``, ``percent:5``, ``count:50``, ``threshold:0.6``, ``none``, ``all``."""
+        """Parse ``5%``, ``percent:5``, ``count:50``, ``threshold:0.6``, ``none`` or ``all``."""
         text = text.strip().lower()
         if text in ("none", "all"):
             return cls(text, 0.0)  # type: ignore[arg-type]
@@ -52,7 +52,8 @@ class SelectionPolicy:
         kind, sep, value = text.partition(":")
         if not sep:
             raise InvalidInputError(
-                f"cannot parse selection policy {text!r}; expected e.g. '5%', 'count:50', 'threshold:0.6', 'none'"
+                f"cannot parse selection policy {text!r}; "
+                "expected e.g. '5%', 'count:50', 'threshold:0.6', 'none'"
             )
         return cls(kind, _number(value, text))  # type: ignore[arg-type]
 
@@ -65,7 +66,7 @@ class SelectionPolicy:
         if self.kind == "all":
             return order
         if self.kind == "percent":
-            return order[: int(math.floor(self.value / 100.0 * n + 1e-9))]
+            return order[: math.floor(self.value / 100.0 * n + 1e-9)]
         if self.kind == "count":
             return order[: int(self.value)]
         return order[np.asarray(confidences)[order] >= self.value]
@@ -82,4 +83,6 @@ def _number(value: str, text: str) -> float:
     try:
         return float(value)
     except ValueError:
-        raise InvalidInputError(f"cannot parse selection policy {text!r}: {value!r} is not a number") from None
+        raise InvalidInputError(
+            f"cannot parse selection policy {text!r}: {value!r} is not a number"
+        ) from None

@@ -206,7 +206,9 @@ class LocalReranker:
 def coarse_only(candidates: Sequence[Candidate], top_k: int, reason: str) -> RerankResult:
     """The stage-1 ranking, flagged as degraded: what search returns when stage 2 is unavailable."""
     hits = [
-        SearchHit(c.video_id, float(c.coarse_score), float(c.coarse_score), None, None, STAGE_COARSE, c.metadata)
+        SearchHit(
+            c.video_id, float(c.coarse_score), float(c.coarse_score), None, None, STAGE_COARSE, c.metadata
+        )
         for c in candidates
     ]
     hits.sort(key=lambda h: (-h.score, h.video_id))

@@ -6,6 +6,7 @@ A source yields ``SourceItem``s lazily; each item's ``load()`` returns region fe
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -13,9 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from dns_milvus.errors import InvalidInputError
+from dns_milvus.errors import DnSError, InvalidInputError
 
 #: File suffixes treated as videos when a directory is scanned.
 VIDEO_SUFFIXES = frozenset(
@@ -72,31 +71,27 @@ def file_source(
 
 
 def hdf5_source(path: str | os.PathLike, ids: Iterable[str] | None = None) -> Iterator[SourceItem]:
-    """An HDF5 feature file in the DnS release layout: one dataset [T, R, D] (or [T, D]) per video id."""
-    import h5py
+    """An HDF5 feature file in the DnS release layout: one dataset [T, R, D] per video id
+    (ids with ``/`` live in groups, as CC_WEB_VIDEO's do). Shapes are checked by the networks."""
+    from dns_milvus.eval.features import H5Features
 
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f"HDF5 feature file {path} does not exist")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as exc:
-        raise InvalidInputError(f"{path} is not a readable HDF5 file: {exc}") from exc
-    with handle:
-        wanted = list(ids) if ids is not None else sorted(handle.keys())
+    features = H5Features(path, regions=None, dim=None)
+    with features:
+        wanted = list(ids) if ids is not None else features.ids()
+        name = Path(path).name
         for vid in wanted:
-            yield SourceItem(vid, lambda v=vid: _read_h5(handle, path, v), {"source": f"{path.name}:{vid}"})
+            # Read now, while the file is open; the pipeline pulls one batch at a time, so memory
+            # stays bounded. A bad dataset fails as that video when the pipeline loads it.
+            try:
+                arr = features[vid]
+                load = lambda a=arr: a  # noqa: E731
+            except DnSError as exc:
+                load = functools.partial(_raise, exc)
+            yield SourceItem(vid, load, {"source": f"{name}:{vid}"})
 
 
-def _read_h5(handle: Any, path: Path, vid: str) -> np.ndarray:
-    if vid not in handle:
-        raise InvalidInputError(f"{path}: no dataset for video {vid!r}")
-    ds = handle[vid]
-    if not hasattr(ds, "shape") or len(ds.shape) not in (2, 3) or ds.shape[0] == 0:
-        raise InvalidInputError(
-            f"{path}: dataset {vid!r} has shape {getattr(ds, 'shape', None)}; expected [T, R, D] or [T, D], T >= 1"
-        )
-    return np.asarray(ds[()], dtype=np.float32)
+def _raise(exc: Exception) -> None:
+    raise exc
 
 
 def array_source(

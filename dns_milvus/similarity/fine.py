@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from dns_milvus.errors import InvalidInputError
 from dns_milvus.models import FineSimilarityNetwork
@@ -133,6 +134,16 @@ class _StageClock:
         return elapsed
 
 
+def _combine_on(
+    device: torch.device, tensors: list[Tensor], combine: Callable[[list[Tensor]], Tensor]
+) -> Tensor:
+    """``combine`` the tensors where they are when they share a device, then move the result once
+    (one host-to-GPU copy a group instead of one a target)."""
+    if any(t.device != tensors[0].device for t in tensors):
+        tensors = [t.to(device) for t in tensors]
+    return combine(tensors).to(device)
+
+
 def fine_similarity_packed(
     student: FineSimilarityNetwork,
     query_packed: Tensor,
@@ -165,12 +176,13 @@ def fine_similarity_packed(
             f"got query {_shape(query)}"
         )
     targets = [
-        check_packed_video(t, f"target {i}", query.shape[1], query.shape[2]).to(device)
+        check_packed_video(t, f"target {i}", query.shape[1], query.shape[2])
         for i, t in enumerate(_check_targets(targets_packed))
     ]
 
     def frame_matrices(indices: list[int], longest: int) -> Tensor:
-        frames = torch.cat([targets[i] for i in indices])  # real frames only: no padding computed
+        # real frames only, concatenated: no padding is computed
+        frames = _combine_on(device, [targets[i] for i in indices], torch.cat)
         sim = packed_frame_similarity(query, frames, backend=backend)
         lengths = torch.tensor([targets[i].shape[0] for i in indices])
         return scatter_frames(sim, lengths, longest)
@@ -215,17 +227,15 @@ def fine_similarity_float(
     query = _check_float_video(query, "query", None, dims).to(device)
     regions = query.shape[1]
     target_list = [
-        _check_float_video(t, f"target {i}", regions, dims).to(device)
-        for i, t in enumerate(_check_targets(targets))
+        _check_float_video(t, f"target {i}", regions, dims) for i, t in enumerate(_check_targets(targets))
     ]
 
     def frame_matrices(indices: list[int], longest: int) -> Tensor:
         group = [target_list[i] for i in indices]
-        padded = torch.zeros(len(group), longest, regions, dims, dtype=compute_dtype, device=device)
-        mask = torch.zeros(len(group), longest, dtype=torch.bool, device=device)
-        for k, t in enumerate(group):
-            padded[k, : t.shape[0]] = t
-            mask[k, : t.shape[0]] = True
+        # the group is sorted by length, so padding to its longest member gives [n, longest, R, D]
+        padded = _combine_on(device, group, lambda ts: pad_sequence(ts, batch_first=True)).to(compute_dtype)
+        lengths = torch.tensor([t.shape[0] for t in group], device=device)
+        mask = torch.arange(longest, device=device)[None, :] < lengths[:, None]
         return student.frame_to_frame_similarity(query.unsqueeze(0), padded, None, mask)[0]
 
     with torch.inference_mode():

@@ -194,8 +194,21 @@ def _build_corpus(
     from dns_milvus.features import FeatureExtractor
     from dns_milvus.train.corpus import extract_all
 
+    corpus_settings = (
+        "fps",
+        "max_side",
+        "pans_per_video",
+        "pan_frames",
+        "copies_per_video",
+        "transform_ops",
+        "transform_names",
+    )
     digest = settings_digest(
-        {"recipe": asdict(recipe), "seed": seed, "footage": sorted(find_offline_footage())}
+        {
+            "recipe": {k: getattr(recipe, k) for k in corpus_settings},
+            "seed": seed,
+            "footage": sorted(find_offline_footage()),
+        }
     )
     cache = work / "raw_features.h5"
     cached = read_corpus(cache, digest)

@@ -1,0 +1,142 @@
+"""Bulk ingestion: HDF5 features, arrays, failures reported per video, resume, crash safety."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from dns_milvus.engine import DnSIndex, ModelSet
+from dns_milvus.ingest import array_source, hdf5_source, ingest
+from dns_milvus.store import LocalStore, fine_key
+from tests.fixtures.engine import random_video
+
+
+def _write_h5(path: Path, videos: dict[str, np.ndarray]) -> None:
+    with h5py.File(path, "w") as f:
+        for vid, arr in videos.items():
+            f.create_dataset(vid, data=arr)
+
+
+@pytest.fixture
+def lite_index(tmp_path: Path, model_set: ModelSet) -> DnSIndex:
+    index = DnSIndex(str(tmp_path / "db.db"), models=model_set, store=str(tmp_path / "objects"), collection="c")
+    yield index
+    index.close()
+
+
+def test_hdf5_ingest_reports_bad_videos_and_resumes(tmp_path: Path, lite_index: DnSIndex) -> None:
+    rng = np.random.default_rng(0)
+    videos = {f"vid{i:03d}": random_video(rng, int(rng.integers(1, 20))) for i in range(25)}
+    nan = random_video(rng, 5)
+    nan[2] = np.nan
+    bad = {"wrong_dim": rng.standard_normal((4, 9, 100)).astype(np.float32), "has_nan": nan}
+    h5 = tmp_path / "features.hdf5"
+    _write_h5(h5, {**videos, **bad})
+
+    report = ingest(lite_index, hdf5_source(h5), batch_size=8, progress=False)
+    assert sorted(report.added) == sorted(videos)
+    assert set(report.failed) == set(bad)
+    assert "512" in report.failed["wrong_dim"] and "NaN" in report.failed["has_nan"]
+    assert lite_index.count() == 25
+    assert set(report.stage_seconds) == {"load", "networks", "store", "milvus"}
+
+    again = ingest(lite_index, hdf5_source(h5), batch_size=8, progress=False)
+    assert again.added == [] and sorted(again.skipped) == sorted(videos)
+    assert lite_index.count() == 25
+
+
+def test_ingested_records_equal_direct_indexing(lite_index: DnSIndex) -> None:
+    rng = np.random.default_rng(1)
+    videos = {f"a{i}": random_video(rng, n) for i, n in enumerate([1, 2, 3, 7, 12])}
+    ingest(lite_index, array_source(videos), batch_size=3, progress=False)
+    for vid, feats in videos.items():
+        stored = lite_index.load_record(vid)
+        direct = lite_index.models.index_features([feats])[0]
+        np.testing.assert_allclose(stored.coarse, direct.coarse, atol=1e-5)
+        assert stored.self_sim == pytest.approx(direct.self_sim, abs=1e-5)
+        np.testing.assert_array_equal(stored.fine, direct.fine)
+        assert stored.fine.nbytes == feats.shape[0] * 9 * 512 // 8
+
+
+def test_duplicate_and_invalid_ids_are_reported_not_fatal(lite_index: DnSIndex) -> None:
+    rng = np.random.default_rng(2)
+    pairs = [("dup", random_video(rng, 3)), ("dup", random_video(rng, 3)), ("x" * 600, random_video(rng, 3)),
+             ("ok", random_video(rng, 3))]
+    report = ingest(lite_index, array_source(pairs), progress=False)
+    assert sorted(report.added) == ["dup", "ok"]
+    assert "duplicate" in report.failed["dup"]
+    assert any("bytes" in reason for reason in report.failed.values())
+
+
+def test_store_failure_loses_nothing_and_leaves_no_row(tmp_path: Path, model_set: ModelSet) -> None:
+    """A write that fails for a batch reports its videos and leaves no row pointing at nothing."""
+    store = LocalStore(tmp_path / "objects")
+    index = DnSIndex(str(tmp_path / "db.db"), models=model_set, store=store, collection="c")
+    rng = np.random.default_rng(3)
+    ingest(index, array_source({"first": random_video(rng, 4)}), progress=False)
+    os.chmod(tmp_path / "objects", 0o500)  # read-only: the next object write fails
+    try:
+        if os.access(tmp_path / "objects", os.W_OK):
+            pytest.skip("running as a user that ignores directory permissions")
+        report = ingest(index, array_source({"second": random_video(rng, 4)}), progress=False)
+    finally:
+        os.chmod(tmp_path / "objects", 0o700)
+    assert "second" in report.failed
+    assert set(index.get(["first", "second"])) == {"first"}
+    index.close()
+
+
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from dns_milvus.engine import DnSIndex
+    from dns_milvus.ingest import hdf5_source, ingest
+    index = DnSIndex(sys.argv[1], models=sys.argv[2], store=sys.argv[3], collection="crash", device="cpu")
+    report = ingest(index, hdf5_source(sys.argv[4]), batch_size=4, progress=False)
+    print("ADDED", len(report.added), "SKIPPED", len(report.skipped), flush=True)
+    """
+)
+
+
+def test_killed_ingest_resumes_with_every_video_once(tmp_path: Path, model_set_dir: Path) -> None:
+    rng = np.random.default_rng(4)
+    videos = {f"c{i:03d}": random_video(rng, int(rng.integers(5, 30))) for i in range(120)}
+    h5 = tmp_path / "f.hdf5"
+    _write_h5(h5, videos)
+    script = tmp_path / "run.py"
+    script.write_text(CRASH_SCRIPT)
+    args = [sys.executable, str(script), str(tmp_path / "db.db"), str(model_set_dir), str(tmp_path / "obj"), str(h5)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    objects = tmp_path / "obj"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if objects.exists() and sum(1 for _ in objects.rglob("*.dnsf")) >= 10:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"ingest ended before it could be killed: {proc.communicate()}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "ADDED" in done.stdout
+
+    index = DnSIndex(str(tmp_path / "db.db"), models=model_set_dir, store=str(objects), collection="crash")
+    assert index.count() == len(videos)
+    assert set(index.get(list(videos))) == set(videos)
+    report = index.repair()
+    assert report.rows_missing_object == []
+    for vid in list(videos)[:10]:
+        assert index.store.exists(fine_key("crash", vid))
+    index.close()
