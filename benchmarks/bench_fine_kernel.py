@@ -22,6 +22,7 @@ import copy
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from dns_milvus.similarity import (
     resolve_backend,
 )
 from dns_milvus.similarity._native import load_native_kernel
+from dns_milvus.similarity.fine import CPU_BATCH_SIZE, CUDA_BATCH_SIZE
 
 QUERY_FRAMES = 60
 MIN_FRAMES, MAX_FRAMES = 30, 120
@@ -77,6 +79,14 @@ def release_comparator(student: FineGrainedStudent, sim: torch.Tensor) -> torch.
     x = F.relu(F.conv2d(F.pad(x, (1, 1, 1, 1)), head.conv3.weight, head.conv3.bias))
     x = F.hardtanh(F.conv2d(x, head.fconv.weight, head.fconv.bias)).squeeze(1)
     return x.max(dim=2).values.mean(dim=1)
+
+
+def best_of(repeats: int, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The fastest of ``repeats`` measurements (the least disturbed by other work on the machine),
+    with every run's wall time kept beside it."""
+    runs = [measure() for _ in range(repeats)]
+    best = min(runs, key=lambda r: r["seconds"])
+    return {**best, "all_seconds": [r["seconds"] for r in runs]}
 
 
 def run_release(
@@ -229,6 +239,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="timed runs of each measurement; the fastest is kept"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fine_kernel.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -239,6 +252,7 @@ def main() -> None:
     packed_query, packed_targets = pack_codes(query), [pack_codes(t) for t in targets]
     report: dict[str, Any] = {
         "config": {"targets": args.targets, "threads": args.threads, "device": str(device), "seed": args.seed,
+                   "repeats": args.repeats,
                    "query_frames": QUERY_FRAMES, "target_frames": [MIN_FRAMES, MAX_FRAMES],
                    "regions": REGIONS, "bits": BITS, "torch": torch.__version__,
                    "machine": platform.machine(), "processor": platform.processor() or platform.platform()},
@@ -255,30 +269,36 @@ def main() -> None:
               f"hamming+chamfer {r['hamming_chamfer_s']:6.2f} s  comparator {r['comparator_s']:6.2f} s "
               f"({100 * share:.0f}% of stages)")  # fmt: skip
 
-    release = run_release(student.cpu(), query, targets)
+    release = best_of(args.repeats, lambda: run_release(student.cpu(), query, targets))
     student = student.to(device)
     show("(a) release, one pair at a time", release)
     runs: dict[str, dict[str, Any]] = {}
-    variants: dict[str, dict[str, Any]] = {"(b) packed, default": {}}
+    default_batch = CPU_BATCH_SIZE if device.type == "cpu" else CUDA_BATCH_SIZE
+    variants: dict[str, dict[str, Any]] = {f"(b) packed, default (batch {default_batch})": {}}
     if device.type == "cpu":
         variants["(b) packed, gemm back-end"] = {"backend": "gemm"}
-        for size in (4, 8, 32, 64):
-            variants[f"(b) packed, batch {size}"] = {"batch_size": size}
+        for size in (16, 32, 64):
+            if size != CPU_BATCH_SIZE:
+                variants[f"(b) packed, batch {size}"] = {"batch_size": size}
     for name, options in variants.items():
-        runs[name] = run_packed(student, packed_query, packed_targets, device=device, **options)
+        runs[name] = best_of(
+            args.repeats,
+            lambda o=options: run_packed(student, packed_query, packed_targets, device=device, **o),
+        )
         show(name, runs[name])
     channels_last = copy.deepcopy(student)
     channels_last.visil_head.to(memory_format=torch.channels_last)
-    runs["(b) packed, channels-last comparator"] = run_packed(
-        channels_last, packed_query, packed_targets, device=device
+    runs["(b) packed, channels-last comparator"] = best_of(
+        args.repeats, lambda: run_packed(channels_last, packed_query, packed_targets, device=device)
     )
     show("(b) packed, channels-last comparator", runs["(b) packed, channels-last comparator"])
 
-    default = runs["(b) packed, default"]
+    default = next(iter(runs.values()))
     ratio = default["pairs_per_s"] / release["pairs_per_s"]
+    cpu_ratio = release["cpu_seconds"] / default["cpu_seconds"]
     parity = {name: float((r["scores"] - release["scores"]).abs().max()) for name, r in runs.items()}
     print(
-        f"speed-up (b) default / (a): {ratio:.2f}x   "
+        f"speed-up (b) default / (a): {ratio:.2f}x (in CPU time {cpu_ratio:.2f}x)   "
         f"max |(b) - (a)| over all variants: {max(parity.values()):.2e}"
     )
     best = max(runs, key=lambda k: runs[k]["pairs_per_s"])
@@ -308,6 +328,7 @@ def main() -> None:
         "release_one_pair_at_a_time": strip(release),
         "packed": {name: strip(r) for name, r in runs.items()},
         "speedup_default": ratio,
+        "speedup_default_cpu_time": cpu_ratio,
         "speedup_fastest": {"variant": best, "ratio": runs[best]["pairs_per_s"] / release["pairs_per_s"]},
         "max_abs_diff_vs_release": parity,
         "hamming_stage_pairs_per_s": {k: sample_pairs / v for k, v in candidates.items()},

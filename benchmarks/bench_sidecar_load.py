@@ -140,6 +140,11 @@ def run_load(target: str, work_items: list[tuple], clients: int, policy: Selecti
     }
 
 
+def _rss_at(samples: list[tuple[float, float]], t: float, default: float) -> float:
+    """The first RSS sample taken at or after ``t`` seconds into the run."""
+    return next((mb for ts, mb in samples if ts >= t), default)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=32)
@@ -190,7 +195,19 @@ def main() -> int:
             warm = run_load(target, warmup, args.clients, policy, args.top_k)
             rss_warm = rss_mb(proc.pid)
             before = scrape(ports["http_port"])
+            samples: list[tuple[float, float]] = []
+            stop_sampling = threading.Event()
+
+            def sample_rss() -> None:
+                t_start = time.perf_counter()
+                while not stop_sampling.wait(0.5):
+                    samples.append((time.perf_counter() - t_start, rss_mb(proc.pid)))
+
+            sampler = threading.Thread(target=sample_rss, daemon=True)
+            sampler.start()
             result = run_load(target, measured, args.clients, policy, args.top_k)
+            stop_sampling.set()
+            sampler.join()
             after = scrape(ports["http_port"])
             rss_end = rss_mb(proc.pid)
         finally:
@@ -211,8 +228,16 @@ def main() -> int:
         },
         "warmup": {k: warm[k] for k in ("ok", "errors", "throughput_rps")},
         **result,
-        "server_rss_mb": {"start": rss_start, "after_warmup": rss_warm, "end": rss_end},
+        "server_rss_mb": {
+            "start": rss_start,
+            "after_warmup": rss_warm,
+            "end": rss_end,
+            "max_during_run": max((mb for _, mb in samples), default=rss_end),
+            # RSS over the measured run, every 0.5 s: flat means no per-request growth
+            "samples": [[round(t, 1), round(mb, 1)] for t, mb in samples],
+        },
         "rss_growth_after_warmup_mb": rss_end - rss_warm,
+        "rss_growth_second_half_mb": rss_end - _rss_at(samples, result["wall_s"] / 2, rss_warm),
         "batching": {
             "batches": batches,
             "mean_pairs_per_batch": delta("dns_reranker_batch_pairs_sum") / batches if batches else 0.0,
@@ -230,7 +255,8 @@ def main() -> int:
     )
     print(
         f"server RSS MiB: start {rss_start:.0f}, after warm-up {rss_warm:.0f}, end {rss_end:.0f} "
-        f"(growth after warm-up {rss_end - rss_warm:+.1f})"
+        f"(growth after warm-up {rss_end - rss_warm:+.1f}, "
+        f"over the second half of the run {report['rss_growth_second_half_mb']:+.1f})"
     )
     b = report["batching"]
     print(

@@ -46,8 +46,16 @@ def _open_index(args: argparse.Namespace) -> Any:
             f"no model set at {models}: pass --models DIR (a directory with manifest.json), "
             "or build the default one with 'dns-milvus train default'"
         )
+    reranker = None
+    if settings.reranker:
+        from dns_milvus.rpc.client import RemoteReranker
+
+        reranker = RemoteReranker(
+            settings.reranker, token=settings.reranker_token, collection=settings.collection
+        )
     return DnSIndex(
         settings.uri,
+        reranker=reranker,
         models=models,
         store=settings.store,
         collection=settings.collection,
@@ -226,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--collection", help="collection name (default: videos)")
     common.add_argument("--models", help="model-set directory (default: the bundled model set)")
     common.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default)")
+    common.add_argument(
+        "--reranker", help="host:port of a re-ranker sidecar for stage 2 (default: in-process)"
+    )
     common.add_argument("--config", help=f"TOML config file (default: ./{'dns-milvus.toml'} if present)")
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
@@ -287,9 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Sub-commands with parsers of their own: everything after the name is passed through.
+PASSTHROUGH = {"serve-reranker": cmd_serve_reranker, "train": cmd_train, "eval": cmd_eval}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv and argv[0] in PASSTHROUGH:
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], func=PASSTHROUGH[argv[0]])
+    else:
+        args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except DnSError as exc:

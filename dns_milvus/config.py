@@ -1,7 +1,8 @@
 """Settings shared by the CLI and the sidecar: flags > environment > config file > defaults.
 
 Environment variables: ``DNS_MILVUS_URI``, ``DNS_MILVUS_TOKEN``, ``DNS_MILVUS_STORE``,
-``DNS_MILVUS_COLLECTION``, ``DNS_MILVUS_MODELS``, ``DNS_MILVUS_DEVICE``. The config file is
+``DNS_MILVUS_COLLECTION``, ``DNS_MILVUS_MODELS``, ``DNS_MILVUS_DEVICE``, ``DNS_MILVUS_RERANKER``
+(host:port of a re-ranker sidecar), ``DNS_MILVUS_RERANKER_TOKEN``. The config file is
 TOML (``--config`` or ``./dns-milvus.toml``) with the same keys in lower case at top level.
 """
 
@@ -26,11 +27,14 @@ class Settings:
     collection: str = "videos"
     models: str = str(DEFAULT_MODEL_SET)
     device: str = "auto"
+    reranker: str | None = None  # host:port of a re-ranker sidecar; None runs stage 2 in-process
+    reranker_token: str | None = None
 
     def __repr__(self) -> str:  # never print the token
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
-        if shown["token"]:
-            shown["token"] = "***"
+        for secret in ("token", "reranker_token"):
+            if shown[secret]:
+                shown[secret] = "***"
         return f"Settings({shown})"
 
     @classmethod

@@ -12,10 +12,10 @@ import asyncio
 import contextvars
 import importlib.metadata
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -87,6 +87,17 @@ class IndexedRef:
 
 
 QuerySpec = VideoRecord | IndexedRef
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Stage2Request:
+    """What stage 2 needs, parsed from either protocol."""
+
+    query: QuerySpec
+    candidates: Sequence[Candidate]
+    policy: SelectionPolicy
+    top_k: int
 
 
 class RerankCore:
@@ -158,16 +169,16 @@ class RerankCore:
         if n > self.max_candidates:
             raise InvalidInputError(f"{field}: {n} given; the limit is {self.max_candidates} a request")
 
-    async def rerank(
+    async def run(
         self,
-        query: QuerySpec,
-        candidates: Sequence[Candidate],
-        policy: SelectionPolicy,
-        top_k: int,
+        prepare: Callable[[], Stage2Request],
+        finish: Callable[[RerankResult], T],
         *,
         timeout_s: float | None = None,
-    ) -> RerankResult:
-        """Admit the request and run stage 2 for it in a worker thread.
+    ) -> T:
+        """Admit a request and serve it in a worker thread: ``prepare`` (parse and validate the
+        protocol's message), stage 2, then ``finish`` (build the reply). Parsing a large request
+        therefore never blocks the event loop.
 
         Raises ``ShuttingDown`` while draining and ``Overloaded`` past ``max_inflight``; a
         cancelled caller (``asyncio.CancelledError``) drops the request's pending batch work.
@@ -179,20 +190,13 @@ class RerankCore:
                 f"re-ranker has {self._inflight} requests in flight "
                 f"(limit {self.config.max_inflight}); retry later"
             )
-        if isinstance(query, IndexedRef) and query.self_sim is None and policy.kind in SELECTING_POLICIES:
-            raise InvalidInputError(
-                f"indexed.self_sim: required by policy {policy} (the selector needs the query's "
-                "self-similarity); give it, or use policy 'all' or 'none'"
-            )
         ticket = Ticket(deadline=time.monotonic() + timeout_s if timeout_s is not None else None)
         context = contextvars.copy_context()
         context.run(current_ticket.set, ticket)
         self._admit()
         loop = asyncio.get_running_loop()
         try:
-            future = loop.run_in_executor(
-                self._workers, context.run, self._work, query, candidates, policy, top_k, ticket
-            )
+            future = loop.run_in_executor(self._workers, context.run, self._work, prepare, finish, ticket)
         except RuntimeError:  # executor shut down between the draining check and here
             self._release()
             raise ShuttingDown("re-ranker is shutting down; retry on another replica") from None
@@ -204,21 +208,42 @@ class RerankCore:
             ticket.cancelled = True
             raise
 
-    def _work(
+    async def rerank(
         self,
         query: QuerySpec,
         candidates: Sequence[Candidate],
         policy: SelectionPolicy,
         top_k: int,
-        ticket: Ticket,
+        *,
+        timeout_s: float | None = None,
     ) -> RerankResult:
+        """``run`` for arguments that are already parsed."""
+        request = Stage2Request(query, candidates, policy, top_k)
+        return await self.run(lambda: request, lambda result: result, timeout_s=timeout_s)
+
+    def _work(
+        self, prepare: Callable[[], Stage2Request], finish: Callable[[RerankResult], T], ticket: Ticket
+    ) -> T:
         t0 = time.perf_counter()
         ticket.check()
+        request = prepare()
+        self.check_candidate_count(len(request.candidates))
+        query = request.query
+        if (
+            isinstance(query, IndexedRef)
+            and query.self_sim is None
+            and request.policy.kind in SELECTING_POLICIES
+        ):
+            raise InvalidInputError(
+                f"indexed.self_sim: required by policy {request.policy} (the selector needs the query's "
+                "self-similarity); give it, or use policy 'all' or 'none'"
+            )
         record = self.load_indexed(query) if isinstance(query, IndexedRef) else query
-        result = self.reranker.rerank(record, candidates, policy, top_k)
+        result = self.reranker.rerank(record, request.candidates, request.policy, request.top_k)
         result.timings_ms["queue_ms"] = ticket.queue_ms
         result.timings_ms["total_ms"] = (time.perf_counter() - t0) * 1000.0
-        return result
+        self.metrics.observe_timings(result.timings_ms)
+        return finish(result)
 
     def load_indexed(self, ref: IndexedRef) -> VideoRecord:
         """The query record of an indexed video, its fine tensor read through the cache."""

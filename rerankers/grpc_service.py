@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from dns_milvus.rpc import convert
 from dns_milvus.rpc._generated import rerank_pb2 as pb
 from dns_milvus.rpc._generated import rerank_pb2_grpc as pb_grpc
-from rerankers.core import IndexedRef, RerankCore, classify
+from rerankers.core import IndexedRef, QuerySpec, RerankCore, Stage2Request, classify
 
 log = logging.getLogger("rerankers.grpc")
 
@@ -31,27 +31,14 @@ class RerankerService(pb_grpc.RerankerServicer):
         try:
             core = self.core
             core.check_model(request.model_set, request.model_tag)
-            core.check_candidate_count(len(request.candidates))
-            which = request.WhichOneof("query")
-            if which == "inline":
-                query = convert.inline_query_from_proto(
-                    request.inline,
-                    payload_kind=core.models.payload_kind,
-                    fine_dim=core.fine_dim,
-                    coarse_dim=core.models.coarse_dim,
-                    max_frames=core.config.max_query_frames,
-                )
-            elif which == "indexed":
-                query = IndexedRef(*convert.indexed_query_from_proto(request.indexed))
-            else:
-                raise convert.field_error("query", "set either indexed or inline")
-            candidates = convert.candidates_from_proto(request.candidates)
-            policy = convert.policy_from_proto(request.policy)
-            result = await core.rerank(
-                query, candidates, policy, request.top_k, timeout_s=context.time_remaining()
+            core.check_candidate_count(len(request.candidates))  # before parsing them
+            return await core.run(
+                lambda: self._parse(request),
+                lambda result: convert.result_to_proto(
+                    result, model_set=core.models.name, model_tag=core.models.tag
+                ),
+                timeout_s=context.time_remaining(),
             )
-            core.metrics.observe_timings(result.timings_ms)
-            return convert.result_to_proto(result, model_set=core.models.name, model_tag=core.models.tag)
         except Exception as exc:
             err = classify(exc)
             status = err.name
@@ -73,6 +60,30 @@ class RerankerService(pb_grpc.RerankerServicer):
                     "request_id": request.request_id or None,
                 },
             )  # fmt: skip
+
+    def _parse(self, request: pb.RerankRequest) -> Stage2Request:
+        """The request's fields, validated (runs in the request's worker thread)."""
+        core = self.core
+        which = request.WhichOneof("query")
+        query: QuerySpec
+        if which == "inline":
+            query = convert.inline_query_from_proto(
+                request.inline,
+                payload_kind=core.models.payload_kind,
+                fine_dim=core.fine_dim,
+                coarse_dim=core.models.coarse_dim,
+                max_frames=core.config.max_query_frames,
+            )
+        elif which == "indexed":
+            query = IndexedRef(*convert.indexed_query_from_proto(request.indexed))
+        else:
+            raise convert.field_error("query", "set either indexed or inline")
+        return Stage2Request(
+            query,
+            convert.candidates_from_proto(request.candidates),
+            convert.policy_from_proto(request.policy),
+            request.top_k,
+        )
 
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext

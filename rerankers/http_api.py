@@ -39,13 +39,13 @@ from aiohttp import web
 
 from dns_milvus.engine.modelset import VideoRecord
 from dns_milvus.engine.policy import SelectionPolicy
-from dns_milvus.engine.rerank import Candidate
+from dns_milvus.engine.rerank import Candidate, RerankResult
 from dns_milvus.errors import InvalidInputError, NotFoundError
 from dns_milvus.ids import validate_video_id
 from dns_milvus.rpc import convert
 from dns_milvus.rpc._generated import rerank_pb2 as pb
 from dns_milvus.store import validate_collection, validate_key
-from rerankers.core import IndexedRef, QuerySpec, RerankCore, classify
+from rerankers.core import IndexedRef, QuerySpec, RerankCore, Stage2Request, classify
 
 log = logging.getLogger("rerankers.http")
 
@@ -156,17 +156,25 @@ def parse_documents(documents: object, field: str, limit: int) -> list[str]:
 
 
 async def score_documents(
-    core: RerankCore, query: QuerySpec, keys: list[str]
-) -> tuple[list[float], list[str]]:
-    """Fine-grained relevance of each document to the query (missing tensors score 0, with a warning)."""
-    if not keys:
-        return [], []
-    unique = list(dict.fromkeys(keys))
-    candidates = [Candidate(video_id=key, coarse_score=0.0, self_sim=0.0, fine_key=key) for key in unique]
-    result = await core.rerank(query, candidates, _POLICY_ALL, len(candidates))
-    core.metrics.observe_timings(result.timings_ms)
-    by_key = {hit.video_id: hit.score for hit in result.hits}
-    return [by_key[key] for key in keys], result.warnings
+    core: RerankCore, queries: QueryStore, query_text: object, documents: object, field: str
+) -> tuple[list[str], list[float], list[str]]:
+    """(document keys, fine-grained relevance of each, warnings); a missing tensor scores 0 with a
+    warning. Parsing runs in the request's worker thread, like the scoring."""
+    keys: list[str] = []
+
+    def prepare() -> Stage2Request:
+        query = parse_query(query_text, queries)
+        keys.extend(parse_documents(documents, field, core.max_candidates))
+        unique = list(dict.fromkeys(keys))  # a key listed twice is scored once
+        candidates = [Candidate(video_id=key, coarse_score=0.0, self_sim=0.0, fine_key=key) for key in unique]
+        return Stage2Request(query, candidates, _POLICY_ALL, max(len(candidates), 1))
+
+    def finish(result: RerankResult) -> tuple[list[float], list[str]]:
+        by_key = {hit.video_id: hit.score for hit in result.hits}
+        return [by_key[key] for key in keys], result.warnings
+
+    scores, warnings = await core.run(prepare, finish)
+    return keys, scores, warnings
 
 
 def _ranked(scores: list[float], top_n: int | None) -> list[int]:
@@ -212,10 +220,10 @@ async def _cohere_rerank(core: RerankCore, queries: QueryStore, body: dict[str, 
         )
     if "documents" not in body:
         raise InvalidInputError("documents: required (a list of fine_key strings)")
-    query = parse_query(body.get("query"), queries)
-    keys = parse_documents(body["documents"], "documents", core.max_candidates)
     top_n = _top_n(body)
-    scores, warnings = await score_documents(core, query, keys)
+    keys, scores, warnings = await score_documents(
+        core, queries, body.get("query"), body["documents"], "documents"
+    )
     results = [{"index": i, "relevance_score": scores[i]} for i in _ranked(scores, top_n)]
     if body.get("return_documents"):
         for r in results:
@@ -227,9 +235,7 @@ async def _cohere_rerank(core: RerankCore, queries: QueryStore, body: dict[str, 
 
 
 async def _tei_rerank(core: RerankCore, queries: QueryStore, body: dict[str, Any]) -> web.Response:
-    query = parse_query(body.get("query"), queries)
-    keys = parse_documents(body["texts"], "texts", core.max_candidates)
-    scores, warnings = await score_documents(core, query, keys)
+    keys, scores, warnings = await score_documents(core, queries, body.get("query"), body["texts"], "texts")
     results: list[dict[str, Any]] = [{"index": i, "score": scores[i]} for i in _ranked(scores, None)]
     if body.get("return_text"):
         for r in results:
@@ -328,11 +334,17 @@ def _middlewares(core: RerankCore, token: str) -> list:
         finally:
             if request.path not in open_paths:
                 seconds = time.perf_counter() - t0
-                core.metrics.observe_request("http", request.path, status, seconds)
-                log.info("http", extra={"protocol": "http", "path": request.path, "status": status,
+                core.metrics.observe_request("http", _route_label(request), status, seconds)
+                log.info("http", extra={"protocol": "http", "path": request.path[:200], "status": status,
                                         "duration_ms": round(seconds * 1000.0, 3)})  # fmt: skip
 
     return [errors_auth_metrics]
+
+
+def _route_label(request: web.Request) -> str:
+    """The route's own path for metrics: raw paths of unknown routes would grow labels without bound."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -137,6 +137,8 @@ def load_resources(config: ServerConfig) -> tuple[ModelSet, ObjectStore]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dns-milvus serve-reranker``; returns the exit code."""
+    if argv and argv[0] == "--":  # `dns-milvus serve-reranker -- --flag ...` passes the separator on
+        argv = argv[1:]
     try:
         config = load_config(argv)
         configure_logging(config.log_level)

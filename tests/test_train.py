@@ -11,22 +11,24 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
 
+from dns_milvus.errors import CheckpointError, InvalidInputError
 from dns_milvus.features import FeatureExtractor, PCAWhitening
 from dns_milvus.models import FineGrainedStudent, ViSiLTeacher, load_checkpoint
 from dns_milvus.train import run_stage
-from dns_milvus.train.config import ConfigError, StudentsConfig, load_config
+from dns_milvus.train.config import ConfigError, load_config
 from dns_milvus.train.corpus import extract_all, make_copies
 from dns_milvus.train.data import FeatureSet, write_features
 from dns_milvus.train.distill import init_binarization_from_itq, train_students
 from dns_milvus.train.itq import fit_itq, load_itq, save_itq
 from dns_milvus.train.mining import MinedPairs, compute_similarities, mine_pairs
 from dns_milvus.train.scoring import similarity_matrix
-from dns_milvus.train.selector import SelectorTask, predict, roc_auc, split_pairs
+from dns_milvus.train.selector import SelectorPairs, SelectorTask, predict, roc_auc, split_pairs
 from dns_milvus.video import camera_pan, read_frames
 
 DIMS = 48  # PCA-whitened feature size of the test corpus (multiple of 8: binary codes pack into bytes)
@@ -205,7 +207,7 @@ def test_similarity_mining_resumes_after_an_interruption(corpus: Corpus, teacher
     assert crashing.calls < n_blocks * n_blocks, "rows finished before the interruption are not recomputed"
     np.testing.assert_allclose(resumed, expected, atol=1e-5)
 
-    with pytest.raises(Exception, match="another network"):
+    with pytest.raises(InvalidInputError, match="another network"):
         compute_similarities(ViSiLTeacher(DIMS).eval(), features, tmp_path / "sims.h5", block_size=4)
 
 
@@ -242,9 +244,10 @@ def test_students_lower_their_loss_and_agree_with_the_teacher_on_held_out_pairs(
 
 
 def test_selector_beats_random_selection_on_held_out_pairs(corpus: Corpus, mined, students_run, tmp_path):
+    students = students_run.outputs
     result = run_stage("selector", {
         "output": str(tmp_path), "features": str(corpus.train_path), "pairs": str(mined.outputs["pairs"]),
-        "coarse": str(students_run.outputs["cg_student"]), "fine": str(students_run.outputs["fg_bin_student"]),
+        "coarse": str(students["cg_student"]), "fine": str(students["fg_bin_student"]),
         "threshold": 0.1, "epochs": 15, "batch_size": 16, "pairs_per_class": 64, "val_fraction": 0.3,
         "lr": 1e-3, "progress": False,
     })
@@ -252,9 +255,6 @@ def test_selector_beats_random_selection_on_held_out_pairs(corpus: Corpus, mined
     assert np.mean([h["loss"] for h in history[-3:]]) < history[0]["loss"]
 
     # AUC of the trained selector's confidences against the held-out labels: random selection is 0.5
-    from dns_milvus.train.selector import SelectorPairs
-    import h5py
-
     with h5py.File(tmp_path / "selector_pairs.h5") as f:
         scored = SelectorPairs([s.decode() for s in f["queries"][()]], [s.decode() for s in f["targets"][()]],
                                f["coarse"][()], f["fine"][()])
@@ -302,13 +302,13 @@ def test_interrupted_then_resumed_training_equals_an_uninterrupted_run(corpus: C
 def test_bad_configs_fail_before_any_work(corpus: Corpus, tmp_path):
     out = tmp_path / "never"
     good = {"output": str(out), "features": str(corpus.train_path), "pairs": str(tmp_path / "pairs.h5")}
-    with pytest.raises(ConfigError, match="pairs.*does not exist"):
+    with pytest.raises(ConfigError, match=r"students.pairs: .* does not exist"):
         run_stage("students", good)
     with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['epoch'\]"):
         run_stage("teacher", {"output": str(out), "epoch": 3})
-    with pytest.raises(ConfigError, match="students.epochs: expected an integer"):
+    with pytest.raises(ConfigError, match=r"students\.epochs: expected an integer"):
         load_config("students", {**good, "epochs": "ten"})
-    with pytest.raises(ConfigError, match="students.students"):
+    with pytest.raises(ConfigError, match=r"students\.students: expected a non-empty list"):
         load_config("students", {**good, "pairs": str(corpus.path), "students": ["tiny"]})
     with pytest.raises(ConfigError, match="even number"):
         load_config("students", {**good, "pairs": str(corpus.path), "batch_size": 7})
@@ -316,7 +316,7 @@ def test_bad_configs_fail_before_any_work(corpus: Corpus, tmp_path):
         run_stage("teacher", {"output": str(out), "features": str(corpus.train_path)})
     with pytest.raises(ConfigError, match="unknown training stage"):
         run_stage("distill", {})
-    with pytest.raises(ConfigError, match="selector.threshold"):
+    with pytest.raises(ConfigError, match=r"selector\.threshold"):
         load_config("selector", {"output": str(out), "features": str(corpus.path), "pairs": str(corpus.path),
                                  "coarse": str(corpus.path), "fine": str(corpus.path), "threshold": 1.5})
     assert not out.exists(), "nothing is written when the config is rejected"
@@ -338,12 +338,12 @@ def test_missing_or_unusable_data_gives_clear_errors(corpus: Corpus, teacher_run
                               "teacher": str(teacher_run.outputs["teacher"]), "threshold": 5.0,
                               "progress": False})
     assert none.summary["anchors"] == 0
-    with pytest.raises(Exception, match="lower mine.threshold"):
+    with pytest.raises(InvalidInputError, match=r"lower mine\.threshold"):
         run_stage("students", {"output": str(tmp_path / "s"), "features": str(corpus.train_path),
                                "pairs": str(none.outputs["pairs"]), "progress": False})
-    with pytest.raises(Exception, match="holds no mined pairs"):
+    with pytest.raises(InvalidInputError, match="holds no mined pairs"):
         MinedPairs.load(corpus.path)
-    with pytest.raises(Exception, match="not a DnS network|expected a .*checkpoint|not a readable"):
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
         run_stage("mine", {"output": str(tmp_path / "m2"), "features": str(corpus.train_path),
                            "teacher": str(corpus.groups_file)})
 

@@ -27,7 +27,7 @@ from dns_milvus.video import (
 )
 from dns_milvus.video import transforms as T
 
-# -- helpers: files written with PyAV ---------------------------------------------------------------
+# -- test inputs written with PyAV -----------------------------------------------------------------------
 
 
 def _level_frame(level: int, height: int = 48, width: int = 64) -> av.VideoFrame:

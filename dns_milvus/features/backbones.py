@@ -1,9 +1,8 @@
 """CNN backbones that turn normalised frames into a list of intermediate feature maps.
 
 A ``Backbone`` maps a float batch ``[N, 3, S, S]`` (already normalised with its own
-``input_mean``/``input_std``) to one feature map per pooled block, shallow to deep. It also
-declares the max-pooling kernel of each block used by the region pooling (see
-``region_pooling.py``) so that every block ends on the same 3x3 grid at ``default_image_size``.
+``input_mean``/``input_std``) to one feature map per pooled block, shallow to deep; the region
+pooling (``region_pooling.py``) turns those into 3x3 grids of region vectors.
 
 Two backbones ship:
 
@@ -37,13 +36,9 @@ class Backbone(nn.Module):
     name: str = ""
     #: Channels of each returned feature map; their sum is the region-vector size before PCA.
     block_channels: tuple[int, ...] = ()
-    #: Region-pooling max-pool kernel of each block (stride ceil(k/2)): a 3x3 grid at default_image_size.
-    region_kernels: tuple[int, ...] = ()
     #: Per-channel RGB mean and std (0..1 scale) the weights were trained with.
     input_mean: tuple[float, float, float] = IMAGENET_MEAN
     input_std: tuple[float, float, float] = IMAGENET_STD
-    #: Square input size the region kernels were chosen for.
-    default_image_size: int = 224
 
     @property
     def output_dim(self) -> int:
@@ -94,8 +89,6 @@ class ResNet50(Backbone):
 
     name = "resnet50"
     block_channels = (256, 512, 1024, 2048)
-    # The release's kernels: 56/28/14/7-pixel maps at 224 input all pool to a 3x3 grid.
-    region_kernels = (28, 14, 6, 3)
 
     def __init__(self) -> None:
         super().__init__()
@@ -178,8 +171,8 @@ class EfficientNetLite0(Backbone):
     the deepest block at that resolution) and the 1x1 head convolution (1280 ch, 7x7, stride 32).
     The head is used instead of the last MBConv block (320 ch) because it is the network's own
     final descriptor and keeps the total (1456) above the 512 dimensions that PCA-whitening keeps
-    for the DnS students. Since the four resolutions equal ResNet-50's, the release's kernels
-    28/14/6/3 take each block to the same 3x3 grid.
+    for the DnS students. Since the four resolutions equal ResNet-50's, region pooling uses the
+    release's kernels 28/14/6/3 here too, and each block ends on the same 3x3 grid.
 
     Input normalisation is the one the Lite weights were trained with in TensorFlow
     (``mean = 127/255``, ``std = 128/255`` per channel, i.e. pixels mapped to about [-1, 1]),
@@ -188,7 +181,6 @@ class EfficientNetLite0(Backbone):
 
     name = "efficientnet-lite0"
     block_channels = (24, 40, 112, 1280)
-    region_kernels = (28, 14, 6, 3)
     input_mean = (127 / 255, 127 / 255, 127 / 255)
     input_std = (128 / 255, 128 / 255, 128 / 255)
     #: Indices into ``_blocks`` whose outputs are returned (the head output is returned last).
@@ -253,17 +245,12 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None) -> Backb
 
 
 def check_backbone(backbone: nn.Module) -> Backbone:
-    """Return ``backbone`` if it declares what region pooling needs, else raise ``InvalidInputError``."""
-    required: Sequence[str] = ("block_channels", "region_kernels", "input_mean", "input_std")
+    """Return ``backbone`` if it declares its block channels and input normalisation, else raise."""
+    required: Sequence[str] = ("block_channels", "input_mean", "input_std")
     missing = [attr for attr in required if not getattr(backbone, attr, None)]
     if missing:
         raise InvalidInputError(
             f"a custom backbone must be a Backbone subclass (or define {list(required)}); "
             f"{type(backbone).__name__} lacks {missing}"
-        )
-    if len(backbone.block_channels) != len(backbone.region_kernels):
-        raise InvalidInputError(
-            f"{type(backbone).__name__} declares {len(backbone.block_channels)} blocks but "
-            f"{len(backbone.region_kernels)} region kernels"
         )
     return backbone  # type: ignore[return-value]

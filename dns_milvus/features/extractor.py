@@ -38,7 +38,7 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 class FeatureExtractor(nn.Module):
-    """Extract region features ``[T, R, D]`` (R = 9 at the default 224 input) from RGB frames.
+    """Extract region features ``[T, 9, D]`` (a 3x3 grid of regions per frame) from RGB frames.
 
     ``backbone`` is a registered name (``"efficientnet-lite0"``, ``"resnet50"``) built with
     ``weights`` (required for ResNet-50: a torchvision state_dict file), or a ``Backbone``
@@ -75,7 +75,7 @@ class FeatureExtractor(nn.Module):
         else:
             raise InvalidInputError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")
         self.backbone = network
-        self.pooling = RegionPooling(network.region_kernels)
+        self.pooling = RegionPooling()
         if pca is not None and not isinstance(pca, PCAWhitening):
             pca = PCAWhitening.from_release_file(pca, n_components=pca_components)
         if pca is not None and pca.input_dim != network.output_dim:

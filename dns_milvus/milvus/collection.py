@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -87,13 +88,13 @@ class VideoCollection:
         name = s.validate_collection_name(name)
         dim = s.validate_dim(dim)
         model_set = s.validate_model_set(model_set)
-        index = index or IndexConfig()
         where = display_uri(client)
         if cls.exists(client, name):
             if not exist_ok:
                 raise InvalidInputError(f"collection {name!r} already exists at {where}")
             return cls.open(client, name, dim=dim, model_set=model_set, index=index,
                             consistency=consistency, timeout=timeout)
+        index = index or IndexConfig()
         with translate_errors(f"create collection {name!r}", where):
             client.create_collection(
                 name, schema=s.build_schema(dim), index_params=_coarse_index_params(client, index),
@@ -117,8 +118,8 @@ class VideoCollection:
     ) -> VideoCollection:
         """Open an existing collection, checking its schema (and ``dim``/``model_set`` if given).
 
-        ``index`` sets search-time parameters (nprobe, ef); its kind must match the built index
-        (change the index with ``set_index``).
+        ``index`` gives search-time parameters (nprobe, ef); its kind must match the built index
+        (change the index with ``set_index``), whose build parameters are kept.
         """
         name = s.validate_collection_name(name)
         where = display_uri(client)
@@ -144,16 +145,16 @@ class VideoCollection:
                 "expected IP"
             )
         existing = IndexConfig.from_description(built)
-        if index is None:
-            index = existing
-        elif index.kind != existing.kind:
+        if index is not None and index.kind != existing.kind:
             raise InvalidInputError(
                 f"collection {name!r} has a {existing.kind} index, not {index.kind}; "
                 "use set_index() to change it"
             )
+        if index is not None:
+            existing = replace(existing, nprobe=index.nprobe, ef=index.ef)
         with translate_errors(f"load collection {name!r}", where):
             client.load_collection(name, timeout=timeout)
-        info = s.CollectionInfo(name, found_dim, found_model_set, s.SCHEMA_VERSION, index)
+        info = s.CollectionInfo(name, found_dim, found_model_set, s.SCHEMA_VERSION, existing)
         return cls(client, info, consistency=consistency, timeout=timeout)
 
     @staticmethod

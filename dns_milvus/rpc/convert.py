@@ -10,7 +10,8 @@ can answer INVALID_ARGUMENT with it verbatim.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -28,6 +29,8 @@ from dns_milvus.errors import DnSError, InvalidInputError
 from dns_milvus.ids import validate_video_id
 from dns_milvus.rpc._generated import rerank_pb2 as pb
 from dns_milvus.store import validate_collection, validate_key
+
+T = TypeVar("T")
 
 PAYLOAD_TO_PROTO = {PAYLOAD_PACKED: pb.PAYLOAD_KIND_PACKED_BITS, PAYLOAD_FLOAT16: pb.PAYLOAD_KIND_FLOAT16}
 PAYLOAD_FROM_PROTO = {v: k for k, v in PAYLOAD_TO_PROTO.items()}
@@ -205,7 +208,7 @@ def policy_from_proto(msg: pb.SelectionPolicy, field: str = "policy") -> Selecti
     kind = POLICY_FROM_PROTO.get(msg.kind)
     if kind is None:
         raise field_error(f"{field}.kind", f"unknown value {msg.kind}; expected a PolicyKind")
-    return _wrap(lambda v: SelectionPolicy(kind, v), msg.value, field)  # type: ignore[arg-type]
+    return _wrap(lambda v: SelectionPolicy(kind, v), msg.value, field)
 
 
 def result_to_proto(result: RerankResult, *, model_set: str, model_tag: str) -> pb.RerankResponse:
@@ -234,7 +237,7 @@ def _finite(value: float, field: str) -> float:
     return float(value)
 
 
-def _wrap(check, value, field: str):  # type: ignore[no-untyped-def]
+def _wrap(check: Callable[[Any], T], value: object, field: str) -> T:
     """Run a validator and prefix its error with the field path."""
     try:
         return check(value)

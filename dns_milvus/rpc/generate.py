@@ -5,9 +5,9 @@
 
 protoc writes modules that import each other by their proto package path
 (``from dns.rerank.v1 import rerank_pb2``), which is not an importable package here; the
-generator rewrites those imports to package-relative ones and flattens the files into one
-directory. The output depends only on the .proto files and the grpcio-tools version, so the
-same tools version reproduces the checked-in files byte for byte.
+generator rewrites those imports to package-relative ones, flattens the files into one
+directory and marks them exempt from linting. The output depends only on the .proto files and
+the grpcio-tools version, so the same tools version reproduces the checked-in files byte for byte.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ PROTO_ROOT = PACKAGE_DIR.parents[1] / "proto"
 
 _INIT_TEXT = '''"""Modules generated from proto/ by ``python -m dns_milvus.rpc.generate``. Do not edit."""
 '''
+
+# Generated text follows protoc's style, not the project's lint rules.
+_GENERATED_MARK = "# ruff: noqa\n"
 
 # `from dns.rerank.v1 import rerank_pb2 as alias` -> `from . import rerank_pb2 as alias`
 _ABSOLUTE_IMPORT = re.compile(r"^from ((?:\w+\.)*\w+) import (\w+_pb2(?:_grpc)?)\b", re.MULTILINE)
@@ -67,7 +70,7 @@ def generate_into(out_dir: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
                 source.read_text(),
             )
             target = out_dir / source.name
-            target.write_text(text)
+            target.write_text(_GENERATED_MARK + text)
             written.append(target)
     init = out_dir / "__init__.py"
     init.write_text(_INIT_TEXT)

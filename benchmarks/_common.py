@@ -1,0 +1,352 @@
+"""Shared helpers of the engine benchmarks (bench_ingest, bench_storage, bench_query_latency).
+
+Timing and percentiles, the JSON report, seeded synthetic region features, a model set of
+freshly initialised networks at the DnS release's default sizes, and a start/stop helper for
+the embedded Milvus standalone server (PyPI package ``milvus``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REGIONS = 9
+FEATURE_DIM = 512
+BITS = 512
+#: Frame counts of the synthetic videos (1 frame a second): 30 s to 2 min.
+DEFAULT_FRAMES = (30, 120)
+SERVER_START_TIMEOUT_S = 180.0
+
+
+# -- command line and environment --------------------------------------------------------------
+
+
+def base_parser(description: str, name: str) -> argparse.ArgumentParser:
+    """Options every engine benchmark takes: seed, threads, quick mode, output path, scratch dir."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the networks and the features")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (2 = the target box)")
+    parser.add_argument("--quick", action="store_true", help="a small smoke run (well under a minute)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{name}.json", help="JSON report path")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="scratch directory (default: a temporary one, removed at the end)")
+    return parser
+
+
+def setup_torch(threads: int) -> None:
+    torch.set_num_threads(max(1, threads))
+
+
+@contextlib.contextmanager
+def scratch_dir(given: Path | None, prefix: str) -> Iterator[Path]:
+    """``given`` (created, kept) or a temporary directory removed on exit."""
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on. The load average matters: the box may be shared."""
+    return {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=False, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def write_report(path: Path, name: str, args: argparse.Namespace, body: dict[str, Any]) -> None:
+    """Write the JSON report: the command's options, the machine, then the measurements."""
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    report = {
+        "benchmark": name,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "options": options,
+        "commit": git_commit(),
+        "machine": machine_info(),
+        **body,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    print(f"\nwrote {path}")
+
+
+def _json_default(value: object) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stopwatch:
+    """Accumulates named wall-clock laps: ``with watch("stage"): ...``."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def summarize(values: Sequence[float], digits: int = 2) -> dict[str, float]:
+    """p50 / p95 / mean / min / max of ``values`` (linear interpolation between order statistics)."""
+    if not values:
+        return {"n": 0}
+    arr = np.asarray(values, dtype=np.float64)
+    return {
+        "n": int(arr.size),
+        "p50": round(float(np.percentile(arr, 50)), digits),
+        "p95": round(float(np.percentile(arr, 95)), digits),
+        "mean": round(float(arr.mean()), digits),
+        "min": round(float(arr.min()), digits),
+        "max": round(float(arr.max()), digits),
+    }
+
+
+def ratio(numerator: float, denominator: float, digits: int = 2) -> float | None:
+    return round(numerator / denominator, digits) if denominator else None
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A plain aligned table (first column left, the rest right)."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = "  ".join(str(h).ljust(w) if i == 0 else str(h).rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
+    print(line)
+    print("-" * len(line))
+    for row in cells:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 1e5 else f"{value:,.0f}"
+    return str(value)
+
+
+# -- synthetic inputs ------------------------------------------------------------------------------
+
+
+def frame_counts(rng: np.random.Generator, n: int, frames: tuple[int, int] = DEFAULT_FRAMES) -> np.ndarray:
+    """``n`` frame counts drawn uniformly from ``frames`` (inclusive)."""
+    low, high = frames
+    return rng.integers(low, high + 1, size=n)
+
+
+def random_features(rng: np.random.Generator, n_frames: int) -> np.ndarray:
+    """L2-normalised random region features float32 [T, 9, 512] (PCA-whitened features are unit-norm).
+
+    The networks' cost depends on shapes only, so random content measures speed and size faithfully.
+    """
+    x = rng.standard_normal((n_frames, REGIONS, FEATURE_DIM), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    return x
+
+
+def parse_frames(text: str) -> tuple[int, int]:
+    """``"30-120"`` -> (30, 120); ``"60"`` -> (60, 60)."""
+    low, _, high = text.partition("-")
+    try:
+        pair = (int(low), int(high or low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected frames as N or LOW-HIGH, got {text!r}") from None
+    if pair[0] < 1 or pair[1] < pair[0]:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LOW <= HIGH, got {text!r}")
+    return pair
+
+
+# -- model sets ----------------------------------------------------------------------------------
+
+
+def make_model_set(directory: Path, *, seed: int = 0, fine: str = "bin") -> Path:
+    """A model-set directory of seeded, freshly initialised networks at the release's default sizes.
+
+    Coarse student: 64 NetVLAD clusters -> 1024-d; fine student: binarization (512 bits) or
+    attention (``fine="att"``, float16 storage); selector: default. Untrained weights cost the
+    same time and bytes as trained ones, which is all these benchmarks measure.
+    """
+    from dns_milvus.models import CoarseGrainedStudent, FineGrainedStudent, SelectorNetwork, save_checkpoint
+
+    if fine not in ("bin", "att"):
+        raise ValueError(f"fine must be 'bin' or 'att', got {fine!r}")
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    fine_name = f"fg_{fine}_student.pth"
+    nets = {
+        "cg_student.pth": CoarseGrainedStudent(),
+        fine_name: FineGrainedStudent(binarization=fine == "bin", attention=fine == "att"),
+        "selector.pth": SelectorNetwork(),
+    }
+    for name, net in nets.items():
+        save_checkpoint(net.eval(), directory / name)
+    manifest = {"name": f"bench-{fine}", "coarse": "cg_student.pth", "fine": fine_name, "selector": "selector.pth"}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+def load_model_set(directory: Path, *, seed: int = 0, fine: str = "bin") -> Any:
+    """Build the set under ``directory`` and load it on the CPU (the benchmarks' target)."""
+    from dns_milvus.engine import ModelSet
+
+    return ModelSet.load(make_model_set(directory, seed=seed, fine=fine), device="cpu")
+
+
+def directory_bytes(root: Path) -> int:
+    """Total size of the regular files under ``root``."""
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def release_lite(db_path: Path) -> None:
+    """Stop the in-process Milvus Lite server of ``db_path`` (it would otherwise live until exit)."""
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+    except ImportError:
+        return
+    server_manager_instance.release_server(str(db_path))
+
+
+def collection_name(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(4)}"
+
+
+# -- the embedded Milvus standalone server ---------------------------------------------------------
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (held open together so none repeats)."""
+    with ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+        return ports
+
+
+def _server_template(base: Path, *, etcd_client_port: int, etcd_peer_port: int) -> Path:
+    """The package's config template with ``etcd.config.path`` pointing at an embedded-etcd config
+    on the given ports (otherwise its etcd always takes 2379/2380 and clashes with other servers)."""
+    import milvus
+
+    etcd_config = base / "embedded-etcd.yaml"
+    peer, client = f"http://127.0.0.1:{etcd_peer_port}", f"http://127.0.0.1:{etcd_client_port}"
+    etcd_config.write_text(
+        "name: dns-bench\n"
+        f"listen-peer-urls: {peer}\ninitial-advertise-peer-urls: {peer}\n"
+        f"initial-cluster: dns-bench={peer}\n"
+        f"listen-client-urls: {client}\nadvertise-client-urls: {client}\n"
+    )
+    original = Path(milvus.__file__).parent / "data" / "config.yaml.template"
+    lines = original.read_text().splitlines()
+    etcd_at = lines.index("etcd:")
+    lines[etcd_at + 1 : etcd_at + 1] = ["  config:", f"    path: {etcd_config}"]
+    template = base / "milvus.yaml.template"
+    template.write_text("\n".join(lines) + "\n")
+    shutil.copy(original.with_name("glog.conf"), base / "glog.conf")
+    return template
+
+
+def _wait_ready(server: Any, uri: str, deadline: float) -> None:
+    """Poll the health endpoint, then a client call (a healthy proxy may refuse requests briefly)."""
+    from pymilvus import MilvusClient
+
+    health = f"http://127.0.0.1:{server.webservice_port}/healthz"
+    while True:
+        process = server.server_proc
+        if process is None or process.poll() is not None:
+            raise RuntimeError("the Milvus server process exited during start-up")
+        with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
+            with urllib.request.urlopen(health, timeout=2) as response:
+                if b"OK" in response.read():
+                    break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the Milvus server was not healthy within {SERVER_START_TIMEOUT_S:g} s")
+        time.sleep(0.3)
+    while True:
+        try:
+            client = MilvusClient(uri, timeout=5)
+            client.list_collections()
+            client.close()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def milvus_server(base: Path) -> Iterator[str]:
+    """Run the embedded Milvus standalone server (PyPI ``milvus``) on free loopback ports with its
+    data under ``base``; yields its URI and stops it on exit."""
+    from milvus import MilvusServer, MilvusServerConfig
+
+    base.mkdir(parents=True, exist_ok=True)
+    port_keys = [k for k in MilvusServerConfig().configurable_items if k.endswith("_port")]
+    *ports, metrics_port, etcd_peer_port = _free_ports(len(port_keys) + 2)
+    chosen = dict(zip(port_keys, ports, strict=True))
+    template = _server_template(base, etcd_client_port=chosen["etcd_port"], etcd_peer_port=etcd_peer_port)
+    config = MilvusServerConfig(data_dir=str(base), template=str(template), **chosen)
+    config.glog_conf_file = str(template.with_name("glog.conf"))
+    server = MilvusServer(config, wait_for_started=False)
+    server.webservice_port = metrics_port
+    try:
+        server.start()
+        uri = f"http://127.0.0.1:{server.listen_port}"
+        _wait_ready(server, uri, time.monotonic() + SERVER_START_TIMEOUT_S)
+        yield uri
+    finally:
+        server.stop()
