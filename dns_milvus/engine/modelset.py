@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dns_milvus.device import resolve_device
 from dns_milvus.errors import CheckpointError, InvalidInputError
 from dns_milvus.models import load_checkpoint
 from dns_milvus.similarity import pack_codes
@@ -185,13 +186,6 @@ class ModelSet:
                 "give region features instead of a video file"
             )
         return self.extractor.extract_video(path, fps=self.fps, max_frames=max_frames)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The requested device, or CUDA when available, else CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _as_features(x: np.ndarray | torch.Tensor, dim: int, index: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dns_milvus.device import resolve_device
 from dns_milvus.errors import InvalidInputError
 from dns_milvus.features.backbones import Backbone, build_backbone, check_backbone
 from dns_milvus.features.pca import PCAWhitening
@@ -29,12 +30,6 @@ from dns_milvus.video.frames import check_frames
 
 #: Float elements resized at once (64 MiB of float32): bounds memory for 4K frames in a large chunk.
 _RESIZE_BUDGET = 16 * 1024 * 1024
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class FeatureExtractor(nn.Module):
@@ -91,7 +86,7 @@ class FeatureExtractor(nn.Module):
         self.resize_size = round(image_size * 256 / 224)
         self.register_buffer("pixel_mean", torch.tensor(network.input_mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("pixel_std", torch.tensor(network.input_std).view(1, 3, 1, 1) * 255)
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.to(self.device)
         self.eval()
 
