@@ -53,7 +53,7 @@ def test_ingest_search_get_delete_stats_repair(cli_env: Path, capsys: pytest.Cap
 
     code, deleted = run_json(capsys, "delete", "v1")
     assert deleted == {"deleted": 1, "requested": 1}
-    code, stats = run_json(capsys, "stats")
+    _, stats = run_json(capsys, "stats")
     assert stats["videos"] == 5
 
     code, repair = run_json(capsys, "repair")
@@ -81,9 +81,9 @@ def test_errors_are_one_line_with_exit_code_2(cli_env: Path, capsys: pytest.Capt
 
 def test_config_file_and_flag_precedence(cli_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (cli_env / "dns-milvus.toml").write_text('collection = "from_file"\n')
-    code, stats = run_json(capsys, "stats")
+    _, stats = run_json(capsys, "stats")
     assert stats["collection"] == "from_file"
-    code, stats = run_json(capsys, "stats", "--collection", "from_flag")
+    _, stats = run_json(capsys, "stats", "--collection", "from_flag")
     assert stats["collection"] == "from_flag"
     (cli_env / "dns-milvus.toml").write_text('colection = "typo"\n')
     assert main(["stats"]) == 2

@@ -28,7 +28,9 @@ def _write_h5(path: Path, videos: dict[str, np.ndarray]) -> None:
 
 @pytest.fixture
 def lite_index(tmp_path: Path, model_set: ModelSet) -> DnSIndex:
-    index = DnSIndex(str(tmp_path / "db.db"), models=model_set, store=str(tmp_path / "objects"), collection="c")
+    index = DnSIndex(
+        str(tmp_path / "db.db"), models=model_set, store=str(tmp_path / "objects"), collection="c"
+    )
     yield index
     index.close()
 
@@ -69,8 +71,12 @@ def test_ingested_records_equal_direct_indexing(lite_index: DnSIndex) -> None:
 
 def test_duplicate_and_invalid_ids_are_reported_not_fatal(lite_index: DnSIndex) -> None:
     rng = np.random.default_rng(2)
-    pairs = [("dup", random_video(rng, 3)), ("dup", random_video(rng, 3)), ("x" * 600, random_video(rng, 3)),
-             ("ok", random_video(rng, 3))]
+    pairs = [
+        ("dup", random_video(rng, 3)),
+        ("dup", random_video(rng, 3)),
+        ("x" * 600, random_video(rng, 3)),
+        ("ok", random_video(rng, 3)),
+    ]
     report = ingest(lite_index, array_source(pairs), progress=False)
     assert sorted(report.added) == ["dup", "ok"]
     assert "duplicate" in report.failed["dup"]
@@ -114,10 +120,19 @@ def test_killed_ingest_resumes_with_every_video_once(tmp_path: Path, model_set_d
     _write_h5(h5, videos)
     script = tmp_path / "run.py"
     script.write_text(CRASH_SCRIPT)
-    args = [sys.executable, str(script), str(tmp_path / "db.db"), str(model_set_dir), str(tmp_path / "obj"), str(h5)]
+    args = [
+        sys.executable,
+        str(script),
+        str(tmp_path / "db.db"),
+        str(model_set_dir),
+        str(tmp_path / "obj"),
+        str(h5),
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
     objects = tmp_path / "obj"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
