@@ -50,8 +50,12 @@ def base_parser(description: str, name: str) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (2 = the target box)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run (well under a minute)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{name}.json", help="JSON report path")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="scratch directory (default: a temporary one, removed at the end)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="scratch directory (default: a temporary one, removed at the end)",
+    )
     return parser
 
 
@@ -91,8 +95,14 @@ def peak_rss_mb() -> float:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=False, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -163,7 +173,9 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
     """A plain aligned table (first column left, the rest right)."""
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    line = "  ".join(str(h).ljust(w) if i == 0 else str(h).rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
+    line = "  ".join(
+        str(h).ljust(w) if i == 0 else str(h).rjust(w) for i, (h, w) in enumerate(zip(headers, widths))
+    )
     print(line)
     print("-" * len(line))
     for row in cells:
@@ -233,7 +245,12 @@ def make_model_set(directory: Path, *, seed: int = 0, fine: str = "bin") -> Path
     }
     for name, net in nets.items():
         save_checkpoint(net.eval(), directory / name)
-    manifest = {"name": f"bench-{fine}", "coarse": "cg_student.pth", "fine": fine_name, "selector": "selector.pth"}
+    manifest = {
+        "name": f"bench-{fine}",
+        "coarse": "cg_student.pth",
+        "fine": fine_name,
+        "selector": "selector.pth",
+    }
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return directory
 
@@ -309,10 +326,12 @@ def _wait_ready(server: Any, uri: str, deadline: float) -> None:
         process = server.server_proc
         if process is None or process.poll() is not None:
             raise RuntimeError("the Milvus server process exited during start-up")
-        with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-            with urllib.request.urlopen(health, timeout=2) as response:
-                if b"OK" in response.read():
-                    break
+        with (
+            contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
+            urllib.request.urlopen(health, timeout=2) as response,
+        ):
+            if b"OK" in response.read():
+                break
         if time.monotonic() > deadline:
             raise TimeoutError(f"the Milvus server was not healthy within {SERVER_START_TIMEOUT_S:g} s")
         time.sleep(0.3)

@@ -16,7 +16,7 @@ from typing import Any
 from dns_milvus.errors import InvalidInputError
 
 DEFAULT_CONFIG_FILE = "dns-milvus.toml"
-DEFAULT_MODEL_SET = Path(__file__).parent / "assets" / "model_set"
+DEFAULT_MODEL_SET = Path(__file__).parent / "assets"
 
 
 @dataclass

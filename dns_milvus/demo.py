@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -69,17 +70,30 @@ def build_collection(
     return queries, database, relevant, applied
 
 
+def default_model_set(say: Any = print) -> Path:
+    """The bundled model set; without one, a set trained once from the same footage and cached."""
+    if (DEFAULT_MODEL_SET / "manifest.json").is_file():
+        return DEFAULT_MODEL_SET
+    cache = Path(os.environ.get("DNS_MILVUS_CACHE_DIR", Path.home() / ".cache" / "dns-milvus")) / "model-set"
+    if not (cache / "manifest.json").is_file():
+        from dns_milvus.train.model_set import build_default_model_set
+
+        say(f"no bundled model set: training one from the offline footage into {cache} (first run only)")
+        build_default_model_set(cache, progress=True, work_dir=cache.parent / "model-set-work")
+    return cache
+
+
 def run_demo(
     workdir: Path, *, json_output: bool = False, seed: int = 7, models_dir: Path | None = None
 ) -> int:
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    models_dir = models_dir or DEFAULT_MODEL_SET
+    say = (lambda *a: None) if json_output else print
+    models_dir = models_dir or default_model_set(say)
     models = ModelSet.load(models_dir)
     if models.extractor is None:
         raise DnSError(f"model set {models_dir} has no feature extractor; the demo needs one")
-    say = (lambda *a: None) if json_output else print
     say(f"model set {models.name!r} ({models.tag}) on {models.device}; workdir {workdir}")
 
     t0 = time.perf_counter()

@@ -6,6 +6,9 @@ The references are the fine students' own float paths (``frame_to_frame_similari
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +21,7 @@ from dns_milvus.similarity import (
     pack_codes,
     packed_frame_similarity,
     packed_frame_to_frame,
+    prepare_for_inference,
     resolve_backend,
     unpack_codes,
 )
@@ -145,6 +149,22 @@ def test_native_kernel_variants_agree(bits: int) -> None:
             assert torch.equal(torch.from_numpy(3 * bits - 2 * ham).float(), expected), (variant, threads)
 
 
+@needs_native
+def test_native_kernel_builds_into_the_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DNS_MILVUS_CACHE_DIR", str(tmp_path))
+    kernel = load_native_kernel.__wrapped__()  # a fresh build, not the process-wide one
+    assert kernel is not None and kernel.path.parent == tmp_path / "kernels" and kernel.path.is_file()
+    assert load_native_kernel.__wrapped__().path == kernel.path  # the second load reuses the build
+
+
+def test_native_kernel_can_be_switched_off_or_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DNS_MILVUS_NATIVE_KERNEL", "0")
+    assert load_native_kernel.__wrapped__() is None
+    monkeypatch.setenv("DNS_MILVUS_NATIVE_KERNEL", "1")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert load_native_kernel.__wrapped__() is None  # no compiler: callers fall back to the GEMM path
+
+
 def test_gemm_in_float16_is_exact() -> None:
     """CUDA multiplies ±1 codes in float16: every partial sum is an integer below 2048, so exact."""
     g = torch.Generator().manual_seed(4)
@@ -255,6 +275,23 @@ def test_float_path_equals_student_and_packed(
     packed = fine_similarity_packed(bin_student, pack_codes(codes_q), [pack_codes(t) for t in codes_t])
     torch.testing.assert_close(
         fine_similarity_float(bin_student, codes_q, codes_t), packed, rtol=0, atol=1e-5
+    )
+
+
+def test_prepare_for_inference_keeps_scores(bin_student: FineGrainedStudent) -> None:
+    prepared = prepare_for_inference(copy.deepcopy(bin_student))
+    assert prepared.visil_head.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert prepare_for_inference(prepared) is prepared  # idempotent
+    for key, value in bin_student.state_dict().items():
+        assert torch.equal(prepared.state_dict()[key], value)  # the layout changes, not the values
+    g = torch.Generator().manual_seed(9)
+    query = pack_codes(random_codes(8, REGIONS, BITS, generator=g))
+    targets = [pack_codes(t) for t in mixed_targets(unpack_codes(query), g)]
+    torch.testing.assert_close(
+        fine_similarity_packed(prepared, query, targets),
+        fine_similarity_packed(bin_student, query, targets),
+        rtol=0,
+        atol=1e-6,
     )
 
 

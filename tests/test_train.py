@@ -31,9 +31,21 @@ from dns_milvus.train.scoring import similarity_matrix
 from dns_milvus.train.selector import SelectorPairs, SelectorTask, predict, roc_auc, split_pairs
 from dns_milvus.video import camera_pan, read_frames
 
-DIMS = 48  # PCA-whitened feature size of the test corpus (multiple of 8: binary codes pack into bytes)
+DIMS = 96  # PCA-whitened feature size of the test corpus (multiple of 8: binary codes pack into bytes)
+#: The coarse student of the shipped model set: attention, sum over regions, mean over frames.
+LIGHT_COARSE = {"coarse_transformer": False, "coarse_netvlad": False}
+#: The release's coarse architecture (attention, transformer, NetVLAD), scaled down.
 SMALL_COARSE = {"transformer_heads": 4, "transformer_feedforward_dims": 64, "netvlad_clusters": 4,
                 "netvlad_outdims": 32}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The networks here are tiny: one thread spends no time synchronising workers."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @dataclass
@@ -111,7 +123,7 @@ def students_run(corpus: Corpus, mined, tmp_path_factory: pytest.TempPathFactory
     out = tmp_path_factory.mktemp("students")
     return run_stage("students", {"output": str(out), "features": str(corpus.train_path),
                                   "pairs": str(mined.outputs["pairs"]), "epochs": 25, "batch_size": 16,
-                                  "lr_coarse": 1e-3, "lr_fine": 1e-3, "progress": False, **SMALL_COARSE})
+                                  "lr_coarse": 1e-3, "lr_fine": 1e-3, "progress": False, **LIGHT_COARSE})
 
 
 def _history(summary_path: Path) -> list[dict]:
@@ -235,12 +247,14 @@ def test_students_lower_their_loss_and_agree_with_the_teacher_on_held_out_pairs(
     held = FeatureSet.open(corpus.held_path)
     off_diagonal = ~np.eye(len(held), dtype=bool)
     teacher_sims = similarity_matrix(teacher, held, held.ids)[off_diagonal]
+    agreement = {}
     for name, path in students_run.outputs.items():
         history = _history(path.with_name(f"{name}_summary.json"))
         assert np.mean([h["distillation"] for h in history[-3:]]) < history[0]["distillation"], name
         student = load_checkpoint(path)
-        rho = spearmanr(teacher_sims, similarity_matrix(student, held, held.ids)[off_diagonal]).statistic
-        assert rho >= 0.8, f"{name}: Spearman {rho:.3f} with the teacher on held-out pairs"
+        sims = similarity_matrix(student, held, held.ids)[off_diagonal]
+        agreement[name] = spearmanr(teacher_sims, sims).statistic
+    assert all(rho >= 0.8 for rho in agreement.values()), f"Spearman with the teacher: {agreement}"
 
 
 def test_selector_beats_random_selection_on_held_out_pairs(corpus: Corpus, mined, students_run, tmp_path):
@@ -286,6 +300,7 @@ def test_interrupted_then_resumed_training_equals_an_uninterrupted_run(corpus: C
         train_students(config, on_epoch_end=crash)
     resumed = train_students(config)["coarse"]
     assert resumed.resumed_from_epoch == 2
+    assert resumed.history[-1]["loss"] < resumed.history[0]["loss"]
 
     a = torch.load(straight.checkpoint, weights_only=False)
     b = torch.load(resumed.checkpoint, weights_only=False)

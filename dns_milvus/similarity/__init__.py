@@ -8,7 +8,7 @@
 """
 
 from dns_milvus.similarity.codes import pack_codes, unpack_codes
-from dns_milvus.similarity.fine import fine_similarity_float, fine_similarity_packed
+from dns_milvus.similarity.fine import fine_similarity_float, fine_similarity_packed, prepare_for_inference
 from dns_milvus.similarity.hamming import (
     packed_frame_similarity,
     packed_frame_to_frame,
@@ -21,6 +21,7 @@ __all__ = [
     "pack_codes",
     "packed_frame_similarity",
     "packed_frame_to_frame",
+    "prepare_for_inference",
     "resolve_backend",
     "unpack_codes",
 ]

@@ -245,12 +245,14 @@ class StudentsConfig(StageConfig):
     binarization_sigma: float = 1e-6
     iterations: int = 1
     next_teacher: str = "fine_attention"
-    # coarse-student size (release defaults)
+    # coarse-student architecture and size (release defaults)
+    coarse_transformer: bool = True
+    coarse_netvlad: bool = True
     transformer_heads: int = 8
     transformer_feedforward_dims: int = 2048
     transformer_layers: int = 1
     netvlad_clusters: int = 64
-    netvlad_outdims: int = 1024
+    netvlad_outdims: int | None = 1024  # None: no reduction layer (clusters x dims outputs)
     validation: ValidationConfig | None = None
 
     _input_paths = ("features", "pairs", "itq")

@@ -46,6 +46,8 @@ def build_student(kind: str, dims: int, config: StudentsConfig) -> torch.nn.Modu
     if kind == "coarse":
         return CoarseGrainedStudent(
             dims=dims,
+            transformer=config.coarse_transformer,
+            netvlad=config.coarse_netvlad,
             transformer_heads=config.transformer_heads,
             transformer_feedforward_dims=config.transformer_feedforward_dims,
             transformer_layers=config.transformer_layers,

@@ -1,0 +1,451 @@
+"""Ingestion throughput: an HDF5 feature file into Milvus Lite + a local object store.
+
+The HDF5 file holds synthetic region features in the DnS release layout (one float32 dataset
+[T, 9, 512] per video id, T drawn from 30-120). Release-size networks (64-cluster coarse head ->
+1024-d, 512-bit binarization student, selector) index every video; ``dns_milvus.ingest`` writes
+the objects (verified) and upserts the rows. Reported:
+
+- the headline run: videos per second and the per-stage split of ``IngestReport.stage_seconds``
+  (load, networks, store, milvus), plus the time spent reading the HDF5 file (inside the source
+  iterator, which the pipeline does not attribute to a stage) and the remainder;
+- a sweep on the first ``--sweep-videos`` videos, side by side in one run: batch sizes 16/64/128,
+  fsync off, length-sorted ids (less padding), no skip-existing lookups, one torch thread;
+- where the time goes: each network and the packing of codes timed on one batch, the floating-point
+  work per video (torch's FLOP counter) against this machine's measured GEMM rate (the compute
+  ceiling), and a cProfile of an ingest run.
+
+    python benchmarks/bench_ingest.py [--videos 2000] [--batch-size 64] [--quick]
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    Stopwatch,
+    base_parser,
+    collection_name,
+    frame_counts,
+    load_model_set,
+    parse_frames,
+    print_table,
+    random_features,
+    ratio,
+    release_lite,
+    scratch_dir,
+    setup_torch,
+    summarize,
+    write_report,
+)
+
+NAME = "ingest"
+TARGET_VIDEOS_PER_S = 200.0
+STAGES = ("hdf5_read", "load", "networks", "store", "milvus", "other")
+
+
+# -- inputs --------------------------------------------------------------------------------------
+
+
+def write_h5(path: Path, n_videos: int, frames: tuple[int, int], rng: np.random.Generator) -> list[int]:
+    """Synthetic features file in the DnS layout; returns the frame counts in id order."""
+    import h5py
+
+    lengths = [int(n) for n in frame_counts(rng, n_videos, frames)]
+    with h5py.File(path, "w") as f:
+        for i, n in enumerate(lengths):
+            f.create_dataset(video_id(i), data=random_features(rng, n))
+    return lengths
+
+
+def video_id(i: int) -> str:
+    return f"video{i:05d}"
+
+
+def timed_source(items: Iterable[Any], watch: Stopwatch) -> Iterator[Any]:
+    """Pass items through, timing the source's own work (hdf5_source reads each dataset here)."""
+    iterator = iter(items)
+    while True:
+        with watch("hdf5_read"):
+            item = next(iterator, None)
+        if item is None:
+            return
+        yield item
+
+
+# -- one ingest run ------------------------------------------------------------------------------
+
+
+def run_ingest(
+    h5: Path,
+    ids: list[str],
+    work: Path,
+    models: Any,
+    label: str,
+    *,
+    batch_size: int,
+    fsync: bool = True,
+    skip_existing: bool = True,
+    profile: bool = False,
+) -> dict[str, Any]:
+    """Ingest ``ids`` from ``h5`` into a fresh Lite database and store; returns rates and stage split."""
+    from dns_milvus.engine import DnSIndex
+    from dns_milvus.ingest import hdf5_source, ingest
+
+    db, objects = work / f"{label}.db", work / f"objects-{label}"
+    index = DnSIndex(
+        str(db),
+        models=models,
+        store=f"file://{objects}?fsync={str(fsync).lower()}",
+        collection=collection_name("ingest"),
+    )
+    watch = Stopwatch()
+    profiler = cProfile.Profile() if profile else None
+    try:
+        if profiler:
+            profiler.enable()
+        report = ingest(
+            index,
+            timed_source(hdf5_source(h5, ids), watch),
+            batch_size=batch_size,
+            skip_existing=skip_existing,
+            progress=False,
+            total=len(ids),
+        )
+        if profiler:
+            profiler.disable()
+        if report.failed or index.count() != len(ids):
+            raise RuntimeError(
+                f"{label}: {len(report.failed)} videos failed, {index.count()} rows: "
+                f"{list(report.failed.items())[:3]}"
+            )
+    finally:
+        index.close()
+        release_lite(db)
+        shutil.rmtree(objects, ignore_errors=True)
+        shutil.rmtree(db, ignore_errors=True)
+    stages = {"hdf5_read": watch.seconds.get("hdf5_read", 0.0), **report.stage_seconds}
+    stages["other"] = max(0.0, report.seconds - sum(stages.values()))
+    result = {
+        "label": label,
+        "videos": len(report.added),
+        "batch_size": batch_size,
+        "fsync": fsync,
+        "skip_existing": skip_existing,
+        "seconds": round(report.seconds, 3),
+        "videos_per_s": round(report.videos_per_second, 2),
+        "stage_seconds": {k: round(stages[k], 3) for k in STAGES},
+        "stage_ms_per_video": {k: round(1000 * stages[k] / len(ids), 2) for k in STAGES},
+        "stage_share_pct": {k: round(100 * stages[k] / report.seconds, 1) for k in STAGES},
+    }
+    if profiler:
+        result["profile"] = top_functions(profiler, 15)
+    return result
+
+
+def top_functions(profiler: cProfile.Profile, n: int) -> list[dict[str, Any]]:
+    """The ``n`` functions with the most own time (torch kernels show as their C entry points)."""
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    rows = []
+    for (filename, line, func), (_, calls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
+        where = func if filename == "~" else f"{_short_path(filename)}:{line}({func})"
+        rows.append(
+            {"function": where, "calls": calls, "own_s": round(tottime, 3), "cumulative_s": round(cumtime, 3)}
+        )
+    rows.sort(key=lambda r: -r["own_s"])
+    return rows[:n]
+
+
+def _short_path(filename: str) -> str:
+    for marker in ("dns_milvus/", "site-packages/"):
+        if marker in filename:
+            return (
+                filename.split(marker, 1)[1]
+                if marker == "site-packages/"
+                else marker + filename.split(marker, 1)[1]
+            )
+    return Path(filename).name
+
+
+# -- where the networks' time goes ------------------------------------------------------------------
+
+
+def gemm_gflops(repeats: int = 10) -> float:
+    """This machine's float32 GEMM rate at the threads set, on the networks' typical shape."""
+    a, b = torch.randn(8192, 512), torch.randn(512, 512)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * 8192 * 512 * 512 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def padding_efficiency(lengths: list[int], batch_size: int) -> float:
+    """Real frames / frames computed when consecutive videos are padded to their batch's longest."""
+    padded = sum(
+        max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size])
+        for i in range(0, len(lengths), batch_size)
+    )
+    return sum(lengths) / padded
+
+
+@torch.inference_mode()
+def network_split(models: Any, features: list[np.ndarray]) -> dict[str, Any]:
+    """Time each piece of ``ModelSet.index_features`` on one batch, plus the alternatives."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dns_milvus.similarity import pack_codes
+
+    models.index_features(features[:2])  # warm-up
+    watch = Stopwatch()
+    tensors = [torch.from_numpy(f) for f in features]
+    lengths = torch.tensor([t.shape[0] for t in tensors])
+    with watch("pad batch"):
+        batch = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True)
+        mask = torch.arange(batch.shape[1])[None, :] < lengths[:, None]
+    with watch("coarse student"):
+        models.coarse.index_video(batch, mask)
+    with watch("selector self-similarity"):
+        models.selector.index_video(batch, mask)
+    with watch("fine student"):
+        codes = models.fine.index_video(batch, mask)
+    per_video = [codes[i, :n] for i, n in enumerate(lengths.tolist())]
+    with watch("pack codes, torch tensors (engine)"):
+        torch_packed = [pack_codes(c.cpu()).numpy() for c in per_video]
+    with watch("pack codes, numpy arrays (alternative)"):
+        numpy_packed = [pack_codes(c.cpu().numpy()) for c in per_video]
+    if not all(np.array_equal(a, b) for a, b in zip(torch_packed, numpy_packed)):
+        raise RuntimeError("numpy and torch packing disagree")
+    with watch("index_features (whole call)"):
+        models.index_features(features)
+    parts = (
+        "pad batch",
+        "coarse student",
+        "selector self-similarity",
+        "fine student",
+        "pack codes, torch tensors (engine)",
+    )
+    seconds = dict(watch.seconds)
+    seconds["rest (input checks, copies)"] = max(
+        0.0, seconds["index_features (whole call)"] - sum(seconds[p] for p in parts)
+    )
+    counter = FlopCounterMode(display=False)
+    with counter:
+        models.index_features(features)
+    flops = counter.get_total_flops()
+    n = len(features)
+    return {
+        "videos": n,
+        "frames_real": int(lengths.sum()),
+        "frames_padded": int(batch.shape[0] * batch.shape[1]),
+        "ms_per_video": {k: round(1000 * v / n, 2) for k, v in seconds.items()},
+        "gflop_per_video": round(flops / n / 1e9, 3),
+        "pack_torch_over_numpy": ratio(
+            seconds["pack codes, torch tensors (engine)"],
+            seconds["pack codes, numpy arrays (alternative)"],
+            1,
+        ),
+    }
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.split("\n\n")[0], NAME)
+    parser.add_argument("--videos", type=int, default=2000, help="videos in the HDF5 file (headline run)")
+    parser.add_argument("--frames", type=parse_frames, default=(30, 120), help="frame-count range LOW-HIGH")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size of the headline run")
+    parser.add_argument(
+        "--fsync",
+        choices=("on", "off"),
+        default="on",
+        help="object-store fsync in the headline run (on = the store's default)",
+    )
+    parser.add_argument("--sweep", default="16,64,128", help="batch sizes of the sweep")
+    parser.add_argument(
+        "--sweep-videos", type=int, default=128, help="videos in each sweep run (0: no sweep)"
+    )
+    parser.add_argument("--profile-videos", type=int, default=64, help="videos in the cProfile run (0: none)")
+    parser.add_argument(
+        "--h5", type=Path, default=None, help="existing HDF5 feature file to ingest instead of generating one"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.videos, args.sweep_videos, args.profile_videos = min(args.videos, 24), 16, 8
+        args.batch_size, args.sweep = 8, "8,16"
+    setup_torch(args.threads)
+    sweep_sizes = [int(s) for s in args.sweep.split(",") if s.strip()]
+    rng = np.random.default_rng(args.seed)
+
+    with scratch_dir(args.workdir, "dns-bench-ingest-") as work:
+        models = load_model_set(work / "models", seed=args.seed)
+        h5 = args.h5 or work / "features.h5"
+        started = time.perf_counter()
+        if args.h5 is None:
+            lengths = write_h5(h5, args.videos, args.frames, rng)
+        else:
+            import h5py
+
+            with h5py.File(h5, "r") as f:
+                lengths = [f[video_id(i)].shape[0] for i in range(args.videos)]
+        h5_seconds = time.perf_counter() - started
+        ids = [video_id(i) for i in range(len(lengths))]
+        h5_bytes = h5.stat().st_size
+        print(
+            f"HDF5: {len(ids)} videos, T {min(lengths)}-{max(lengths)} (mean {np.mean(lengths):.1f}), "
+            f"{h5_bytes / 2**20:.0f} MiB, written in {h5_seconds:.1f} s"
+        )
+
+        split_n = min(args.batch_size, len(ids))
+        split = network_split(models, [random_features(rng, n) for n in lengths[:split_n]])
+        gflops = gemm_gflops()
+        print(
+            f"networks on one batch of {split_n}: {split['gflop_per_video']} GFLOP/video as executed; "
+            f"this machine's GEMM rate {gflops:.1f} GFLOP/s"
+        )
+
+        headline = run_ingest(
+            h5, ids, work, models, "headline", batch_size=args.batch_size, fsync=args.fsync == "on"
+        )
+        print(
+            f"headline: {headline['videos']} videos in {headline['seconds']:.1f} s = "
+            f"{headline['videos_per_s']:.2f} videos/s"
+        )
+
+        sweep: list[dict[str, Any]] = []
+        if args.sweep_videos:
+            sub = ids[: args.sweep_videos]
+            by_length = sorted(sub, key=lambda v: lengths[ids.index(v)])
+            for size in sweep_sizes:
+                sweep.append(run_ingest(h5, sub, work, models, f"batch{size}", batch_size=size))
+            base = args.batch_size if args.batch_size in sweep_sizes else sweep_sizes[-1]
+            sweep.append(
+                run_ingest(h5, sub, work, models, f"batch{base}-fsync-off", batch_size=base, fsync=False)
+            )
+            sweep.append(
+                run_ingest(h5, by_length, work, models, f"batch{base}-length-sorted", batch_size=base)
+            )
+            sweep.append(
+                run_ingest(
+                    h5,
+                    sub,
+                    work,
+                    models,
+                    f"batch{base}-no-skip-existing",
+                    batch_size=base,
+                    skip_existing=False,
+                )
+            )
+            # One torch thread: on a busy 2-core box, two OpenMP threads wait on each other.
+            setup_torch(1)
+            sweep.append(run_ingest(h5, sub, work, models, f"batch{base}-1-thread", batch_size=base))
+            setup_torch(args.threads)
+            sorted_lengths = sorted(lengths[: len(sub)])
+            padding = {
+                "source_order": round(padding_efficiency(lengths[: len(sub)], base), 3),
+                "length_sorted": round(padding_efficiency(sorted_lengths, base), 3),
+            }
+        profile: dict[str, Any] = {}
+        if args.profile_videos:
+            profile = run_ingest(
+                h5,
+                ids[: args.profile_videos],
+                work,
+                models,
+                "profiled",
+                batch_size=args.batch_size,
+                profile=True,
+            )
+
+    print(
+        "\nper-stage split, ms per video (hdf5_read: reading the file inside the source iterator;"
+        " other: skip-existing lookups, Lite flushes they trigger, bookkeeping)"
+    )
+    runs = [headline, *sweep]
+    print_table(
+        ["run", "videos", "videos/s", *STAGES],
+        [[r["label"], r["videos"], r["videos_per_s"], *r["stage_ms_per_video"].values()] for r in runs],
+    )
+
+    print(
+        f"\nnetworks, one batch of {split['videos']} (real frames {split['frames_real']}, "
+        f"padded {split['frames_padded']}), ms per video:"
+    )
+    for part, ms in split["ms_per_video"].items():
+        print(f"  {part:<42} {ms:>9.2f}")
+    ceiling = gflops / split["gflop_per_video"]
+    print(
+        f"compute ceiling at the measured GEMM rate: {gflops:.1f} / {split['gflop_per_video']} = "
+        f"{ceiling:.1f} videos/s (networks alone, perfectly efficient)"
+    )
+    if profile:
+        print(f"\ncProfile of {profile['videos']} videos, top functions by own time:")
+        print_table(
+            ["function", "calls", "own s", "cum s"],
+            [
+                [p["function"][:70], p["calls"], p["own_s"], p["cumulative_s"]]
+                for p in profile["profile"][:12]
+            ],
+        )
+
+    ratios: dict[str, Any] = {
+        "headline_over_target": ratio(headline["videos_per_s"], TARGET_VIDEOS_PER_S, 3),
+        "compute_ceiling_over_target": ratio(ceiling, TARGET_VIDEOS_PER_S, 3),
+        "pack_torch_over_numpy": split["pack_torch_over_numpy"],
+    }
+    if sweep:
+        rate = {r["label"]: r["videos_per_s"] for r in sweep}
+        base_label = f"batch{base}"
+        for r in sweep:
+            if r["label"] != base_label:
+                ratios[f"{r['label']}_vs_{base_label}"] = ratio(r["videos_per_s"], rate[base_label])
+        ratios["padding_efficiency"] = padding
+    print("\nratios:")
+    for key, value in ratios.items():
+        print(f"  {key:<45} {value}")
+    met = headline["videos_per_s"] >= TARGET_VIDEOS_PER_S
+    print(
+        f"\ntarget >= {TARGET_VIDEOS_PER_S:.0f} videos/s on {args.threads} threads: "
+        f"{'met' if met else 'NOT met'} ({headline['videos_per_s']:.2f} videos/s)"
+    )
+
+    write_report(
+        args.out,
+        NAME,
+        args,
+        {
+            "hdf5": {
+                "videos": len(ids),
+                "frames": summarize(lengths),
+                "bytes": h5_bytes,
+                "write_seconds": round(h5_seconds, 2),
+            },
+            "target_videos_per_s": TARGET_VIDEOS_PER_S,
+            "target_met": met,
+            "headline": headline,
+            "sweep": sweep,
+            "network_split": split,
+            "gemm_gflops": round(gflops, 2),
+            "compute_ceiling_videos_per_s": round(ceiling, 2),
+            "profile": profile,
+            "ratios": ratios,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
