@@ -150,6 +150,16 @@ class Stopwatch:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+def gemm_gflops(repeats: int = 10) -> float:
+    """This machine's float32 GEMM rate at the threads set, on the networks' typical shape."""
+    a, b = torch.randn(8192, 512), torch.randn(512, 512)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * 8192 * 512 * 512 * repeats / (time.perf_counter() - start) / 1e9
+
+
 def summarize(values: Sequence[float], digits: int = 2) -> dict[str, float]:
     """p50 / p95 / mean / min / max of ``values`` (linear interpolation between order statistics)."""
     if not values:
@@ -260,6 +270,15 @@ def load_model_set(directory: Path, *, seed: int = 0, fine: str = "bin") -> Any:
     from dns_milvus.engine import ModelSet
 
     return ModelSet.load(make_model_set(directory, seed=seed, fine=fine), device="cpu")
+
+
+def settle_disk() -> float:
+    """Write back dirty pages now (``sync``), so that the kernel's write-back of what was just
+    written (objects, HDF5 files, Milvus segments) does not steal CPU from the next measurement.
+    Returns the seconds it took."""
+    started = time.perf_counter()
+    os.sync()
+    return time.perf_counter() - started
 
 
 def directory_bytes(root: Path) -> int:

@@ -237,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         f"  overhead vs the packed-bit limit: max {max(dist_overheads):.3f}% (target <= 1%), "
         f"mean {np.mean(dist_overheads):.3f}%"
     )
+    allocated = np.mean([s["allocated_bytes"] for s in bin_dist])
+    logical = np.mean([s["object_bytes"] for s in bin_dist])
+    print(
+        f"  on a local file system the objects occupy whole blocks: {allocated:.0f} B allocated vs "
+        f"{logical:.0f} B written on average (+{100 * (allocated / logical - 1):.1f}%)"
+    )
     print("\nshort videos (the header is fixed, so it weighs most here):")
     print_table(
         ["T", "limit B", "object B", "overhead %", "<= +1%", "allocated B"],
@@ -262,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     mean_t = float(np.mean(dist_frames))
+    att_mean_t = float(np.mean([a["n_frames"] for a in att_dist]))
     kb = 1024.0
     coarse_kb = 4 * 1024 / kb  # the paper counts the coarse vector alone, as floats
     ours = {
@@ -287,15 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"Ours: coarse = the whole Milvus row (vector + scalars); fine = the stored object (float16 for "
-        f"attention); 'ours, T={mean_t:.0f}' = measured mean over our videos."
+        f"attention); 'ours measured' = mean over our videos (T mean {mean_t:.0f} binarization, "
+        f"{att_mean_t:.0f} attention)."
     )
     table = []
     for run, paper in PAPER_KB.items():
         at_paper_t, measured = ours[run]
         table.append([run, paper, round(at_paper_t, 2), round(measured, 2), ratio(at_paper_t, paper, 3)])
-    print_table(
-        ["run", "paper KB", f"ours T={PAPER_MEAN_FRAMES}", f"ours T={mean_t:.0f}", "ours/paper"], table
-    )
+    print_table(["run", "paper KB", f"ours T={PAPER_MEAN_FRAMES}", "ours measured", "ours/paper"], table)
 
     ratios = {
         "object_over_packed_limit.max_in_distribution": round(1 + max(dist_overheads) / 100, 5),
@@ -346,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for row in table
             ],
-            "measured_mean_frames": round(mean_t, 1),
+            "measured_mean_frames": {"binarization": round(mean_t, 1), "attention": round(att_mean_t, 1)},
             "ratios": ratios,
         },
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -303,6 +304,9 @@ PASSTHROUGH = {"serve-reranker": cmd_serve_reranker, "train": cmd_train, "eval":
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Milvus Lite's embedded gRPC server logs keep-alive chatter at error level; keep the terminal
+    # readable unless the user asked for gRPC logs.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and argv[0] in PASSTHROUGH:

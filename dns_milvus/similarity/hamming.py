@@ -76,7 +76,8 @@ def _dot_sums_native(query: Tensor, frames: Tensor, variant: str | None = None) 
     kernel = load_native_kernel()
     assert kernel is not None  # resolve_backend checked it
     regions, bits = query.shape[1], 8 * query.shape[2]
-    q_words = query.contiguous().numpy().view("<u8")  # little-endian words keep the bit order
+    # The bytes reinterpreted as 64-bit words: a popcount of an XOR ignores the bit order.
+    q_words = query.contiguous().numpy().view("<u8")
     t_words = frames.contiguous().numpy().view("<u8")
     hamming_sums = kernel.min_hamming_sums(q_words, t_words, threads=torch.get_num_threads(), variant=variant)
     # sum_o (L - 2 h_o) = R*L - 2 sum_o h_o
@@ -141,7 +142,10 @@ def packed_frame_to_frame(
     if target_lengths is None:
         lengths = torch.full((b,), tt, dtype=torch.long)
     else:
-        lengths = torch.as_tensor(target_lengths).to(device="cpu", dtype=torch.long)
+        lengths = torch.as_tensor(target_lengths)
+        if lengths.is_floating_point() or lengths.is_complex():
+            raise InvalidInputError(f"expected target lengths [{b}] of integers, got dtype {lengths.dtype}")
+        lengths = lengths.to(device="cpu", dtype=torch.long)
         if lengths.shape != (b,) or not bool(((lengths >= 1) & (lengths <= tt)).all()):
             raise InvalidInputError(
                 f"expected target lengths [{b}] of integers in 1..{tt}, got {lengths.tolist()}"

@@ -60,14 +60,14 @@ def build_student(kind: str, dims: int, config: StudentsConfig) -> torch.nn.Modu
         student = FineGrainedStudent(dims=dims, binarization=True, bits=config.bits or dims)
         student.binarization.sigma = config.binarization_sigma
         return student
-    raise ValueError(f"unknown student kind {kind!r}; expected one of {list(STUDENT_FILES)}")
+    raise InvalidInputError(f"unknown student kind {kind!r}; expected one of {list(STUDENT_FILES)}")
 
 
 def init_binarization_from_itq(student: FineGrainedStudent, proj: torch.Tensor) -> None:
     """Copy an ITQ projection ``[dims, bits]`` into the binarization layer's ``W``."""
     weight = student.binarization.W
     if tuple(proj.shape) != tuple(weight.shape):
-        raise ValueError(
+        raise InvalidInputError(
             f"ITQ projection is {list(proj.shape)}; the binarization layer needs "
             f"{list(weight.shape)} ([dims, bits])"
         )
@@ -232,7 +232,9 @@ def train_students(config: StudentsConfig, **fit_options: Any) -> dict[str, Trai
     pairs = MinedPairs.load(config.pairs)
     missing = sorted(set(pairs.ids) - set(features.ids))
     if missing:
-        raise ValueError(f"{len(missing)} videos of the pairs file have no features (e.g. {missing[:3]})")
+        raise InvalidInputError(
+            f"{len(missing)} videos of the pairs file have no features (e.g. {missing[:3]})"
+        )
     validation = ValidationSet.from_config(config.validation) if config.validation else None
     itq = itq_projection(config, features) if "fine_binarization" in config.students else None
     output = Path(config.output)

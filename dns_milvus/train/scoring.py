@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dns_milvus.errors import InvalidInputError
 from dns_milvus.train.data import FeatureSet, pad_videos
 
 
@@ -121,7 +122,9 @@ def pair_similarities(
     """
     device = torch.device(device)
     if len(queries) != len(targets):
-        raise ValueError("queries and targets must list the same number of pairs")
+        raise InvalidInputError(
+            f"expected as many targets as queries (one pair each), got {len(targets)} and {len(queries)}"
+        )
     load = _loader(features, max_frames)
     by_query: dict[str, list[int]] = {}
     for i, q in enumerate(queries):

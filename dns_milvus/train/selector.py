@@ -53,6 +53,27 @@ class SelectorPairs:
     def __len__(self) -> int:
         return len(self.queries)
 
+    def save(self, path: Path, digest: str = "") -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        with h5py.File(tmp, "w") as f:
+            f.attrs["digest"] = digest
+            f.create_dataset("queries", data=np.array(self.queries, dtype=h5py.string_dtype()))
+            f.create_dataset("targets", data=np.array(self.targets, dtype=h5py.string_dtype()))
+            f.create_dataset("coarse", data=self.coarse)
+            f.create_dataset("fine", data=self.fine)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> SelectorPairs:
+        """Read the scored pairs the selector stage stores in ``<output>/selector_pairs.h5``."""
+        with h5py.File(path, "r") as f:
+            return cls(
+                [s.decode() for s in f["queries"][()]],
+                [s.decode() for s in f["targets"][()]],
+                f["coarse"][()],
+                f["fine"][()],
+            )
+
 
 def score_selector_pairs(
     pairs: MinedPairs,
@@ -85,22 +106,11 @@ def cached_selector_pairs(
     digest = state_digest(coarse, fine, pairs.similarity, pairs.anchor, pairs.target)
     if path.is_file():
         with h5py.File(path, "r") as f:
-            if f.attrs.get("digest") == digest:
-                return SelectorPairs(
-                    [s.decode() for s in f["queries"][()]],
-                    [s.decode() for s in f["targets"][()]],
-                    f["coarse"][()],
-                    f["fine"][()],
-                )
+            fresh = f.attrs.get("digest") == digest
+        if fresh:
+            return SelectorPairs.load(path)
     scored = score_selector_pairs(pairs, coarse, fine, features, **options)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.attrs["digest"] = digest
-        f.create_dataset("queries", data=np.array(scored.queries, dtype=h5py.string_dtype()))
-        f.create_dataset("targets", data=np.array(scored.targets, dtype=h5py.string_dtype()))
-        f.create_dataset("coarse", data=scored.coarse)
-        f.create_dataset("fine", data=scored.fine)
-    tmp.replace(path)
+    scored.save(path, digest)
     return scored
 
 
@@ -186,7 +196,10 @@ class SelectorTask(TrainingTask):
             return {}
         scores = predict(self, self.held_out)
         labels = self.held_out.labels(self.threshold)
-        out = {"accuracy": float(((scores > 0.5) == (labels > 0.5)).mean())}
+        out = {
+            "accuracy": float(((scores > 0.5) == (labels > 0.5)).mean()),
+            "positive_rate": float(labels.mean()),
+        }
         if 0 < labels.sum() < len(labels):
             out["auc"] = roc_auc(scores, labels)
         return out
