@@ -6,7 +6,6 @@ The references are the fine students' own float paths (``frame_to_frame_similari
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -278,21 +277,22 @@ def test_float_path_equals_student_and_packed(
     )
 
 
-def test_prepare_for_inference_keeps_scores(bin_student: FineGrainedStudent) -> None:
-    prepared = prepare_for_inference(copy.deepcopy(bin_student))
-    assert prepared.visil_head.conv2.weight.is_contiguous(memory_format=torch.channels_last)
-    assert prepare_for_inference(prepared) is prepared  # idempotent
-    for key, value in bin_student.state_dict().items():
-        assert torch.equal(prepared.state_dict()[key], value)  # the layout changes, not the values
+def test_channels_last_comparator_keeps_scores(bin_student: FineGrainedStudent) -> None:
+    plain = FineGrainedStudent(binarization=True, bits=BITS).eval()
+    plain.load_state_dict(bin_student.state_dict())  # the default (NCHW) layout, same values
+    weight = plain.visil_head.conv2.weight
+    assert not weight.is_contiguous(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(9)
     query = pack_codes(random_codes(8, REGIONS, BITS, generator=g))
     targets = [pack_codes(t) for t in mixed_targets(unpack_codes(query), g)]
-    torch.testing.assert_close(
-        fine_similarity_packed(prepared, query, targets),
-        fine_similarity_packed(bin_student, query, targets),
-        rtol=0,
-        atol=1e-6,
-    )
+    nchw = fine_similarity_packed(plain, query, targets, channels_last=False)
+    assert not plain.visil_head.conv2.weight.is_contiguous(memory_format=torch.channels_last)  # opted out
+    default = fine_similarity_packed(plain, query, targets)
+    assert plain.visil_head.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(default, nchw, rtol=0, atol=1e-6)
+    assert prepare_for_inference(plain) is plain  # idempotent
+    for key, value in bin_student.state_dict().items():
+        assert torch.equal(plain.state_dict()[key], value)  # the layout changed, not the values
 
 
 def test_timings_report_both_stages(bin_student: FineGrainedStudent) -> None:

@@ -89,8 +89,11 @@ def _score_targets(
     device: torch.device,
     batch_size: int | None,
     timings: dict[str, float] | None,
+    channels_last: bool,
 ) -> Tensor:
     """The shared driver: sort, group, build frame matrices, run the comparator in batches."""
+    if channels_last and device.type == "cpu":
+        prepare_for_inference(student)
     if batch_size is None:
         batch_size = CUDA_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
     if batch_size < 1:
@@ -141,7 +144,8 @@ def prepare_for_inference(student: FineSimilarityNetwork) -> FineSimilarityNetwo
     The values are unchanged; oneDNN then runs the comparator's 32- and 64-channel convolutions
     in its NHWC kernels, which measured 1.4-1.9x faster than the default layout on CPU (see
     docs/kernel.md). Idempotent; ``load_state_dict`` and ``.to(device)`` keep the layout.
-    Returns the student.
+    ``fine_similarity_packed`` / ``fine_similarity_float`` call it for students on CPU unless
+    told not to (``channels_last=False``). Returns the student.
     """
     student.visil_head.to(memory_format=torch.channels_last)
     return student
@@ -166,6 +170,7 @@ def fine_similarity_packed(
     batch_size: int | None = None,
     backend: str = "auto",
     timings: dict[str, float] | None = None,
+    channels_last: bool = True,
 ) -> Tensor:
     """Fine-grained similarity of a query with each target, from packed binary codes.
 
@@ -175,7 +180,9 @@ def fine_similarity_packed(
     of pairs a comparator call (default 32 on CPU, 256 on CUDA); ``backend`` picks the Hamming
     kernel (``auto``, ``native``, ``gemm``; see :mod:`dns_milvus.similarity.hamming`). A
     ``timings`` dict, when given, accumulates the seconds spent in the two stages
-    (``frame_matrices``, ``comparator``); on CUDA measuring them synchronises the device.
+    (``frame_matrices``, ``comparator``); on CUDA measuring them synchronises the device. On CPU
+    the student's comparator weights are first put in channels-last layout, in place (see
+    :func:`prepare_for_inference`; values unchanged), unless ``channels_last=False``.
     """
     fg_type = getattr(student, "fg_type", None)
     if fg_type != "bin":
@@ -204,6 +211,7 @@ def fine_similarity_packed(
         return _score_targets(
             student, query.shape[0], [t.shape[0] for t in targets], frame_matrices,
             floats_per_frame=2 * query.shape[0], device=device, batch_size=batch_size, timings=timings,
+            channels_last=channels_last,
         )  # fmt: skip
 
 
@@ -226,13 +234,14 @@ def fine_similarity_float(
     device: str | torch.device | None = None,
     batch_size: int | None = None,
     timings: dict[str, float] | None = None,
+    channels_last: bool = True,
 ) -> Tensor:
     """Fine-grained similarity of a query with each target, from float region tensors.
 
     ``query`` [Tq, R, D] and each target [Tt_i, R, D] (float16 as stored, or float32; D = the
     student's ``index_dims``) -> float32 [B] on the student's device, equal to
     ``student.calculate_video_similarity`` on the same tensors. Uses the same sorting, grouping
-    and comparator batching (and ``timings``) as :func:`fine_similarity_packed`.
+    and comparator batching (and ``timings``, ``channels_last``) as :func:`fine_similarity_packed`.
     """
     device = _resolve_device(student, device)
     compute_dtype = next(student.parameters()).dtype  # float16 storage is widened once, here
@@ -255,5 +264,5 @@ def fine_similarity_float(
         return _score_targets(
             student, query.shape[0], [t.shape[0] for t in target_list], frame_matrices,
             floats_per_frame=query.shape[0] * regions * regions, device=device, batch_size=batch_size,
-            timings=timings,
+            timings=timings, channels_last=channels_last,
         )  # fmt: skip

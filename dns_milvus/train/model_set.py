@@ -91,7 +91,7 @@ class Recipe:
     attention_student: bool = True  # trained and measured; the shipped set re-ranks with binary codes
     selector_epochs: int = 15
     selector_pairs_per_class: int = 256
-    selector_threshold: float = 0.2
+    selector_threshold: float = 0.05
 
     @classmethod
     def quick(cls) -> Recipe:
