@@ -267,6 +267,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slices", type=int, default=10, help="slices the methods alternate on")
+    parser.add_argument(
+        "--batch-sizes", type=lambda text: [int(v) for v in text.split(",") if v], default=[],
+        help="extra comparator batch sizes to time, e.g. 16,64",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fine_kernel.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -277,7 +281,7 @@ def main() -> None:
     packed_query, packed_targets = pack_codes(query), [pack_codes(t) for t in targets]
     report: dict[str, Any] = {
         "config": {"targets": args.targets, "threads": args.threads, "device": str(device), "seed": args.seed,
-                   "slices": args.slices,
+                   "slices": args.slices, "extra_batch_sizes": args.batch_sizes,
                    "query_frames": QUERY_FRAMES, "target_frames": [MIN_FRAMES, MAX_FRAMES],
                    "regions": REGIONS, "bits": BITS, "torch": torch.__version__,
                    "machine": platform.machine(), "processor": platform.processor() or platform.platform()},
@@ -308,7 +312,7 @@ def main() -> None:
     if device.type == "cpu":
         methods["(b) packed, NCHW comparator (channels_last=False)"] = packed(nchw, channels_last=False)
         methods["(b) packed, gemm back-end"] = packed(student, backend="gemm")
-        for size in (16, 64):
+        for size in args.batch_sizes:
             methods[f"(b) packed, batch {size}"] = packed(student, batch_size=size)
     for method in methods.values():  # warm-up: kernel build, oneDNN primitives, allocator
         method(slice(0, 8))

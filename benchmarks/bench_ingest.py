@@ -93,6 +93,7 @@ def timed_source(items: Iterable[Any], watch: Stopwatch) -> Iterator[Any]:
 def run_ingest(
     h5: Path,
     ids: list[str],
+    frames: dict[str, int],
     work: Path,
     models: Any,
     label: str,
@@ -101,7 +102,8 @@ def run_ingest(
     fsync: bool = True,
     profile: bool = False,
 ) -> dict[str, Any]:
-    """Ingest ``ids`` from ``h5`` into a fresh Lite database and store; returns rates and stage split."""
+    """Ingest ``ids`` (in this order) from ``h5`` into a fresh Lite database and store; returns
+    rates, the stage split and how much of the networks' work is padding (``frames``: T by id)."""
     from dns_milvus.engine import DnSIndex
     from dns_milvus.ingest import hdf5_source, ingest
 
@@ -146,6 +148,7 @@ def run_ingest(
         "batch_size": batch_size,
         "fsync": fsync,
         "gemm_gflops_before": round(load_probe, 1),
+        "padding_efficiency": round(padding_efficiency([frames[v] for v in ids], batch_size), 3),
         "seconds": round(report.seconds, 3),
         "videos_per_s": round(report.videos_per_second, 2),
         "stage_seconds": {k: round(stages[k], 3) for k in STAGES},
@@ -298,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                 lengths = [f[video_id(i)].shape[0] for i in range(args.videos)]
         h5_seconds = time.perf_counter() - started
         ids = [video_id(i) for i in range(len(lengths))]
+        frames = dict(zip(ids, lengths))
         h5_bytes = h5.stat().st_size
         print(
             f"HDF5: {len(ids)} videos, T {min(lengths)}-{max(lengths)} (mean {np.mean(lengths):.1f}), "
@@ -313,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         headline = run_ingest(
-            h5, ids, work, models, "headline", batch_size=args.batch_size, fsync=args.fsync == "on"
+            h5, ids, frames, work, models, "headline", batch_size=args.batch_size, fsync=args.fsync == "on"
         )
         print(
             f"headline: {headline['videos']} videos in {headline['seconds']:.1f} s = "
@@ -323,30 +327,28 @@ def main(argv: list[str] | None = None) -> int:
         sweep: list[dict[str, Any]] = []
         if args.sweep_videos:
             sub = ids[: args.sweep_videos]
-            by_length = sorted(sub, key=lambda v: lengths[ids.index(v)])
+            by_length = sorted(sub, key=frames.__getitem__)
             for size in sweep_sizes:
-                sweep.append(run_ingest(h5, sub, work, models, f"batch{size}", batch_size=size))
+                sweep.append(run_ingest(h5, sub, frames, work, models, f"batch{size}", batch_size=size))
             base = args.batch_size if args.batch_size in sweep_sizes else sweep_sizes[-1]
             sweep.append(
-                run_ingest(h5, sub, work, models, f"batch{base}-fsync-off", batch_size=base, fsync=False)
+                run_ingest(
+                    h5, sub, frames, work, models, f"batch{base}-fsync-off", batch_size=base, fsync=False
+                )
             )
             sweep.append(
-                run_ingest(h5, by_length, work, models, f"batch{base}-length-sorted", batch_size=base)
+                run_ingest(h5, by_length, frames, work, models, f"batch{base}-length-sorted", batch_size=base)
             )
             # One torch thread: on a busy 2-core box, two OpenMP threads wait on each other.
             setup_torch(1)
-            sweep.append(run_ingest(h5, sub, work, models, f"batch{base}-1-thread", batch_size=base))
+            sweep.append(run_ingest(h5, sub, frames, work, models, f"batch{base}-1-thread", batch_size=base))
             setup_torch(args.threads)
-            sorted_lengths = sorted(lengths[: len(sub)])
-            padding = {
-                "source_order": round(padding_efficiency(lengths[: len(sub)], base), 3),
-                "length_sorted": round(padding_efficiency(sorted_lengths, base), 3),
-            }
         profile: dict[str, Any] = {}
         if args.profile_videos:
             profile = run_ingest(
                 h5,
                 ids[: args.profile_videos],
+                frames,
                 work,
                 models,
                 "profiled",
@@ -360,19 +362,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     runs = [headline, *sweep]
     print_table(
-        ["run", "videos", "videos/s", *STAGES, "GEMM GF/s"],
+        ["run", "videos", "videos/s", *STAGES, "pad eff", "GEMM GF/s"],
         [
             [
                 r["label"],
                 r["videos"],
                 r["videos_per_s"],
                 *r["stage_ms_per_video"].values(),
+                r["padding_efficiency"],
                 r["gemm_gflops_before"],
             ]
             for r in runs
         ],
     )
-    print("(GEMM GF/s: the float32 GEMM rate measured just before each run: lower = a busier machine)")
+    print(
+        "(pad eff: real frames / frames the batched networks compute; GEMM GF/s: the float32 GEMM "
+        "rate measured just before each run, lower = a busier machine)"
+    )
 
     print(
         f"\nnetworks, one batch of {split['videos']} (real frames {split['frames_real']}, "
@@ -418,7 +424,6 @@ def main(argv: list[str] | None = None) -> int:
         for r in sweep:
             if r["label"] != base_label:
                 ratios[f"{r['label']}_vs_{base_label}"] = ratio(r["videos_per_s"], rate[base_label])
-        ratios["padding_efficiency"] = padding
     print("\nratios:")
     for key, value in ratios.items():
         print(f"  {key:<45} {value}")

@@ -25,7 +25,7 @@ from dns_milvus.similarity import (
     unpack_codes,
 )
 from dns_milvus.similarity._native import NativeKernel, load_native_kernel
-from dns_milvus.similarity.hamming import _dot_sums_gemm
+from dns_milvus.similarity.hamming import _dot_sums_gemm, gemm_dtype
 
 REGIONS, BITS = 9, 512
 #: Target lengths mixing the comparator's short-video cases (1-3 frames) with odd and even ones.
@@ -100,6 +100,7 @@ def test_pack_accepts_the_students_codes(bin_student: FineGrainedStudent) -> Non
         (torch.ones(8, dtype=torch.bool), "dtype"),
         (np.zeros((2, 8)), "-1 or \\+1"),
         (np.ones((2, 9)), "multiple of 8"),
+        ([1.0, -1.0] * 4, "torch tensor or numpy array"),
     ],
 )
 def test_pack_rejects_bad_codes(codes: object, message: str) -> None:
@@ -172,6 +173,9 @@ def test_gemm_in_float16_is_exact() -> None:
     assert torch.equal(
         _dot_sums_gemm(query, frames, torch.float16), _dot_sums_gemm(query, frames, torch.float32)
     )
+    assert gemm_dtype(torch.device("cuda"), BITS) == torch.float16
+    assert gemm_dtype(torch.device("cuda"), 4096) == torch.float32  # partial sums past 2048: not exact
+    assert gemm_dtype(torch.device("cpu"), BITS) == torch.float32
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

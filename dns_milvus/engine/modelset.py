@@ -25,7 +25,7 @@ import torch
 from dns_milvus.device import resolve_device
 from dns_milvus.errors import CheckpointError, InvalidInputError
 from dns_milvus.models import load_checkpoint
-from dns_milvus.similarity import pack_codes
+from dns_milvus.similarity import pack_codes, prepare_for_inference
 
 PAYLOAD_PACKED = "packed_bits"
 PAYLOAD_FLOAT16 = "float16"
@@ -63,6 +63,7 @@ class ModelSet:
     def __post_init__(self) -> None:
         for net in (self.coarse, self.fine, self.selector):
             net.to(self.device).eval()
+        prepare_for_inference(self.fine)  # channels-last comparator weights: same values, faster convs
         if not self.tag:
             self.tag = _state_tag(self.coarse, self.fine, self.selector)
 

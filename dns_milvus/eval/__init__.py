@@ -71,3 +71,25 @@ __all__ = [
     "trapezoidal_average_precision",
     "write_table",
 ]
+
+# Scoring with a model set and the copy benchmark load torch and the engine: imported on first use.
+_LAZY_EXPORTS = {
+    "CostReport": "dns_milvus.eval.run",
+    "milvus_candidates": "dns_milvus.eval.run",
+    "score_dataset": "dns_milvus.eval.run",
+    "write_evaluation": "dns_milvus.eval.run",
+    "BenchConfig": "dns_milvus.eval.copybench",
+    "CopyBench": "dns_milvus.eval.copybench",
+    "build_copy_benchmark": "dns_milvus.eval.copybench",
+    "load_copy_benchmark": "dns_milvus.eval.copybench",
+    "run_copy_benchmark": "dns_milvus.eval.copybench",
+}
+__all__ += list(_LAZY_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -73,9 +73,11 @@ static inline __attribute__((always_inline)) void chamfer_body(
   }
 }
 
+/* W = 8 (512-bit codes, the default) gets its own copy with the word loop unrolled. */
 static int chamfer_portable(const uint64_t *q, int64_t nq, const uint64_t *t, int64_t nt,
                             int64_t R, int64_t W, int32_t *out, int64_t ld) {
-  chamfer_body(q, nq, t, nt, R, W, out, ld);
+  if (W == 8) chamfer_body(q, nq, t, nt, R, 8, out, ld);
+  else chamfer_body(q, nq, t, nt, R, W, out, ld);
   return 0;
 }
 
@@ -85,7 +87,8 @@ static int chamfer_portable(const uint64_t *q, int64_t nq, const uint64_t *t, in
 __attribute__((target("popcnt")))
 static int chamfer_popcnt(const uint64_t *q, int64_t nq, const uint64_t *t, int64_t nt,
                           int64_t R, int64_t W, int32_t *out, int64_t ld) {
-  chamfer_body(q, nq, t, nt, R, W, out, ld);
+  if (W == 8) chamfer_body(q, nq, t, nt, R, 8, out, ld);
+  else chamfer_body(q, nq, t, nt, R, W, out, ld);
   return 0;
 }
 
@@ -272,9 +275,8 @@ def load_native_kernel() -> NativeKernel | None:
     if compiler is None:
         log.info("no C compiler found: packed Hamming distances use the torch GEMM path")
         return None
-    key = hashlib.sha256("\0".join([_SOURCE, compiler, *_FLAGS, platform.machine()]).encode()).hexdigest()[
-        :16
-    ]
+    build_inputs = "\0".join([_SOURCE, compiler, *_FLAGS, platform.machine()])
+    key = hashlib.sha256(build_inputs.encode()).hexdigest()[:16]
     suffix = ".dll" if os.name == "nt" else ".so"
     for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "dns-milvus"):
         target = directory / "kernels" / f"packed_chamfer_{key}{suffix}"

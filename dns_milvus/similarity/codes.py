@@ -10,15 +10,13 @@ numpy-only store can use the same convention without torch.
 
 from __future__ import annotations
 
-from typing import TypeVar, overload
+from typing import overload
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from dns_milvus.errors import InvalidInputError
-
-ArrayLike = TypeVar("ArrayLike", Tensor, np.ndarray)
 
 #: Weights of the 8 codes that share a byte: code 8*j+i sets bit i.
 _BIT_WEIGHTS = tuple(1 << i for i in range(8))
@@ -28,19 +26,26 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(int(s)) for s in shape) + "]"
 
 
+def _check_array(x: object, expected: str) -> None:
+    if not isinstance(x, Tensor | np.ndarray):
+        raise InvalidInputError(
+            f"expected {expected} as a torch tensor or numpy array, got {type(x).__name__}"
+        )
+
+
 def _check_codes(codes: Tensor | np.ndarray) -> None:
     expected = "±1 codes [..., L] with L a positive multiple of 8"
+    _check_array(codes, expected)
     if codes.ndim == 0 or codes.shape[-1] == 0 or codes.shape[-1] % 8:
         raise InvalidInputError(f"expected {expected}, got shape {_shape(tuple(codes.shape))}")
-    if isinstance(codes, Tensor):
-        if codes.is_complex() or codes.dtype == torch.bool:
-            raise InvalidInputError(f"expected real {expected}, got dtype {codes.dtype}")
-        valid = bool(((codes == 1) | (codes == -1)).all())
-    else:
-        if codes.dtype.kind not in "iuf":
-            raise InvalidInputError(f"expected real {expected}, got dtype {codes.dtype}")
-        valid = bool(((codes == 1) | (codes == -1)).all())
-    if not valid:  # also catches NaN, 0 and any other value
+    real = (
+        not (codes.is_complex() or codes.dtype == torch.bool)
+        if isinstance(codes, Tensor)
+        else codes.dtype.kind in "iuf"
+    )
+    if not real:
+        raise InvalidInputError(f"expected real {expected}, got dtype {codes.dtype}")
+    if not bool(((codes == 1) | (codes == -1)).all()):  # also catches NaN, 0 and any other value
         raise InvalidInputError(
             f"expected {expected}: every value must be -1 or +1 (found 0, NaN or another value)"
         )
@@ -49,6 +54,7 @@ def _check_codes(codes: Tensor | np.ndarray) -> None:
 def _check_packed(packed: Tensor | np.ndarray, bits: int | None) -> int:
     """Validate packed codes; returns the number of codes L to unpack."""
     expected = "packed codes uint8 [..., L/8]"
+    _check_array(packed, expected)
     dtype_ok = packed.dtype == torch.uint8 if isinstance(packed, Tensor) else packed.dtype == np.uint8
     if not dtype_ok:
         raise InvalidInputError(f"expected {expected}, got dtype {packed.dtype}")

@@ -9,8 +9,9 @@ Two exact back-ends compute the per-frame-pair sum of the best region dot produc
 
 - ``native`` (CPU): XOR + popcount in a small C kernel (see ``_native``), targets split between
   threads. Needs L to be a multiple of 64 (whole 64-bit words) and a C compiler.
-- ``gemm`` (any device): unpack to ±1 and multiply; float32 on CPU, float16 on CUDA. Both are
-  exact: every partial sum is an integer of magnitude <= L <= 2048.
+- ``gemm`` (any device): unpack to ±1 and multiply; float32 on CPU, float16 on CUDA (for L <=
+  2048). Both are exact: every partial sum is an integer of magnitude <= L, which float16
+  holds exactly up to 2048 and float32 up to 2^24.
 
 Both end in :func:`_similarity_from_dot_sums`, which divides the integer sum the way the float
 path does (mean over regions, then 1 / L), so the two paths agree to the last bit.
@@ -84,14 +85,19 @@ def _dot_sums_native(query: Tensor, frames: Tensor, variant: str | None = None) 
     return regions * bits - 2 * torch.from_numpy(hamming_sums)
 
 
-def gemm_dtype(device: torch.device) -> torch.dtype:
-    """float16 where GPUs multiply it fast; float32 on CPU, where float16 GEMMs are slow."""
-    return torch.float16 if device.type == "cuda" else torch.float32
+#: float16 holds every integer up to 2048 exactly: partial sums of up to this many ±1 products.
+FLOAT16_EXACT_BITS = 2048
+
+
+def gemm_dtype(device: torch.device, bits: int) -> torch.dtype:
+    """float16 where GPUs multiply it fast and every partial sum (<= bits) stays exact; float32
+    otherwise (on CPU float16 GEMMs are slow)."""
+    return torch.float16 if device.type == "cuda" and bits <= FLOAT16_EXACT_BITS else torch.float32
 
 
 def _dot_sums_gemm(query: Tensor, frames: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     tq, regions, width = query.shape
-    dtype = dtype or gemm_dtype(query.device)
+    dtype = dtype or gemm_dtype(query.device, 8 * width)
     q = unpack_codes(query, dtype=dtype).reshape(tq * regions, 8 * width)
     per_chunk = max(1, GEMM_CHUNK_ELEMENTS // (tq * regions * regions))
     out = torch.empty(tq, frames.shape[0], dtype=torch.float32, device=query.device)

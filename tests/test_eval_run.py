@@ -1,0 +1,405 @@
+"""Scoring datasets with a model set (``dns_milvus.eval.run``), the ``dns-milvus eval`` command and
+the offline copy benchmark, on tiny real files: HDF5 features, FIVR-format annotations, MP4 videos."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from dns_milvus.config import DEFAULT_MODEL_SET
+from dns_milvus.engine import DnSIndex, ModelSet
+from dns_milvus.errors import DnSError
+from dns_milvus.eval import EvalDataset, H5Features, read_fivr
+from dns_milvus.eval.cli import main as eval_main
+from dns_milvus.eval.copybench import (
+    BenchConfig,
+    CopyBench,
+    build_copy_benchmark,
+    load_copy_benchmark,
+    run_copy_benchmark,
+)
+from dns_milvus.eval.errors import DatasetFormatError, FeatureNotFoundError
+from dns_milvus.eval.run import CostReport, milvus_candidates, score_dataset, write_evaluation
+from dns_milvus.eval.tradeoff import PairScores, milvus_protocol
+from dns_milvus.video import read_frames
+from tests.fixtures.engine import near_copy, random_video
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class ToyDataset:
+    """A FIVR-format dataset on disk: 3 queries (one without features), 8 database videos (one
+    without features, one of them a query), near copies as ND/DS."""
+
+    annotation: Path
+    database: Path
+    features: Path
+    videos: dict[str, np.ndarray]
+    dataset: EvalDataset
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> ToyDataset:
+    root = tmp_path_factory.mktemp("toy")
+    rng = np.random.default_rng(3)
+    a, b = random_video(rng, 7), random_video(rng, 5)
+    videos = {
+        "qa": a,
+        "qb": b,
+        "a_copy": near_copy(rng, a, 0.3),
+        "a_part": near_copy(rng, a[1:5], 0.4),
+        "b_copy": near_copy(rng, b, 0.3),
+        "b_short": near_copy(rng, b[:3], 0.5),  # 3 frames: shorter than the comparator's two pools
+        "other1": random_video(rng, 6),
+        "other2": random_video(rng, 9),
+    }
+    annotation = {
+        "qa": {"ND": ["a_copy"], "DS": ["a_part"], "CS": [], "IS": []},
+        "qb": {"ND": ["b_copy", "lost_video"], "DS": ["b_short"]},
+        "q_missing": {"ND": ["a_copy"]},
+    }
+    database = ["a_copy", "a_part", "b_copy", "b_short", "other1", "other2", "qb", "lost_video"]
+    (root / "annotation.json").write_text(json.dumps(annotation))
+    (root / "database.txt").write_text("\n".join(database) + "\n")
+    with h5py.File(root / "features.hdf5", "w") as f:
+        for vid, x in videos.items():
+            f.create_dataset(vid, data=x)
+    dataset = read_fivr(root / "annotation.json", root / "database.txt", name="toy")
+    return ToyDataset(
+        root / "annotation.json", root / "database.txt", root / "features.hdf5", videos, dataset
+    )
+
+
+@pytest.fixture(scope="module")
+def scored(toy: ToyDataset, model_set: ModelSet) -> tuple[PairScores, CostReport]:
+    with H5Features(toy.features) as features:
+        # batches of 3 and chunks of 4 database videos: several of each
+        return score_dataset(model_set, features, toy.dataset, batch_size=3, chunk_size=4, progress=False)
+
+
+@torch.inference_mode()
+def _direct(model_set: ModelSet, x: np.ndarray) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """One video through the three networks on their own: coarse vector, self-sim, fine codes."""
+    t = torch.from_numpy(x)
+    return (
+        model_set.coarse.index_video(t),
+        float(model_set.selector.index_video(t)),
+        model_set.fine.index_video(t),
+    )
+
+
+def test_score_dataset_equals_the_networks_pair_by_pair(
+    toy: ToyDataset, model_set: ModelSet, scored: tuple[PairScores, CostReport]
+) -> None:
+    scores, _ = scored
+    assert scores.queries == ("qa", "qb") and scores.columns.ids == tuple(sorted(toy.dataset.database))
+    direct = {vid: _direct(model_set, x) for vid, x in toy.videos.items()}
+    checked = 0
+    for row, query in enumerate(scores.queries):
+        q_coarse, q_self, q_fine = direct[query]
+        for vid, col in scores.columns.position.items():
+            if vid not in direct:
+                continue
+            t_coarse, t_self, t_fine = direct[vid]
+            coarse = float(q_coarse @ t_coarse)
+            assert scores.coarse[row, col] == pytest.approx(coarse, abs=1e-5)
+            with torch.inference_mode():
+                selector = float(model_set.selector(torch.tensor([q_self, t_self, coarse])))
+                fine = float(model_set.fine.calculate_video_similarity(q_fine, t_fine))
+            assert scores.selector[row, col] == pytest.approx(selector, abs=1e-5)
+            assert scores.fine[row, col] == pytest.approx(fine / 2 + 0.5, abs=1e-5)
+            checked += 1
+    assert checked == 2 * 7
+    # the query qb is also a database video: its own pair is scored, like any other
+    assert scores.coarse[1, scores.columns.position["qb"]] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_missing_features_leave_nan_pairs_and_are_reported(scored: tuple[PairScores, CostReport]) -> None:
+    scores, cost = scored
+    lost = scores.columns.position["lost_video"]
+    for matrix in (scores.coarse, scores.fine, scores.selector):
+        assert np.isnan(matrix[:, lost]).all()
+        assert np.isfinite(np.delete(matrix, lost, axis=1)).all()
+    assert cost.missing_queries == ("q_missing",) and cost.missing_database == ("lost_video",)
+    assert cost.queries == scores.queries and cost.database_videos == 7 and cost.pairs == 14
+
+
+def test_cost_report_counts_storage_as_stored_and_times_every_network(
+    toy: ToyDataset, model_set: ModelSet, scored: tuple[PairScores, CostReport]
+) -> None:
+    _, cost = scored
+    frames = [len(toy.videos[v]) for v in toy.dataset.database if v in toy.videos]
+    assert cost.mean_frames == pytest.approx(np.mean(frames))
+    assert cost.coarse_bytes == model_set.coarse_dim * 4
+    assert cost.fine_bytes == pytest.approx(np.mean(frames) * 9 * 512 / 8)  # packed bits, as stored
+    assert cost.fine_bytes_release == cost.fine_bytes  # binary codes: elements / 8 in the release too
+    assert cost.kb_per_video()["dns"] == pytest.approx((cost.coarse_bytes + 4 + cost.fine_bytes) / 1024)
+    assert cost.videos_indexed == 8  # qb is indexed once, as a query, and reused as a database video
+    for per_query in (cost.coarse_seconds, cost.selector_seconds, cost.fine_seconds):
+        assert len(per_query) == 2 and all(s > 0 for s in per_query)
+    seconds = cost.seconds_per_query()
+    assert cost.dns_seconds_per_query(0.5) == pytest.approx(
+        seconds["coarse"] + seconds["selector"] + 0.5 * seconds["fine"]
+    )
+
+
+def test_scores_do_not_depend_on_chunking_or_the_feature_source(
+    toy: ToyDataset, model_set: ModelSet, scored: tuple[PairScores, CostReport]
+) -> None:
+    scores, _ = scored
+    in_memory = {k: v for k, v in toy.videos.items()}
+    again, _ = score_dataset(model_set, in_memory, toy.dataset, batch_size=8, chunk_size=100, progress=False)
+    for name in ("coarse", "fine", "selector"):
+        np.testing.assert_allclose(getattr(again, name), getattr(scores, name), atol=1e-6)
+
+
+def test_features_lacking_every_query_are_a_clear_error(toy: ToyDataset, model_set: ModelSet) -> None:
+    database_only = {k: v for k, v in toy.videos.items() if k not in toy.dataset.queries}
+    with pytest.raises(FeatureNotFoundError, match=r"none of the 3 queries of toy"):
+        score_dataset(model_set, database_only, toy.dataset, progress=False)
+    with pytest.raises(DnSError, match=r"\[T, R, 512\]"):
+        score_dataset(
+            model_set, {**toy.videos, "qa": toy.videos["qa"][:, :, :100]}, toy.dataset, progress=False
+        )
+
+
+def _tradeoff_args(toy: ToyDataset, models: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "tradeoff", "--dataset", "annotation", "--annotation", str(toy.annotation),
+        "--database", str(toy.database), "--features", str(toy.features), "--models", str(models),
+        "--out", str(out), "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def test_cli_tradeoff_writes_tables_plots_and_its_endpoints_are_coarse_and_fine(
+    toy: ToyDataset,
+    model_set_dir: Path,
+    scored: tuple[PairScores, CostReport],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+    args = _tradeoff_args(
+        toy, model_set_dir, out, "--percentages", "0,50,100", "--methods", "selector,oracle"
+    )
+    assert eval_main(args) == 0
+    text = capsys.readouterr().out  # a table per task, then the cost rows
+    assert f"{toy.annotation.parent.name} ISVR: mAP by share re-ranked" in text
+    assert "DnS, binarization, 5% re-ranked" in text
+    for name in ("tradeoff.json", "tradeoff.csv", "cost.json"):
+        assert (out / name).stat().st_size > 0
+    for name in ("tradeoff.png", "pr.png", "tradeoff_CSVR.png", "pr_ISVR.png"):
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
+    rows = json.loads((out / "tradeoff.json").read_text())
+    assert len((out / "tradeoff.csv").read_text().splitlines()) == len(rows) + 1
+    assert {r["percentage"] for r in rows} == {0, 5, 10, 30, 50, 100}  # the cost table's shares added
+    # The endpoints, computed independently from the direct scores with the dataset's own evaluation.
+    scores, _ = scored
+    available = set(scores.columns.ids) - {"lost_video"}
+
+    def dicts(matrix: np.ndarray) -> dict[str, dict[str, float]]:
+        return {
+            q: {v: float(matrix[r, c]) for v, c in scores.columns.position.items() if v in available}
+            for r, q in enumerate(scores.queries)
+        }
+
+    coarse_map = toy.dataset.evaluate(dicts(scores.coarse), available=available)
+    fine_map = toy.dataset.evaluate(dicts(scores.fine), available=available)
+    for row in rows:
+        if row["percentage"] == 0:
+            assert row["mAP"] == pytest.approx(coarse_map[row["task"]].value)
+        if row["percentage"] == 100:
+            assert row["mAP"] == pytest.approx(fine_map[row["task"]].value)
+    cost = json.loads((out / "cost.json").read_text())
+    table = {r["run"]: r for r in cost["tables"]["DSVR"]}
+    assert table["coarse student"]["kb_per_video"] == pytest.approx(cost["cost"]["kb_per_video"]["coarse"])
+    assert table["DnS, binarization, 30% re-ranked"]["kb_per_video"] == pytest.approx(
+        cost["cost"]["kb_per_video"]["dns"]
+    )
+
+
+def test_relevant_videos_without_features_count_as_misses_only_when_asked(
+    toy: ToyDataset, scored: tuple[PairScores, CostReport], tmp_path: Path
+) -> None:
+    scores, cost = scored
+    maps = {}
+    for count_missing in (False, True):
+        summary = write_evaluation(
+            scores, cost, toy.dataset, tmp_path / str(count_missing), percentages=[100], methods=["selector"],
+            tasks=["DSVR"], count_missing=count_missing,
+        )  # fmt: skip
+        maps[count_missing] = next(r["mAP"] for r in summary["rows"] if r["percentage"] == 100)
+    # qb's ND list names lost_video, which has no features: a certain miss only when counted
+    assert maps[True] < maps[False]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--features": "missing.hdf5"}, "HDF5 feature file not found"),
+        ({"--annotation": "missing.json"}, "missing.json: file not found"),
+        ({"--models": "no_model_set"}, "manifest.json is missing"),
+        ({"--percentages": "0,150"}, "expected values in 0..100"),
+        ({"--tasks": "XYZ"}, "has no task 'XYZ'"),
+        ({"--features": "queries_lacking.hdf5"}, "none of the 3 queries"),
+    ],
+)
+def test_cli_bad_inputs_are_one_line_errors_with_exit_code_2(
+    toy: ToyDataset,
+    model_set_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: dict[str, str],
+    message: str,
+) -> None:
+    with h5py.File(tmp_path / "queries_lacking.hdf5", "w") as f:
+        f.create_dataset("other1", data=toy.videos["other1"])
+    args = _tradeoff_args(toy, model_set_dir, tmp_path / "out")
+    for option, value in change.items():
+        value = str(tmp_path / value) if value.endswith(("hdf5", "json", "set")) else value
+        if option in args:
+            args[args.index(option) + 1] = value
+        else:
+            args += [option, value]
+    assert eval_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dns-milvus eval tradeoff: error:") and message in err and "\n" not in err
+
+
+def test_cli_dataset_options_name_what_is_missing(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    args = ["tradeoff", "--dataset", "fivr-5k", "--annotation", "a.json", "--features", "f.hdf5"]
+    assert eval_main([*args, "--out", str(tmp_path)]) == 2
+    assert "dataset fivr-5k needs --database and --queries (or --pickle" in capsys.readouterr().err
+    assert eval_main(["tradeoff", "--dataset", "nope"]) == 2  # argparse's own usage error
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_milvus_candidates_are_the_ann_top_k_and_feed_the_milvus_protocol(
+    toy: ToyDataset,
+    model_set: ModelSet,
+    scored: tuple[PairScores, CostReport],
+    milvus_lite_uri: str,
+    tmp_path: Path,
+) -> None:
+    scores, _ = scored
+    database = [v for v in scores.columns.ids if v in toy.videos]
+    with DnSIndex(
+        milvus_lite_uri, models=model_set, store=str(tmp_path / "objects"), collection="ev"
+    ) as index:
+        index.add_many(database, [toy.videos[v] for v in database])
+        index.collection.flush()
+        queries = {"qa": toy.videos["qa"], "qb": "qb"}  # features, and an indexed id
+        lists = milvus_candidates(index, queries, ks=[2, 4])
+    for row, query in enumerate(scores.queries):
+        coarse = {v: scores.coarse[row, scores.columns.position[v]] for v in database if v != query}
+        expected = sorted(coarse, key=lambda v: -coarse[v])[:4]
+        assert lists[query] == expected  # exact search on 7 vectors; the query itself left out
+    rows = milvus_protocol(scores, toy.dataset, lists, ks=[2, 4], tasks=["DSVR"])
+    assert [r["k"] for r in rows] == [2, 4] and all(0 <= r["mAP"] <= 1 for r in rows)
+
+
+# -- copy benchmark --------------------------------------------------------------------------------
+
+
+def test_copy_benchmark_build_is_deterministic_under_a_seed(tmp_path: Path) -> None:
+    first = build_copy_benchmark(tmp_path / "a", BenchConfig.tiny(seed=5))
+    second = build_copy_benchmark(tmp_path / "b", BenchConfig.tiny(seed=5))
+    other = build_copy_benchmark(tmp_path / "c", BenchConfig.tiny(seed=6))
+    assert (first.root / "annotation.json").read_text() == (second.root / "annotation.json").read_text()
+    assert first.digest() == second.digest() != other.digest()
+
+    def frame_hashes(bench: CopyBench) -> dict[str, str]:
+        return {
+            v: hashlib.sha256(read_frames(bench.video_path(v), fps=None).tobytes()).hexdigest()
+            for v in bench.video_ids
+        }
+
+    assert frame_hashes(first) == frame_hashes(second)
+    hashes = {v: e["frames_sha256"] for v, e in first.manifest["videos"].items()}
+    changed = {v for v, e in other.manifest["videos"].items() if hashes.get(v) != e["frames_sha256"]}
+    assert changed and "carphone_pristine" not in changed  # the footage itself does not depend on the seed
+
+
+def test_copy_benchmark_ground_truth_loads_with_the_fivr_reader(tmp_path: Path) -> None:
+    bench = build_copy_benchmark(tmp_path / "bench", BenchConfig.tiny())
+    dataset = read_fivr(bench.root / "annotation.json", bench.root / "database.txt")
+    videos = bench.manifest["videos"]
+    clip = "carphone_pristine"
+    (pan_query,) = set(dataset.queries) - {clip}
+    assert videos[pan_query]["contains"] == [f"{clip}@{pan_query[-2:].lstrip('0')}"]
+    assert not set(dataset.queries) & set(dataset.database)
+    annotation = json.loads((bench.root / "annotation.json").read_text())
+    for query in dataset.queries:
+        copies = {v for v, e in videos.items() if e["copy_of"] == query}
+        assert copies and dataset.relevant(query, "DSVR") == copies
+        assert set(annotation[query]["ND"]) == {v for v in copies if videos[v]["role"] != "partial_copy"}
+        (part,) = annotation[query]["DS"]
+        start, stop = videos[part]["segment"]
+        assert 0 < start < stop < videos[part]["frames"]  # host footage on both sides of the segment
+    assert "carphone_distorted" in annotation[clip]["ND"]  # the footage's natural copy
+    # a pan over another frame of the clip: the same moment for the clip, another moment for the pan
+    (distractor,) = [
+        v for v, e in videos.items() if e["role"] == "distractor" and e["edits"] == ["camera pan"]
+    ]
+    assert distractor in annotation[clip]["CS"] and distractor in annotation[pan_query]["IS"]
+    assert annotation[clip]["IS"] == [] and "synthetic01" not in json.dumps(annotation)
+    assert load_copy_benchmark(bench.root).dataset.tasks.keys() == dataset.tasks.keys()
+
+
+def test_copy_benchmark_refuses_bad_directories(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "something").write_text("x")
+    with pytest.raises(DnSError, match="is not empty"):
+        build_copy_benchmark(tmp_path / "full", BenchConfig.tiny())
+    with pytest.raises(DatasetFormatError, match="not a copy benchmark"):
+        load_copy_benchmark(tmp_path)
+    with pytest.raises(DnSError, match="unknown footage"):
+        build_copy_benchmark(tmp_path / "new", BenchConfig(clips=("no_such_clip",)))
+    assert eval_main(["copybench", "run", "--bench", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "not a copy benchmark" in capsys.readouterr().err
+
+
+def test_copy_benchmark_run_extracts_scores_and_reports(
+    model_set_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The seeded networks behind the real offline backbone and the shipped PCA, at 64-pixel frames
+    models_dir = tmp_path / "models"
+    shutil.copytree(model_set_dir, models_dir)
+    shutil.copy(DEFAULT_MODEL_SET / "pca.pth", models_dir / "pca.pth")
+    manifest = json.loads((models_dir / "manifest.json").read_text())
+    manifest.update(backbone="efficientnet-lite0", pca="pca.pth", extractor_options={"image_size": 64})
+    (models_dir / "manifest.json").write_text(json.dumps(manifest))
+    micro = replace(
+        BenchConfig.tiny(), source_fps=1.0, query_pans_per_clip=0, distractor_pans_per_clip=0,
+        partial_copies_per_query=0,
+    )  # fmt: skip
+    bench = build_copy_benchmark(tmp_path / "bench", micro)
+    assert bench.dataset.queries == ("carphone_pristine",) and len(bench.dataset.database) == 3
+    out = tmp_path / "out"
+    args = ["copybench", "run", "--bench", str(bench.root), "--models", str(models_dir), "--out", str(out)]
+    assert eval_main([*args, "--device", "cpu", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary == {**json.loads((out / "results.json").read_text()), "seconds": summary["seconds"]}
+    assert summary["extraction"]["videos"] == 4 and not summary["extraction"]["reused"]
+    assert [r["run"] for r in summary["tables"]["DSVR"]][:2] == [
+        "coarse student",
+        "fine binarization student",
+    ]
+    assert (out / "tradeoff.png").read_bytes()[:8] == PNG_SIGNATURE
+    models = ModelSet.load(models_dir, device="cpu")
+    with H5Features(out / "features.hdf5") as features:
+        assert set(features.ids()) == set(bench.video_ids)
+        copy = features["carphone_pristine_copy1"]
+        expected = models.extract_video(bench.video_path("carphone_pristine_copy1"))
+        np.testing.assert_allclose(copy, expected.numpy(), atol=1e-5)
+    # a second run reuses the features made by the same networks for the same benchmark
+    assert run_copy_benchmark(bench.root, models, out, progress=False)["extraction"]["reused"]
