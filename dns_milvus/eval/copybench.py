@@ -102,6 +102,7 @@ class BenchConfig:
             query_pans_per_clip=1,
             distractor_pans_per_clip=1,
             copies_per_query=1,
+            partial_copies_per_query=1,
             synthetic_distractors=1,
             clips=("carphone_pristine",),
         )
