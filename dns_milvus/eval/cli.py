@@ -130,9 +130,11 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
     for task in tasks or ():
         dataset.task(task)
     percentages = parse_percentages(args.percentages)
-    models = _load_models(args)
     started = time.perf_counter()
-    with H5Features(args.features, regions=None, dim=models.feature_dim) as features:
+    # Opened before the (slower) model set loads, so a wrong path fails at once; the feature
+    # size is checked against the model set video by video.
+    with H5Features(args.features, regions=None, dim=None) as features:
+        models = _load_models(args)
         scores, cost = score_dataset(
             models, features, dataset, batch_size=args.batch_size, chunk_size=args.chunk_size,
             progress=not args.json,

