@@ -49,7 +49,7 @@ from dns_milvus.eval.tradeoff import (
     selection_order,
     write_table,
 )
-from dns_milvus.similarity import fine_similarity_float, fine_similarity_packed, prepare_for_inference
+from dns_milvus.similarity import fine_similarity_float, fine_similarity_packed
 
 if TYPE_CHECKING:
     from dns_milvus.engine.index import DnSIndex, Query
@@ -174,7 +174,6 @@ def score_dataset(
         raise FeatureNotFoundError(
             f"{source} has features for none of the {len(columns)} database videos of {dataset.name}"
         )
-    prepare_for_inference(models.fine)  # channels-last comparator weights: same values, faster on CPU
     clock = _Clock(models.device)
     meter = _IndexMeter(models, features, batch_size, clock)
 
