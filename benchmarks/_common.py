@@ -48,7 +48,7 @@ def base_parser(description: str, name: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seed", type=int, default=0, help="seed of the networks and the features")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (2 = the target box)")
-    parser.add_argument("--quick", action="store_true", help="a small smoke run (well under a minute)")
+    parser.add_argument("--quick", action="store_true", help="a small smoke run (about a minute)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{name}.json", help="JSON report path")
     parser.add_argument(
         "--workdir",

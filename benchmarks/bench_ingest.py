@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
+    DEFAULT_FRAMES,
     Stopwatch,
     base_parser,
     collection_name,
@@ -263,7 +264,9 @@ def network_split(models: Any, features: list[np.ndarray], repeats: int = 2) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.split("\n\n")[0], NAME)
     parser.add_argument("--videos", type=int, default=2000, help="videos in the HDF5 file (headline run)")
-    parser.add_argument("--frames", type=parse_frames, default=(30, 120), help="frame-count range LOW-HIGH")
+    parser.add_argument(
+        "--frames", type=parse_frames, default=DEFAULT_FRAMES, help="frame-count range LOW-HIGH"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="batch size of the headline run")
     parser.add_argument(
         "--fsync",

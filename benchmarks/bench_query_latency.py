@@ -42,6 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
+    DEFAULT_FRAMES,
     base_parser,
     collection_name,
     frame_counts,
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limits", default="10,100,1000", help="stage-1 result limits of the stage-1 sweep")
     parser.add_argument("--pool", type=int, default=100, help="distinct videos run through the networks")
     parser.add_argument(
-        "--frames", type=parse_frames, default=(30, 120), help="frame-count range of the pool"
+        "--frames", type=parse_frames, default=DEFAULT_FRAMES, help="frame-count range of the pool"
     )
     parser.add_argument(
         "--exhaustive-sample",

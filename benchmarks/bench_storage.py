@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     BITS,
+    DEFAULT_FRAMES,
     FEATURE_DIM,
     REGIONS,
     base_parser,
@@ -167,7 +168,9 @@ def overhead_rows(sizes: list[dict[str, int]]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.split("\n\n")[0], NAME)
     parser.add_argument("--videos", type=int, default=200, help="videos with T drawn from --frames")
-    parser.add_argument("--frames", type=parse_frames, default=(30, 120), help="frame-count range LOW-HIGH")
+    parser.add_argument(
+        "--frames", type=parse_frames, default=DEFAULT_FRAMES, help="frame-count range LOW-HIGH"
+    )
     parser.add_argument("--short-max", type=int, default=10, help="also index one video of each T in 1..N")
     parser.add_argument(
         "--att-videos",
