@@ -126,12 +126,32 @@ class NetVLAD(nn.Module):
         return self.norm(vlad)
 
 
+def _outside(x: Tensor, query_lengths: Tensor, target_lengths: Tensor) -> Tensor | None:
+    """Mask [N, 1, H, W] of the cells of ``x`` [N, C, H, W] outside each item's ``[:Hq, :Wt]``
+    block, or None when every item fills the whole map."""
+    height, width = x.shape[-2], x.shape[-1]
+    if bool((query_lengths >= height).all() & (target_lengths >= width).all()):
+        return None
+    rows = torch.arange(height, device=x.device)[None, :] < query_lengths[:, None]
+    cols = torch.arange(width, device=x.device)[None, :] < target_lengths[:, None]
+    return ~(rows[:, None, :, None] & cols[:, None, None, :])
+
+
 def _zero_outside(x: Tensor, query_lengths: Tensor, target_lengths: Tensor) -> Tensor:
-    """Zero the cells of ``x`` [N, C, H, W] outside each item's ``[:Hq, :Wt]`` block."""
-    rows = torch.arange(x.shape[-2], device=x.device)[None, :] < query_lengths[:, None]
-    cols = torch.arange(x.shape[-1], device=x.device)[None, :] < target_lengths[:, None]
-    inside = rows[:, None, :, None] & cols[:, None, None, :]
-    return x.masked_fill(~inside, 0.0)
+    """Zero the cells of ``x`` [N, C, H, W] outside each item's ``[:Hq, :Wt]`` block (a new tensor)."""
+    outside = _outside(x, query_lengths, target_lengths)
+    return x if outside is None else x.masked_fill(outside, 0.0)
+
+
+def _zero_outside_(x: Tensor, query_lengths: Tensor, target_lengths: Tensor) -> Tensor:
+    """:func:`_zero_outside` in place, for intermediates no one else holds (saves a full copy)."""
+    outside = _outside(x, query_lengths, target_lengths)
+    return x if outside is None else x.masked_fill_(outside, 0.0)
+
+
+def _rectify_inside_(x: Tensor, query_lengths: Tensor, target_lengths: Tensor) -> Tensor:
+    """Zero the cells outside each item's block, then ReLU, both in place."""
+    return F.relu(_zero_outside_(x, query_lengths, target_lengths), inplace=True)
 
 
 def _repeat_factor(lengths: Tensor) -> Tensor:
@@ -218,14 +238,16 @@ class VideoComparator(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`forward` without input validation, for callers that built the inputs themselves."""
         sim, ql, tl = upsample_short_videos(sim, query_lengths, target_lengths)
-        x = _zero_outside(sim.unsqueeze(1), ql, tl)
-        # in-place ReLUs: the convolutions' outputs are the largest tensors here
-        x = F.max_pool2d(F.relu(self.conv1(x), inplace=True), 2)
+        x = _zero_outside(sim.unsqueeze(1), ql, tl)  # the caller's tensor is left as it is
+        # ReLU is monotonic, so pooling first and rectifying the pooled map equals pooling the
+        # rectified one, on a quarter of the cells. Intermediates are zeroed and rectified in
+        # place (no copies of the largest tensors); autograd needs none of the overwritten values.
+        x = F.max_pool2d(self.conv1(x), 2)
         ql, tl = ql // 2, tl // 2
-        x = F.max_pool2d(F.relu(self.conv2(_zero_outside(x, ql, tl)), inplace=True), 2)
+        x = F.max_pool2d(self.conv2(_rectify_inside_(x, ql, tl)), 2)
         ql, tl = ql // 2, tl // 2
-        x = F.relu(self.conv3(_zero_outside(x, ql, tl)), inplace=True)
-        x = _zero_outside(self.fconv(x), ql, tl)
+        x = F.relu(self.conv3(_rectify_inside_(x, ql, tl)), inplace=True)
+        x = _zero_outside_(self.fconv(x), ql, tl)
         return x.squeeze(1), ql, tl
 
 
