@@ -173,18 +173,22 @@ class LocalReranker:
 
         fine_by_index = {int(i): float(s) / 2.0 + 0.5 for i, s in zip(scored, raw)}
         selected_set = {int(i) for i in selected}
+        scores = np.array([c.coarse_score for c in candidates], dtype=np.float64)
+        for i, fine in fine_by_index.items():
+            scores[i] = fine
         hits = []
-        for i, c in enumerate(candidates):
+        # Only the returned hits are built: K is typically 1000, top_k 10.
+        for i in _top_indices(scores, [c.video_id for c in candidates], top_k):
+            c = candidates[i]
             fine = fine_by_index.get(i)
             if fine is not None:
-                stage, score = STAGE_FINE, fine
+                stage = STAGE_FINE
             else:
                 stage = STAGE_FINE_MISSING if i in selected_set else STAGE_COARSE
-                score = float(c.coarse_score)
             hits.append(
                 SearchHit(
                     video_id=c.video_id,
-                    score=score,
+                    score=float(scores[i]),
                     coarse_score=float(c.coarse_score),
                     selector_confidence=float(confidence[i]),
                     fine_score=fine,
@@ -192,10 +196,9 @@ class LocalReranker:
                     metadata=c.metadata,
                 )
             )
-        hits.sort(key=lambda h: (-h.score, h.video_id))
         warnings = [f"fine tensor unavailable for {vid!r}: {msg}" for vid, msg in errors.items()]
         return RerankResult(
-            hits=hits[:top_k],
+            hits=hits,
             timings_ms=timings,
             warnings=warnings,
             n_candidates=len(candidates),
@@ -205,14 +208,27 @@ class LocalReranker:
 
 def coarse_only(candidates: Sequence[Candidate], top_k: int, reason: str) -> RerankResult:
     """The stage-1 ranking, flagged as degraded: what search returns when stage 2 is unavailable."""
-    hits = [
-        SearchHit(
-            c.video_id, float(c.coarse_score), float(c.coarse_score), None, None, STAGE_COARSE, c.metadata
-        )
-        for c in candidates
-    ]
-    hits.sort(key=lambda h: (-h.score, h.video_id))
-    return RerankResult(hits=hits[:top_k], warnings=[reason], degraded=True, n_candidates=len(candidates))
+    scores = np.array([c.coarse_score for c in candidates], dtype=np.float64)
+    best = [candidates[i] for i in _top_indices(scores, [c.video_id for c in candidates], top_k)]
+    hits = []
+    for c in best:
+        score = float(c.coarse_score)
+        hits.append(SearchHit(c.video_id, score, score, None, None, STAGE_COARSE, c.metadata))
+    return RerankResult(hits=hits, warnings=[reason], degraded=True, n_candidates=len(candidates))
+
+
+def _top_indices(scores: np.ndarray, video_ids: Sequence[str], top_k: int) -> list[int]:
+    """Indices of the ``top_k`` best candidates, by score descending then video id ascending.
+
+    A partial selection keeps everything tied with the k-th score, so ties at the cut are
+    broken by id exactly as a full sort would.
+    """
+    if top_k < len(scores):
+        kth = -np.partition(-scores, top_k - 1)[top_k - 1]
+        pool = np.flatnonzero(scores >= kth).tolist()
+    else:
+        pool = range(len(scores))
+    return sorted(pool, key=lambda i: (-scores[i], video_ids[i]))[:top_k]
 
 
 def _ms_since(t: float) -> float:
