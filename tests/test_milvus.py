@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import secrets
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +29,8 @@ from dns_milvus.milvus import (
     render_filter,
     render_literal,
 )
+from dns_milvus.milvus.connection import MilvusLiteDamagedError
+from dns_milvus.milvus.index import LITE_SEGMENT_ROWS
 from dns_milvus.milvus.schema import collection_properties
 from tests.fixtures.milvus_server import KEEP_PREFIX, release_lite
 
@@ -183,16 +189,38 @@ def test_ids_filter_validates_ids() -> None:
 
 
 def test_index_config_for_rows_scales_with_size() -> None:
-    assert IndexConfig.for_rows(1_000).kind == "FLAT"
-    ivf = IndexConfig.for_rows(1_000_000)
+    assert IndexConfig.for_rows(1_000, backend="server").kind == "FLAT"
+    ivf = IndexConfig.for_rows(1_000_000, backend="server")
     assert ivf.kind == "IVF_FLAT" and ivf.nlist == 4000 and 16 <= ivf.nprobe <= ivf.nlist
-    assert IndexConfig.for_rows(1_000_000, large="HNSW").kind == "HNSW"
+    assert IndexConfig.for_rows(1_000_000, backend="lite", large="HNSW").kind == "HNSW"
     assert IndexConfig("HNSW", ef=64).search_params(limit=500)["params"]["ef"] == 500
     assert IndexConfig("IVF_FLAT", nlist=8, nprobe=64).search_params(10)["params"]["nprobe"] == 8
     with pytest.raises(InvalidInputError):
         IndexConfig("IVF_PQ")  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError):
         IndexConfig("IVF_FLAT", nlist=0)
+
+
+def test_index_config_for_rows_sizes_lite_lists_per_segment() -> None:
+    # Lite trains one IVF per segment of <= LITE_SEGMENT_ROWS rows: nlist follows that, not N.
+    assert IndexConfig.for_rows(25_000, backend="lite") == IndexConfig.for_rows(25_000, backend="server")
+    lite = [IndexConfig.for_rows(n, backend="lite") for n in (100_000, 1_000_000, 50_000_000)]
+    assert {(c.kind, c.nlist, c.nprobe) for c in lite} == {("IVF_FLAT", 716, 44)}
+    assert 39 * lite[0].nlist <= LITE_SEGMENT_ROWS  # FAISS's minimum training points per list
+    assert IndexConfig.for_rows(100_000, backend="server").nlist == 1265
+    with pytest.raises(InvalidInputError, match="backend"):
+        IndexConfig.for_rows(100_000, backend="cloud")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="n_rows"):
+        IndexConfig.for_rows(-1, backend="lite")
+
+
+def test_ivf_nprobe_grows_with_the_limit() -> None:
+    ivf = IndexConfig("IVF_FLAT", nlist=179, nprobe=16)
+    assert ivf.search_params(1000)["params"]["nprobe"] == 16  # row count unknown: the configured floor
+    assert ivf.search_params(1000, rows=1_000_000)["params"]["nprobe"] == 16
+    assert ivf.search_params(1000, rows=20_000)["params"]["nprobe"] == 18  # probed lists hold ~2x the limit
+    assert ivf.search_params(1000, rows=2_000)["params"]["nprobe"] == 179
+    assert ivf.search_params(10, rows=0)["params"]["nprobe"] == 179
 
 
 def _unused_port() -> int:
@@ -476,3 +504,77 @@ def test_ivf_and_hnsw_indexes(client: MilvusClient, milvus_collection_name: str,
     assert Filter("n_frames > {n}", {"n": 70}).render() == "n_frames > 70"
     hits = coll.search(rows[0].coarse[None, :], limit=80, filter=Filter("n_frames > {n}", {"n": 70}))[0]
     assert {h.video_id for h in hits} == {f"v{i}" for i in range(70, 80)}
+
+
+def _wait_until_ivf_is_searched(coll: VideoCollection, query: np.ndarray, client: MilvusClient) -> None:
+    """Block until searches use the built IVF index: until then both backends scan the new
+    segment exhaustively, which always fills the limit."""
+    if coll.backend == "server":  # a loaded segment picks its index up late; reloading takes it at once
+        deadline = time.monotonic() + 60
+        while client.describe_index(coll.name, "coarse").get("indexed_rows", 0) < coll.count():
+            assert time.monotonic() < deadline, "the server did not build the IVF index"
+            time.sleep(0.2)
+        client.release_collection(coll.name)
+        client.load_collection(coll.name)
+    deadline = time.monotonic() + 60
+    while len(coll.search(query, 1000, search_params={"nprobe": 1})[0]) == 1000:
+        assert time.monotonic() < deadline, "searches never used the IVF index"
+        time.sleep(0.2)
+
+
+def test_ivf_search_fills_the_limit_and_warns_once_when_it_cannot(
+    client: MilvusClient, milvus_collection_name: str, rng, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Lists of ~14 rows (nlist ~ 4 sqrt(N)): 16 probed ones return ~220 (Lite) / ~630 (server) hits.
+    index = IndexConfig("IVF_FLAT", nlist=219, nprobe=16)
+    coll = VideoCollection.create(client, milvus_collection_name, dim=DIM, model_set=MODEL_SET, index=index)
+    coll.upsert(unit_rows(rng, 3000))
+    coll.flush()
+    queries = rng.standard_normal((8, DIM)).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="dns_milvus.milvus.collection"):
+        _wait_until_ivf_is_searched(coll, queries[:1], client)  # nprobe 1: short, logged
+        coll.search(queries, 1000, search_params={"nprobe": 1})
+    warnings = [r.getMessage() for r in caplog.records if r.name == "dns_milvus.milvus.collection"]
+    assert len(warnings) == 1
+    assert "where 1000 were asked and it holds 3000 rows" in warnings[0] and "nprobe" in warnings[0]
+
+    caplog.clear()
+    fresh = VideoCollection.open(client, coll.name, index=index)  # nprobe 16 again; warns on its own
+    with caplog.at_level(logging.WARNING, logger="dns_milvus.milvus.collection"):
+        hits = fresh.search(queries, 1000)
+    assert [len(per_query) for per_query in hits] == [1000] * len(queries)
+    assert all(len({h.video_id for h in per_query}) == 1000 for per_query in hits)
+    assert not [r for r in caplog.records if r.name == "dns_milvus.milvus.collection"]
+
+
+@pytest.mark.parametrize("damaged", ["index", "data"])
+def test_damaged_lite_database_raises_with_recovery_steps(milvus_lite_uri: str, damaged: str, rng) -> None:
+    path = Path(milvus_lite_uri)
+    client = connect(path)
+    coll = VideoCollection.create(client, "videos", dim=DIM, model_set=MODEL_SET)
+    coll.upsert(unit_rows(rng, 50))
+    coll.flush()
+    client.close()
+    release_lite(path)  # as when the process ends: the next connect() reads the files again
+    client = connect(path)
+    assert VideoCollection.open(client, "videos").count() == 50
+    client.close()
+    release_lite(path)
+
+    # What a process killed mid-write leaves: an index file cut to nothing, a data file cut short.
+    files = sorted(path.rglob("*.idx" if damaged == "index" else "*.parquet"))
+    assert files, f"no {damaged} files found under {path}"
+    for file in files:
+        os.truncate(file, 0 if damaged == "index" else file.stat().st_size // 2)
+    with pytest.raises(MilvusLiteDamagedError) as info:
+        connect(path)
+    assert isinstance(info.value, BackendUnavailableError)
+    message = str(info.value)
+    assert f"{str(path)!r}" in message and "not crash-safe" in message
+    assert "move" in message and "resumable" in message and "dns-milvus repair" in message
+
+    # The recovery the message describes: the damaged database moved aside, the path opens afresh.
+    path.rename(path.with_name("index.db.damaged"))
+    client = connect(path)
+    assert client.list_collections() == []
+    client.close()

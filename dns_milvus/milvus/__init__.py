@@ -6,6 +6,7 @@ Milvus server.
 
 from dns_milvus.milvus.collection import HIT_FIELDS, OPTIONAL_HIT_FIELDS, Consistency, VideoCollection
 from dns_milvus.milvus.connection import (
+    MilvusLiteDamagedError,
     MilvusOperationError,
     backend_kind,
     connect,
@@ -33,6 +34,7 @@ __all__ = [
     "Consistency",
     "Filter",
     "IndexConfig",
+    "MilvusLiteDamagedError",
     "MilvusOperationError",
     "ModelSetMismatchError",
     "SchemaMismatchError",

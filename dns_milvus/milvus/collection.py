@@ -14,6 +14,8 @@ Read-your-writes on both backends, at the lowest cost each allows:
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -44,6 +46,10 @@ _UPSERT_MAX_ROWS = 1000
 _UPSERT_MAX_BYTES = 16 * 2**20
 _IDS_PER_FILTER = 256
 _QUERIES_PER_SEARCH = 256
+#: How long a row count sizes IVF searches before it is counted again (counting scans rows on Lite).
+_ROW_COUNT_TTL_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 class VideoCollection:
@@ -68,6 +74,8 @@ class VideoCollection:
         self.backend = backend_kind(client)
         self._where = display_uri(client)
         self._unflushed = False
+        self._row_count: tuple[int, float] | None = None  # (rows, time.monotonic() when counted)
+        self._warned_fewer_hits = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -183,6 +191,7 @@ class VideoCollection:
                                      timeout=self.timeout)
             self.client.load_collection(self.name, timeout=self.timeout)
         self.info = s.CollectionInfo(self.name, self.dim, self.model_set, self.info.schema_version, index)
+        self._warned_fewer_hits = False
 
     # -- properties --------------------------------------------------------------------------
 
@@ -235,6 +244,7 @@ class VideoCollection:
             with self._errors(f"delete {len(chunk)} rows"):
                 self.client.delete(self.name, filter=last.render(), timeout=self.timeout)
             self._unflushed = True
+            self._row_count = None  # fewer rows: a stale count would probe too few IVF lists
         if last is not None and self.backend == "server" and self.consistency == "Session":
             # One Strong read waits until the server has applied the deletes (see module doc).
             with self._errors("confirm the delete"):
@@ -268,6 +278,12 @@ class VideoCollection:
         ``output_fields`` adds optional fields (metadata, model_set, ingested_at) to the hits.
         ``search_params`` overrides the index's (e.g. ``{"nprobe": 32}``). With ``model_set``,
         vectors from other networks than the collection's are refused.
+
+        IVF_FLAT probes enough lists to return ``limit`` hits from the collection's rows
+        (``IndexConfig.search_params``); a selective filter leaves fewer rows in those lists, so
+        raise nprobe through ``search_params`` for filtered searches that come back short. An
+        ANN search without a filter that still returns fewer than min(limit, rows) hits logs
+        one warning per collection saying which index setting to change.
         """
         if model_set is not None:
             self.require_model_set(model_set)
@@ -280,7 +296,8 @@ class VideoCollection:
                 f"unknown output fields {unknown}; choose from {list(OPTIONAL_HIT_FIELDS)}"
             )
         expr = as_filter(filter, filter_params).render() if filter is not None else ""
-        params = self.info.index.search_params(limit)
+        index = self.info.index
+        params = index.search_params(limit, self._known_rows() if index.kind == "IVF_FLAT" else None)
         if search_params:
             params = {**params, "params": {**params["params"], **dict(search_params)}}
         fields = [*HIT_FIELDS, *dict.fromkeys(extra)]
@@ -295,6 +312,8 @@ class VideoCollection:
                     timeout=self.timeout,
                 )
             hits.extend([_to_hit(hit) for hit in per_query] for per_query in result)
+        if not expr and index.kind != "FLAT":
+            self._check_hit_count(hits, limit, params["params"])
         return hits
 
     def get(self, video_ids: Iterable[str], *, with_vectors: bool = False) -> dict[str, VideoRow]:
@@ -320,7 +339,9 @@ class VideoCollection:
         with self._errors("count rows"):
             result = self.client.query(self.name, filter="", output_fields=["count(*)"],
                                        consistency_level=self.consistency, timeout=self.timeout)
-        return int(result[0]["count(*)"])
+        rows = int(result[0]["count(*)"])
+        self._row_count = (rows, time.monotonic())
+        return rows
 
     def iter_rows(
         self, fields: Sequence[str] | None = None, batch_size: int = 1000
@@ -356,6 +377,36 @@ class VideoCollection:
         """On Lite, flush pending writes before a read (unflushed rows are searched slowly)."""
         if self._unflushed and self.backend == "lite":
             self.flush()
+
+    def _known_rows(self) -> int:
+        """The row count, counted again after ``_ROW_COUNT_TTL_S`` or a delete. Rows upserted
+        since only make it an underestimate, which raises IVF's nprobe (never lowers it)."""
+        counted = self._row_count
+        if counted is None or time.monotonic() - counted[1] > _ROW_COUNT_TTL_S:
+            return self.count()
+        return counted[0]
+
+    def _check_hit_count(self, hits: list[list[CandidateHit]], limit: int, params: Mapping[str, Any]) -> None:
+        """Warn once if an ANN search returned fewer hits than the collection could fill."""
+        fewest = min(len(per_query) for per_query in hits)
+        if fewest >= limit or self._warned_fewer_hits or fewest >= self._known_rows():
+            return
+        rows = self.count()  # the cached count may be stale: count before warning
+        if fewest >= min(limit, rows):
+            return
+        self._warned_fewer_hits = True
+        log.warning(
+            "a search of collection %r at %s returned %d hits where %d were asked and it holds %d rows "
+            "(%s index, search params %s): %s. Logged once per collection.",
+            self.name,
+            self._where,
+            fewest,
+            limit,
+            rows,
+            self.info.index.kind,
+            dict(params),
+            self.info.index.fewer_hits_advice(),
+        )
 
     def _errors(self, action: str, *, user_filter: str | None = None) -> Any:
         return translate_errors(f"{action} in {self.name!r}", self._where, user_filter=user_filter)

@@ -40,6 +40,10 @@ class MilvusOperationError(DnSError):
     """Milvus was reachable but failed or refused an operation."""
 
 
+class MilvusLiteDamagedError(BackendUnavailableError):
+    """A Milvus Lite database whose files cannot be read, e.g. truncated by a killed process."""
+
+
 @dataclass(frozen=True)
 class _ClientInfo:
     display_uri: str
@@ -65,14 +69,18 @@ def connect(
     directories are created) or ``http(s)://host:port`` / ``tcp://host:port`` (a server;
     authenticate with ``token`` or ``user``/``password``). A server that cannot be reached
     within ``timeout`` seconds raises ``BackendUnavailableError``.
+
+    A Milvus Lite database is read and its collections loaded here, so one whose files are
+    damaged raises ``MilvusLiteDamagedError`` (saying how to recover) before any request.
     """
     timeout = require_seconds(timeout, "connect timeout")
     text = os.fspath(uri)
     if not isinstance(text, str) or not text.strip():
         raise InvalidInputError("Milvus URI must be a non-empty path or http(s)://host:port")
     if _SERVER_URI.match(text):
-        return _connect_server(text, token=token, user=user, password=password, db_name=db_name,
-                               timeout=timeout)
+        return _connect_server(
+            text, token=token, user=user, password=password, db_name=db_name, timeout=timeout
+        )
     if "://" in text:
         raise InvalidInputError(
             f"unsupported Milvus URI scheme in {redact_uri(text)!r}; expected http(s)://host:port, "
@@ -84,13 +92,57 @@ def connect(
 def _connect_lite(path: Path) -> MilvusClient:
     if path.suffix != ".db":
         raise InvalidInputError(f"a Milvus Lite database path must end in .db, got {str(path)!r}")
+    if path.exists() and not path.is_dir():
+        raise BackendUnavailableError(
+            f"{str(path)!r} is a file, not a Milvus Lite database: this Milvus Lite keeps each database "
+            "in a directory; give a new path (or that of such a directory)"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         client = MilvusClient(str(path))
     except (OSError, MilvusException) as exc:
-        raise BackendUnavailableError(f"cannot open the Milvus Lite database {str(path)!r}: {exc}") from exc
+        raise BackendUnavailableError(
+            f"cannot open the Milvus Lite database {str(path)!r}: {exc} (only one process at a time "
+            "may open a Milvus Lite database: is another one using it?)"
+        ) from exc
+    _open_lite_collections(client, path)
     _CLIENT_INFO[client] = _ClientInfo(str(path), "lite")
     return client
+
+
+def _open_lite_collections(client: MilvusClient, path: Path) -> None:
+    """Read and load every collection of a Milvus Lite database.
+
+    Milvus Lite reads a collection's schema and data files when it is first used and its index
+    files when it is loaded; a process killed while Lite was writing them can leave them
+    truncated (Lite is not crash-safe). Doing both here makes such a database fail now, with
+    ``MilvusLiteDamagedError`` saying how to recover, instead of on some later request.
+    """
+    collection = None
+    try:
+        for collection in client.list_collections():
+            client.load_collection(collection)
+    except MilvusException as exc:
+        client.close()
+        _release_lite_server(path)  # else a later connect() to this path would reuse the broken one
+        where = f" (collection {collection!r})" if collection else ""
+        raise MilvusLiteDamagedError(
+            f"cannot read the Milvus Lite database {str(path)!r}{where}: {_reason(exc)}. Its files are "
+            "damaged or incomplete: Milvus Lite is not crash-safe, and a process killed while it was "
+            f"writing can leave them truncated. To recover, move {str(path)!r} aside and re-run the "
+            "ingestion into a new database: ingestion is resumable, and the fine-tensor objects in the "
+            "object store are not affected; `dns-milvus repair` then lists objects no row refers to "
+            "(`--fix` deletes them)."
+        ) from exc
+
+
+def _release_lite_server(path: Path) -> None:
+    """Stop the in-process Milvus Lite server of ``path`` (pymilvus keeps one per path until exit)."""
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+    except ImportError:  # a pymilvus without Milvus Lite never started one
+        return
+    server_manager_instance.release_server(str(path))
 
 
 def _connect_server(
@@ -106,8 +158,12 @@ def _connect_server(
     secrets = [s for s in (token, password, _userinfo(uri)) if s]
     try:
         client = MilvusClient(
-            uri=uri, token=token or "", user=user or "", password=password or "",
-            db_name=db_name or "", timeout=timeout,
+            uri=uri,
+            token=token or "",
+            user=user or "",
+            password=password or "",
+            db_name=db_name or "",
+            timeout=timeout,
         )
     except (MilvusException, grpc.RpcError) as exc:
         reason = _scrub(_reason(exc), secrets)

@@ -1,9 +1,10 @@
 """ANN index choice for the coarse vectors, and the matching search parameters.
 
 FLAT is exact and fastest to build; below a few tens of thousands of rows it is also fast
-enough to search. Larger collections use IVF_FLAT (nlist ~ 4 sqrt(N)) or HNSW. All three run
-on Milvus Lite 3.x (FAISS) and on the Milvus server; the metric is always inner product
-(the coarse vectors are L2-normalised, so IP is the cosine similarity DnS ranks by).
+enough to search. Larger collections use IVF_FLAT (nlist ~ 4 sqrt(rows per index), see
+``IndexConfig.for_rows``) or HNSW. All three run on Milvus Lite 3.x (FAISS) and on the Milvus
+server; the metric is always inner product (the coarse vectors are L2-normalised, so IP is the
+cosine similarity DnS ranks by).
 """
 
 from __future__ import annotations
@@ -15,20 +16,30 @@ from typing import Any, Literal
 
 from dns_milvus.errors import InvalidInputError
 from dns_milvus.milvus._checks import require_int
+from dns_milvus.milvus.connection import BackendKind
 
 IndexKind = Literal["FLAT", "IVF_FLAT", "HNSW"]
 METRIC = "IP"
 
 #: Below this many rows an exact FLAT index is the default.
 FLAT_MAX_ROWS = 20_000
+#: Rows in a Milvus Lite segment written when its 128 MiB write buffer fills with 1024-d
+#: vectors; Lite builds one IVF index per segment (explicit flushes write smaller ones,
+#: compaction merges them up to 100k rows).
+LITE_SEGMENT_ROWS = 32_000
+#: IVF returns no more rows than its probed lists hold (~ nprobe / nlist of the rows). nprobe is
+#: raised so that they hold this many times the limit on average: lists vary in size, and
+#: probing exactly the limit's share still fell up to 6 % short on both backends (measured).
+IVF_PROBE_MARGIN = 2
 
 
 @dataclass(frozen=True)
 class IndexConfig:
     """How the coarse-vector field is indexed and searched.
 
-    ``nlist``/``nprobe`` apply to IVF_FLAT, ``m``/``ef_construction``/``ef`` to HNSW; HNSW's
-    ``ef`` is raised to the requested limit when smaller (Milvus requires ef >= limit).
+    ``nlist``/``nprobe`` apply to IVF_FLAT, ``m``/``ef_construction``/``ef`` to HNSW. Both are
+    floors that ``search_params`` raises with the limit: HNSW's ``ef`` to the limit (Milvus
+    requires ef >= limit), IVF's ``nprobe`` until the probed lists hold enough rows.
     """
 
     kind: IndexKind = "FLAT"
@@ -48,13 +59,31 @@ class IndexConfig:
         require_int(self.ef, "IndexConfig.ef", 1, 2**31 - 1)
 
     @classmethod
-    def for_rows(cls, n_rows: int, *, large: Literal["IVF_FLAT", "HNSW"] = "IVF_FLAT") -> IndexConfig:
-        """A sensible index for a collection expected to hold ``n_rows`` rows."""
+    def for_rows(
+        cls, n_rows: int, *, backend: BackendKind, large: Literal["IVF_FLAT", "HNSW"] = "IVF_FLAT"
+    ) -> IndexConfig:
+        """A sensible index for a collection expected to hold ``n_rows`` rows on ``backend``
+        (``connection.backend_kind(client)``).
+
+        IVF_FLAT gets nlist ~ 4 sqrt(R), R the rows each IVF index is trained on, and nprobe
+        ~ nlist / 16. Both backends build one index per segment. Milvus Lite's hold <= ~32k rows
+        (``LITE_SEGMENT_ROWS``), so R is capped there (which also keeps FAISS's 39 training
+        points a list): a query compares with every list centre of every segment, then scans
+        nprobe / nlist of the rows, so lists sized for the whole collection are work spent on
+        centres. Measured on Lite at 40k clustered 1024-d rows (segments of 33k and 7k):
+        recall@1000 against FLAT 0.70 with 4000 lists probing 250 (this rule for 1M rows without
+        the cap), 0.93 with 716 probing 179, for about the same dot products a query. A server compacts its
+        segments up to 512 MiB (~128k 1024-d rows) and re-indexes them; it keeps R = all rows.
+        """
+        if backend not in ("lite", "server"):
+            raise InvalidInputError(f"backend must be 'lite' or 'server', got {backend!r}")
+        n_rows = require_int(n_rows, "n_rows", 0, 2**63 - 1)
         if n_rows < FLAT_MAX_ROWS:
             return cls("FLAT")
         if large == "HNSW":
             return cls("HNSW")
-        nlist = min(65536, max(16, round(4 * math.sqrt(n_rows))))
+        rows_per_index = min(n_rows, LITE_SEGMENT_ROWS) if backend == "lite" else n_rows
+        nlist = min(65536, max(16, round(4 * math.sqrt(rows_per_index))))
         # Scanning ~1/16 of the lists keeps stage-1 recall high at a fraction of FLAT's cost.
         nprobe = min(nlist, max(16, nlist // 16))
         return cls("IVF_FLAT", nlist=nlist, nprobe=nprobe)
@@ -77,15 +106,38 @@ class IndexConfig:
         build = self.build_params()
         return {**build, "params": build} if build else {}
 
-    def search_params(self, limit: int) -> dict[str, Any]:
-        """Query-time parameters for a search returning ``limit`` hits."""
+    def search_params(self, limit: int, rows: int | None = None) -> dict[str, Any]:
+        """Query-time parameters for a search returning ``limit`` hits from ``rows`` rows.
+
+        With ``rows`` given, IVF's nprobe is raised until the probed lists hold
+        ``IVF_PROBE_MARGIN`` x ``limit`` rows on average (all lists when ``rows`` is that small):
+        nprobe / nlist of the rows is all an IVF search can return.
+        """
         if self.kind == "IVF_FLAT":
-            params: dict[str, Any] = {"nprobe": min(self.nprobe, self.nlist)}
+            nprobe = self.nprobe
+            if rows is not None:
+                nprobe = max(nprobe, math.ceil(IVF_PROBE_MARGIN * limit * self.nlist / max(rows, 1)))
+            params: dict[str, Any] = {"nprobe": min(nprobe, self.nlist)}
         elif self.kind == "HNSW":
             params = {"ef": max(self.ef, limit)}
         else:
             params = {}
         return {"metric_type": METRIC, "params": params}
+
+    def fewer_hits_advice(self) -> str:
+        """Why this index can return fewer hits than asked, and what to change."""
+        if self.kind == "IVF_FLAT":
+            return (
+                f"IVF_FLAT scans only the nprobe nearest of its {self.nlist} lists (per segment): "
+                "open the collection with a larger IndexConfig('IVF_FLAT', nprobe=...), or rebuild "
+                "the index with fewer lists (IndexConfig.for_rows) or as FLAT with set_index()"
+            )
+        if self.kind == "HNSW":
+            return (
+                f"HNSW's graph walk (ef {self.ef}) did not reach enough rows: open the collection with "
+                "a larger IndexConfig('HNSW', ef=...), or rebuild the index as FLAT with set_index()"
+            )
+        return "a FLAT index scans every row"
 
     @classmethod
     def from_description(cls, description: Mapping[str, Any]) -> IndexConfig:
