@@ -113,25 +113,22 @@ def fill(index: Any, pool: Sequence[Any], have: int, want: int, rng: np.random.G
     }
 
 
-def index_configs(n_rows: int, kinds: Sequence[str], hnsw_max_rows: int, candidates: int) -> list[Any]:
-    """The index of each kind for ``n_rows`` rows.
+def index_configs(n_rows: int, kinds: Sequence[str], hnsw_max_rows: int, backend: str) -> list[Any]:
+    """The index of each kind for ``n_rows`` rows on ``backend``.
 
-    IVF_FLAT follows ``IndexConfig.for_rows``'s rule (nlist ~ 4 sqrt(N), nprobe = nlist / 16, at
-    least 16), also below its FLAT threshold, with nprobe raised where the probed lists would hold
-    fewer than 2 K rows on average: an IVF search returns no more rows than the lists it probes.
+    IVF_FLAT is what ``IndexConfig.for_rows`` picks (below its FLAT threshold: what it picks at
+    the threshold); at search time the engine raises nprobe so the probed lists hold enough rows
+    for K candidates.
     """
     from dns_milvus.milvus import IndexConfig
+    from dns_milvus.milvus.index import FLAT_MAX_ROWS
 
     configs = []
     for kind in kinds:
         if kind == "FLAT":
             configs.append(IndexConfig("FLAT"))
         elif kind == "IVF_FLAT":
-            nlist = max(16, round(4 * math.sqrt(n_rows)))
-            enough = math.ceil(2 * candidates * nlist / n_rows)
-            configs.append(
-                IndexConfig("IVF_FLAT", nlist=nlist, nprobe=min(nlist, max(16, nlist // 16, enough)))
-            )
+            configs.append(IndexConfig.for_rows(max(n_rows, FLAT_MAX_ROWS), backend=backend))
         elif kind == "HNSW" and n_rows <= hnsw_max_rows:
             configs.append(IndexConfig("HNSW"))
     return configs
@@ -268,7 +265,7 @@ def run_backend(
                 have = size
                 print(f"[{backend} {size}] filled: {filled}", flush=True)
                 flat_ids: list[set[str]] | None = None
-                for config in index_configs(size, args.index_kinds, args.hnsw_max_rows, args.candidates):
+                for config in index_configs(size, args.index_kinds, args.hnsw_max_rows, backend):
                     build_s = build_index(index, config)
                     load_probe = gemm_gflops()  # how much CPU this configuration got
                     sweep = stage1_sweep(index, query_vectors, args.limits)
@@ -288,7 +285,7 @@ def run_backend(
                         "index": config.kind,
                         "index_params": {
                             **config.build_params(),
-                            **config.search_params(args.candidates)["params"],
+                            **config.search_params(args.candidates, size)["params"],
                         },
                         "build_s": round(build_s, 2),
                         "gemm_gflops_before_after": [round(load_probe, 1), round(load_after, 1)],
