@@ -25,7 +25,7 @@ import torch
 from dns_milvus.device import resolve_device
 from dns_milvus.errors import CheckpointError, InvalidInputError
 from dns_milvus.models import load_checkpoint
-from dns_milvus.similarity import pack_codes, prepare_for_inference
+from dns_milvus.similarity import pack_signs, prepare_for_inference
 
 PAYLOAD_PACKED = "packed_bits"
 PAYLOAD_FLOAT16 = "float16"
@@ -149,31 +149,35 @@ class ModelSet:
 
     @torch.inference_mode()
     def index_features(self, features: Sequence[np.ndarray | torch.Tensor]) -> list[VideoRecord]:
-        """Index a batch of videos given as region features [T, R, D] each.
+        """Index a batch of videos given as region features [T, R, D] each (the same R).
 
-        The networks are batch-invariant, so videos are padded into one batch per call.
+        The videos are packed along the frame axis (``dns_milvus.models.packed``): no padded
+        frame goes through the networks' per-frame layers, which are most of the work.
         """
         if len(features) == 0:
             return []
         tensors = [_as_features(f, self.feature_dim, i) for i, f in enumerate(features)]
+        regions = {t.shape[1] for t in tensors}
+        if len(regions) > 1:
+            raise InvalidInputError(
+                f"videos indexed together need the same number of regions a frame, got {sorted(regions)}"
+            )
         lengths = torch.tensor([t.shape[0] for t in tensors])
-        batch = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True).to(self.device)
-        mask = (torch.arange(batch.shape[1])[None, :] < lengths[:, None]).to(self.device)
-        coarse = self.coarse.index_video(batch, mask).float().cpu().numpy()
-        self_sim = self.selector.index_video(batch, mask).float().cpu().numpy()
-        fine = self.fine.index_video(batch, mask)
+        packed = torch.cat(tensors).to(self.device)
+        on_device = lengths.to(self.device)
+        coarse = self.coarse.index_packed(packed, on_device).float().cpu().numpy()
+        self_sim = self.selector.index_packed(packed, on_device).float().cpu().numpy()
+        if self.payload_kind == PAYLOAD_PACKED:  # packed straight from the signs: no float codes
+            payloads = pack_signs(self.fine.index_packed_signs(packed, on_device).cpu().numpy())
+        else:
+            payloads = self.fine.index_packed(packed, on_device).to(torch.float16).cpu().numpy()
         records = []
-        for i, n in enumerate(lengths.tolist()):
-            codes = fine[i, :n]
-            if self.payload_kind == PAYLOAD_PACKED:
-                payload = pack_codes(codes.cpu().numpy())  # numpy path: same bytes, much faster
-            else:
-                payload = codes.to(torch.float16).cpu().numpy()
+        for i, (start, n) in enumerate(zip(np.cumsum([0, *lengths.tolist()[:-1]]), lengths.tolist())):
             records.append(
                 VideoRecord(
                     coarse=np.ascontiguousarray(coarse[i], dtype=np.float32),
                     self_sim=float(self_sim[i]),
-                    fine=payload,
+                    fine=payloads[start : start + n],
                     payload_kind=self.payload_kind,
                 )
             )

@@ -81,10 +81,17 @@ class BinarizationLayer(nn.Module):
         return int(self.W.shape[1])
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.normalize(x, p=2, dim=-1) @ self.W
         if self.training:
-            return torch.erf(x / math.sqrt(2.0 * self.sigma))
-        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+            return torch.erf(self._project(x) / math.sqrt(2.0 * self.sigma))
+        return self.signs(x).to(self.W.dtype).mul_(2.0).sub_(1.0)  # {-1, +1}
+
+    def signs(self, x: Tensor) -> Tensor:
+        """The evaluation codes as booleans (True = +1): what packing needs, a quarter of the
+        memory of the float codes."""
+        return self._project(x) >= 0
+
+    def _project(self, x: Tensor) -> Tensor:
+        return F.normalize(x, p=2, dim=-1) @ self.W
 
     def extra_repr(self) -> str:
         return f"dims={self.W.shape[0]}, bits={self.W.shape[1]}, sigma={self.sigma}"

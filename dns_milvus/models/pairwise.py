@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from dns_milvus.errors import InvalidInputError
 from dns_milvus.models._validate import VideoBatch, frame_matrix_batch, video_batch
 from dns_milvus.models.layers import VideoComparator, frame_chamfer, region_chamfer
+from dns_milvus.models.packed import packed_batch
 
 #: Upper bound on the float elements of the largest intermediate of one chunk of pairs
 #: (the region scores or the first comparator layer): 2**26 floats = 256 MiB.
@@ -70,6 +71,12 @@ class FineSimilarityNetwork(nn.Module):
         if batch.padded:
             out = out.masked_fill(~batch.mask[:, :, None, None], 0.0)
         return batch.unbatch(out)
+
+    def index_packed(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """Packed region features ``[N, R, dims]`` of videos with ``lengths`` ``[B]`` (see
+        :mod:`dns_milvus.models.packed`) -> packed indexed tensor ``[N, R, index_dims]``."""
+        x, _ = packed_batch(x, lengths, dim=self.dims, like=self.visil_head.conv1.weight)
+        return self._index(x)
 
     def _indexed(self, x: Tensor, mask: Tensor | None, what: str) -> VideoBatch:
         return video_batch(x, mask, dim=self.index_dims, like=self.visil_head.conv1.weight, what=what)

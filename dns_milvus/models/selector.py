@@ -10,6 +10,10 @@ from torch import Tensor, nn
 
 from dns_milvus.models._validate import selector_input, video_batch
 from dns_milvus.models.layers import HAttention, VideoComparator, masked_mean
+from dns_milvus.models.packed import length_groups, packed_batch, pad_packed
+
+#: Videos a comparator call when computing self-similarities (grouped by length).
+COMPARATOR_GROUP = 8
 
 
 class SelectorMLP(nn.Module):
@@ -68,9 +72,27 @@ class SelectorNetwork(nn.Module):
         # region means: one [T, D] x [D, T] product instead of a [T, R, R, T] tensor.
         frames = self.attention(batch.features).mean(dim=2)
         frames = frames.masked_fill(~batch.mask.unsqueeze(-1), 0.0)
-        sim = torch.bmm(frames, frames.transpose(1, 2))
-        out, ql, tl = self.visil_head.compare(sim, batch.lengths, batch.lengths)
-        return batch.unbatch(masked_mean(out, ql, tl))
+        return batch.unbatch(self._self_similarity(frames, batch.lengths))
+
+    def index_packed(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """Packed region features ``[N, R, dims]`` of videos with ``lengths`` ``[B]`` (see
+        :mod:`dns_milvus.models.packed`) -> self-similarities ``[B]``, equal to
+        :meth:`index_video` on the padded batch; the attention sees no padded frame."""
+        x, lengths = packed_batch(x, lengths, dim=self.dims, like=self.visil_head.conv1.weight)
+        frames, _ = pad_packed(self.attention(x).mean(dim=1), lengths)  # zero-padded [B, T, D]
+        return self._self_similarity(frames, lengths)
+
+    def _self_similarity(self, frames: Tensor, lengths: Tensor) -> Tensor:
+        """Zero-padded frame vectors [B, T, D] -> [B]. The comparator's cost grows with the square
+        of the padded length, so videos go through it in groups of similar length."""
+        out = torch.empty(len(lengths), dtype=frames.dtype, device=frames.device)
+        for group in length_groups(lengths, COMPARATOR_GROUP):
+            n = lengths[group]
+            longest = int(n.max())
+            part = frames[group, :longest]
+            sim = torch.bmm(part, part.transpose(1, 2))
+            out[group] = masked_mean(*self.visil_head.compare(sim, n, n))
+        return out
 
     def forward(self, z: Tensor) -> Tensor:
         """Selector inputs ``[N, 3]`` (or ``[3]``) -> confidence that the fine-grained student

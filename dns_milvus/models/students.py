@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from dns_milvus.errors import InvalidInputError
 from dns_milvus.models._validate import vector_batch, video_batch
 from dns_milvus.models.layers import BinarizationLayer, HAttention, NetVLAD, VideoComparator
+from dns_milvus.models.packed import encoder_layer, packed_batch, pad_packed, supports_encoder_layer
 from dns_milvus.models.pairwise import FineSimilarityNetwork
 
 
@@ -80,17 +81,46 @@ class CoarseGrainedStudent(nn.Module):
         -> L2-normalised video vectors ``[output_dim]`` or ``[B, output_dim]``."""
         batch = video_batch(x, mask, dim=self.dims, like=self._weight())
         frame_mask = batch.mask if batch.padded else None
-        x = batch.features
-        if hasattr(self, "attention"):
-            x = self.attention(x)
-        x = F.normalize(x.sum(dim=2), p=2, dim=-1)  # [B, T, D]
+        x = self._frame_vectors(batch.features)  # [B, T, D]
         if hasattr(self, "transformer"):
             x = self.transformer(x, src_key_padding_mask=None if frame_mask is None else ~frame_mask)
+        return batch.unbatch(self._pool(x, frame_mask, batch.lengths))
+
+    def index_packed(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """Packed region features ``[N, R, dims]`` of videos with ``lengths`` ``[B]`` (see
+        :mod:`dns_milvus.models.packed`) -> video vectors ``[B, output_dim]``, equal to
+        :meth:`index_video` on the padded batch; no padded frame goes through the transformer."""
+        x, lengths = packed_batch(x, lengths, dim=self.dims, like=self._weight())
+        if self.training or not all(map(supports_encoder_layer, self._encoder_layers())):
+            padded, mask = pad_packed(x, lengths)
+            return self.index_video(padded, mask)
+        x = self._frame_vectors(x)  # [N, D]
+        if hasattr(self, "transformer"):
+            for layer in self._encoder_layers():
+                x = encoder_layer(layer, x, lengths)
+            if self.transformer.norm is not None:
+                x = self.transformer.norm(x)
+        frames, mask = pad_packed(x, lengths)
+        return self._pool(frames, mask, lengths)
+
+    def _encoder_layers(self) -> list[nn.Module]:
+        return list(self.transformer.layers) if hasattr(self, "transformer") else []
+
+    def _frame_vectors(self, x: Tensor) -> Tensor:
+        """Region features [..., R, dims] -> L2-normalised frame vectors [..., dims]."""
+        if hasattr(self, "attention"):
+            x = self.attention(x)
+        return F.normalize(x.sum(dim=-2), p=2, dim=-1)
+
+    def _pool(self, x: Tensor, frame_mask: Tensor | None, lengths: Tensor) -> Tensor:
+        """Frame vectors [B, T, D] (``frame_mask`` None: no padding) -> L2-normalised [B, out]."""
         if hasattr(self, "netvlad"):
             x = self.netvlad(x, frame_mask)
         else:
-            x = x.masked_fill(~batch.mask.unsqueeze(-1), 0.0).sum(1) / batch.lengths[:, None].to(x.dtype)
-        return batch.unbatch(F.normalize(x, p=2, dim=-1))
+            if frame_mask is not None:
+                x = x.masked_fill(~frame_mask.unsqueeze(-1), 0.0)
+            x = x.sum(1) / lengths[:, None].to(x.dtype)
+        return F.normalize(x, p=2, dim=-1)
 
     def calculate_video_similarity(self, query: Tensor, target: Tensor) -> Tensor:
         """Dot products of video vectors: query ``[Bq, d]`` x target ``[Bt, d]`` -> ``[Bq, Bt]``;
@@ -158,6 +188,14 @@ class FineGrainedStudent(FineSimilarityNetwork):
     @property
     def _f2f_scale(self) -> float:
         return 1.0 / self.binarization.bits if self.fg_type == "bin" else 1.0
+
+    def index_packed_signs(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """Binarization student: packed region features ``[N, R, dims]`` -> codes as booleans
+        ``[N, R, bits]`` (True = +1), the signs of :meth:`index_packed` without float codes."""
+        if self.fg_type != "bin":
+            raise InvalidInputError(f"only a binarization student has binary codes, not {self.fg_type!r}")
+        x, _ = packed_batch(x, lengths, dim=self.dims, like=self.visil_head.conv1.weight)
+        return self.binarization.signs(x)
 
     def _index(self, x: Tensor) -> Tensor:
         if self.fg_type == "bin":

@@ -7,7 +7,7 @@
   video comparator, from packed codes or from float16/float32 region tensors.
 """
 
-from dns_milvus.similarity.codes import pack_codes, unpack_codes
+from dns_milvus.similarity.codes import pack_codes, pack_signs, unpack_codes
 from dns_milvus.similarity.fine import fine_similarity_float, fine_similarity_packed, prepare_for_inference
 from dns_milvus.similarity.hamming import (
     packed_frame_similarity,
@@ -19,6 +19,7 @@ __all__ = [
     "fine_similarity_float",
     "fine_similarity_packed",
     "pack_codes",
+    "pack_signs",
     "packed_frame_similarity",
     "packed_frame_to_frame",
     "prepare_for_inference",

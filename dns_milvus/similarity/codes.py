@@ -70,6 +70,17 @@ def _check_packed(packed: Tensor | np.ndarray, bits: int | None) -> int:
     return available
 
 
+def pack_signs(signs: np.ndarray) -> np.ndarray:
+    """Pack boolean codes ``[..., L]`` (True = +1) into uint8 ``[..., L/8]``: :func:`pack_codes`
+    for codes already given as their signs."""
+    if signs.dtype != np.bool_ or signs.ndim == 0 or signs.shape[-1] % 8 or signs.shape[-1] == 0:
+        raise InvalidInputError(
+            "expected boolean codes [..., L] with L a positive multiple of 8, "
+            f"got {signs.dtype} {list(signs.shape)}"
+        )
+    return np.packbits(signs, axis=-1, bitorder="little")
+
+
 @overload
 def pack_codes(codes: Tensor) -> Tensor: ...
 @overload
@@ -85,7 +96,7 @@ def pack_codes(codes: Tensor | np.ndarray) -> Tensor | np.ndarray:
     """
     _check_codes(codes)
     if isinstance(codes, np.ndarray):
-        return np.packbits(codes > 0, axis=-1, bitorder="little")
+        return pack_signs(codes > 0)
     bits = (codes > 0).reshape(*codes.shape[:-1], codes.shape[-1] // 8, 8).to(torch.uint8)
     weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=codes.device)
     # the 8 weighted bits of a byte are disjoint powers of two: their sum never exceeds 255
