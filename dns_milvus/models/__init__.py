@@ -2,7 +2,8 @@
 
 Region features are float32 ``[T, R, D]`` for one video or ``[B, T, R, D]`` with a frame mask
 ``[B, T]`` (True = real frame, padding at the end). Every network gives the same result for a
-video inside any padded batch as for the video alone.
+video inside any padded batch as for the video alone. For indexing, ``index_packed`` takes the
+videos concatenated along frames instead (``dns_milvus.models.packed``): no padding computed.
 """
 
 from dns_milvus.models.checkpoint import (
