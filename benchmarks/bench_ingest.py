@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {part:<42} {ms:>9.2f}")
     print(
         f"packed over padded: {split['packed_speedup']}x faster; GFLOP/video {split['gflop_per_video']} "
-        f"packed vs {split['gflop_per_video_padded']} padded; max |difference| "
+        f"packed vs {split['gflop_per_video_padded']} padded (the padded count misses the transformer: "
+        "torch's fused encoder path has no FLOP formula); max |difference| "
         + ", ".join(f"{k} {v:.2g}" for k, v in split["max_abs_difference_padded_vs_packed"].items())
     )
     ceiling = gflops / split["gflop_per_video"]
