@@ -14,16 +14,12 @@ import os
 import platform
 import resource
 import secrets
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +33,6 @@ FEATURE_DIM = 512
 BITS = 512
 #: Frame counts of the synthetic videos (1 frame a second): 30 s to 2 min.
 DEFAULT_FRAMES = (30, 120)
-SERVER_START_TIMEOUT_S = 180.0
 
 
 # -- command line and environment --------------------------------------------------------------
@@ -286,15 +281,6 @@ def directory_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def release_lite(db_path: Path) -> None:
-    """Stop the in-process Milvus Lite server of ``db_path`` (it would otherwise live until exit)."""
-    try:
-        from milvus_lite.server_manager import server_manager_instance
-    except ImportError:
-        return
-    server_manager_instance.release_server(str(db_path))
-
-
 def collection_name(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(4)}"
 
@@ -302,89 +288,9 @@ def collection_name(prefix: str) -> str:
 # -- the embedded Milvus standalone server ---------------------------------------------------------
 
 
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct free loopback ports (held open together so none repeats)."""
-    with ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-        return ports
+def milvus_server(base: Path) -> AbstractContextManager[str]:
+    """The embedded Milvus standalone server (PyPI ``milvus``) with its data under ``base``;
+    yields its URI and stops it on exit."""
+    from dns_milvus.milvus.server import embedded_server
 
-
-def _server_template(base: Path, *, etcd_client_port: int, etcd_peer_port: int) -> Path:
-    """The package's config template with ``etcd.config.path`` pointing at an embedded-etcd config
-    on the given ports (otherwise its etcd always takes 2379/2380 and clashes with other servers)."""
-    import milvus
-
-    etcd_config = base / "embedded-etcd.yaml"
-    peer, client = f"http://127.0.0.1:{etcd_peer_port}", f"http://127.0.0.1:{etcd_client_port}"
-    etcd_config.write_text(
-        "name: dns-bench\n"
-        f"listen-peer-urls: {peer}\ninitial-advertise-peer-urls: {peer}\n"
-        f"initial-cluster: dns-bench={peer}\n"
-        f"listen-client-urls: {client}\nadvertise-client-urls: {client}\n"
-    )
-    original = Path(milvus.__file__).parent / "data" / "config.yaml.template"
-    lines = original.read_text().splitlines()
-    etcd_at = lines.index("etcd:")
-    lines[etcd_at + 1 : etcd_at + 1] = ["  config:", f"    path: {etcd_config}"]
-    template = base / "milvus.yaml.template"
-    template.write_text("\n".join(lines) + "\n")
-    shutil.copy(original.with_name("glog.conf"), base / "glog.conf")
-    return template
-
-
-def _wait_ready(server: Any, uri: str, deadline: float) -> None:
-    """Poll the health endpoint, then a client call (a healthy proxy may refuse requests briefly)."""
-    from pymilvus import MilvusClient
-
-    health = f"http://127.0.0.1:{server.webservice_port}/healthz"
-    while True:
-        process = server.server_proc
-        if process is None or process.poll() is not None:
-            raise RuntimeError("the Milvus server process exited during start-up")
-        with (
-            contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
-            urllib.request.urlopen(health, timeout=2) as response,
-        ):
-            if b"OK" in response.read():
-                break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the Milvus server was not healthy within {SERVER_START_TIMEOUT_S:g} s")
-        time.sleep(0.3)
-    while True:
-        try:
-            client = MilvusClient(uri, timeout=5)
-            client.list_collections()
-            client.close()
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
-@contextlib.contextmanager
-def milvus_server(base: Path) -> Iterator[str]:
-    """Run the embedded Milvus standalone server (PyPI ``milvus``) on free loopback ports with its
-    data under ``base``; yields its URI and stops it on exit."""
-    from milvus import MilvusServer, MilvusServerConfig
-
-    base.mkdir(parents=True, exist_ok=True)
-    port_keys = [k for k in MilvusServerConfig().configurable_items if k.endswith("_port")]
-    *ports, metrics_port, etcd_peer_port = _free_ports(len(port_keys) + 2)
-    chosen = dict(zip(port_keys, ports, strict=True))
-    template = _server_template(base, etcd_client_port=chosen["etcd_port"], etcd_peer_port=etcd_peer_port)
-    config = MilvusServerConfig(data_dir=str(base), template=str(template), **chosen)
-    config.glog_conf_file = str(template.with_name("glog.conf"))
-    server = MilvusServer(config, wait_for_started=False)
-    server.webservice_port = metrics_port
-    try:
-        server.start()
-        uri = f"http://127.0.0.1:{server.listen_port}"
-        _wait_ready(server, uri, time.monotonic() + SERVER_START_TIMEOUT_S)
-        yield uri
-    finally:
-        server.stop()
+    return embedded_server(base)

@@ -47,13 +47,14 @@ from _common import (
     print_table,
     random_features,
     ratio,
-    release_lite,
     scratch_dir,
     settle_disk,
     setup_torch,
     summarize,
     write_report,
 )
+
+from dns_milvus.milvus import release_lite
 
 NAME = "ingest"
 TARGET_VIDEOS_PER_S = 200.0

@@ -41,12 +41,13 @@ from _common import (
     print_table,
     random_features,
     ratio,
-    release_lite,
     scratch_dir,
     setup_torch,
     summarize,
     write_report,
 )
+
+from dns_milvus.milvus import release_lite
 
 NAME = "storage"
 #: The paper's FIVR-200K table (KB per video), and the mean frame count its bit column implies.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sys
 import time
 from pathlib import Path
 
@@ -578,3 +579,14 @@ def test_damaged_lite_database_raises_with_recovery_steps(milvus_lite_uri: str, 
     client = connect(path)
     assert client.list_collections() == []
     client.close()
+
+
+def test_embedded_server_without_the_milvus_package_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dns_milvus.milvus.server import embedded_server
+
+    monkeypatch.setitem(sys.modules, "milvus", None)  # as if the dev extra were not installed
+    server = embedded_server(tmp_path)
+    with pytest.raises(BackendUnavailableError, match=r"'milvus' package.*pip install -e \.\[dev\]"):
+        server.__enter__()

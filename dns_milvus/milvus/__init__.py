@@ -12,6 +12,7 @@ from dns_milvus.milvus.connection import (
     connect,
     display_uri,
     redact_uri,
+    release_lite,
 )
 from dns_milvus.milvus.filters import Filter, ids_filter, metadata_filter, render_filter, render_literal
 from dns_milvus.milvus.index import IndexConfig
@@ -46,6 +47,7 @@ __all__ = [
     "ids_filter",
     "metadata_filter",
     "redact_uri",
+    "release_lite",
     "render_filter",
     "render_literal",
 ]

@@ -124,7 +124,7 @@ def _open_lite_collections(client: MilvusClient, path: Path) -> None:
             client.load_collection(collection)
     except MilvusException as exc:
         client.close()
-        _release_lite_server(path)  # else a later connect() to this path would reuse the broken one
+        release_lite(path)  # else a later connect() to this path would reuse the broken one
         where = f" (collection {collection!r})" if collection else ""
         raise MilvusLiteDamagedError(
             f"cannot read the Milvus Lite database {str(path)!r}{where}: {_reason(exc)}. Its files are "
@@ -136,7 +136,7 @@ def _open_lite_collections(client: MilvusClient, path: Path) -> None:
         ) from exc
 
 
-def _release_lite_server(path: Path) -> None:
+def release_lite(path: str | os.PathLike[str]) -> None:
     """Stop the in-process Milvus Lite server of ``path`` (pymilvus keeps one per path until exit)."""
     try:
         from milvus_lite.server_manager import server_manager_instance
