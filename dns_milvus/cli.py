@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dns_milvus._cli import run_command
 from dns_milvus.config import Settings
 from dns_milvus.errors import DnSError
 
@@ -313,14 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = argparse.Namespace(command=argv[0], rest=argv[1:], func=PASSTHROUGH[argv[0]])
     else:
         args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except DnSError as exc:
-        print(f"dns-milvus {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(f"dns-milvus {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":

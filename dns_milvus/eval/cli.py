@@ -18,7 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from dns_milvus.errors import DnSError, InvalidInputError
+from dns_milvus._cli import run_command
+from dns_milvus.errors import InvalidInputError
 
 DATASETS = ("fivr-200k", "fivr-5k", "cc_web", "svd", "evve", "vcdb", "annotation")
 
@@ -42,14 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error argparse has already printed
         return int(exc.code or 0)
-    try:
-        return int(args.func(args) or 0)
-    except DnSError as exc:
-        print(f"dns-milvus eval {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(f"dns-milvus eval {args.command}", lambda: args.func(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from dns_milvus.errors import DnSError
+from dns_milvus._cli import run_command
 from dns_milvus.train.stages import STAGES, run_stage
 
 
@@ -25,17 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="JSON or TOML file with the stage's settings")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
-    try:
-        result = run_stage(args.stage, args.config)
-    except DnSError as exc:
-        print(f"dns-milvus train {args.stage}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(f"dns-milvus train {args.stage}", lambda: _run(args.stage, args.config, args.json))
+
+
+def _run(stage: str, config: str, as_json: bool) -> int:
+    result = run_stage(stage, config)
     summary = {
         "stage": result.stage,
         "outputs": {k: str(v) for k, v in result.outputs.items()},
         "summary": result.summary,
     }
-    if args.json:
+    if as_json:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print(f"stage {result.stage} done in {result.summary.get('seconds', '?')} s")
