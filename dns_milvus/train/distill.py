@@ -30,7 +30,7 @@ from dns_milvus.train.data import FeatureSet, pad_videos, temporal_augment
 from dns_milvus.train.itq import fit_itq, load_itq
 from dns_milvus.train.losses import distillation_loss
 from dns_milvus.train.mining import MinedPairs, rescore_pairs
-from dns_milvus.train.trainer import TrainingResult, TrainingTask, fit, resolve_device
+from dns_milvus.train.trainer import TrainingResult, TrainingTask, fit_stage, resolve_device
 from dns_milvus.train.validation import ValidationSet, evaluate_map
 
 #: File stem of each student kind (the release's names without the ``dns_`` prefix).
@@ -197,18 +197,13 @@ def train_student(
         max_frames=config.max_frames,
         validation=validation,
     )
-    settings = {**config.to_dict(), "student": kind}
-    return fit(
+    return fit_stage(
         task,
+        config,
         output=output,
-        epochs=config.epochs,
-        seed=config.seed,
-        weight_decay=config.weight_decay,
-        lr=config.lr_coarse if kind == "coarse" else config.lr_fine,
-        config=settings,
-        resume=config.resume,
-        progress=config.progress,
         monitor="mAP" if validation is not None else None,
+        lr=config.lr_coarse if kind == "coarse" else config.lr_fine,
+        settings={**config.to_dict(), "student": kind},
         **fit_options,
     )
 

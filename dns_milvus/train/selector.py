@@ -25,7 +25,7 @@ from dns_milvus.train.config import SelectorConfig
 from dns_milvus.train.data import FeatureSet, pad_videos
 from dns_milvus.train.mining import MinedPairs
 from dns_milvus.train.scoring import pair_similarities, state_digest
-from dns_milvus.train.trainer import TrainingResult, TrainingTask, fit, resolve_device
+from dns_milvus.train.trainer import TrainingResult, TrainingTask, fit_stage, resolve_device
 
 SELECTOR_FILE = "selector"
 
@@ -283,16 +283,5 @@ def train_selector(config: SelectorConfig, **fit_options: Any) -> TrainingResult
         device=device,
         max_frames=config.max_frames,
     )
-    return fit(
-        task,
-        output=output,
-        epochs=config.epochs,
-        lr=config.lr,
-        seed=config.seed,
-        weight_decay=config.weight_decay,
-        config=config.to_dict(),
-        resume=config.resume,
-        progress=config.progress,
-        monitor="auc" if held_out is not None else None,
-        **fit_options,
-    )
+    monitor = "auc" if held_out is not None else None
+    return fit_stage(task, config, output=output, monitor=monitor, **fit_options)

@@ -22,7 +22,7 @@ from dns_milvus.models import ViSiLTeacher
 from dns_milvus.train.config import TeacherConfig
 from dns_milvus.train.data import FeatureSet, load_groups, pad_videos
 from dns_milvus.train.losses import triplet_loss
-from dns_milvus.train.trainer import TrainingResult, TrainingTask, fit, resolve_device
+from dns_milvus.train.trainer import TrainingResult, TrainingTask, fit_stage, resolve_device
 from dns_milvus.train.validation import ValidationSet, evaluate_map
 
 TEACHER_FILE = "teacher"
@@ -165,16 +165,5 @@ def train_teacher(
         window=config.window,
         validation=validation,
     )
-    return fit(
-        task,
-        output=Path(config.output),
-        epochs=config.epochs,
-        lr=config.lr,
-        seed=config.seed,
-        weight_decay=config.weight_decay,
-        config=config.to_dict(),
-        resume=config.resume,
-        progress=config.progress,
-        monitor="mAP" if validation is not None else None,
-        **fit_options,
-    )
+    monitor = "mAP" if validation is not None else None
+    return fit_stage(task, config, output=Path(config.output), monitor=monitor, **fit_options)

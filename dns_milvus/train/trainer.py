@@ -197,6 +197,34 @@ def fit(
     return TrainingResult(ckpt_path, summary, history, resumed_from, best)
 
 
+def fit_stage(
+    task: TrainingTask,
+    config: Any,
+    *,
+    output: str | Path,
+    monitor: str | None,
+    lr: float | None = None,
+    settings: Mapping[str, Any] | None = None,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainingResult:
+    """:func:`fit` with a training stage's config (``epochs``, ``lr`` unless given, ``seed``,
+    ``weight_decay``, ``resume``, ``progress``); ``settings`` (default ``config.to_dict()``) is
+    what the checkpoint stores to check resumption against."""
+    return fit(
+        task,
+        output=output,
+        epochs=config.epochs,
+        lr=config.lr if lr is None else lr,
+        seed=config.seed,
+        weight_decay=config.weight_decay,
+        config=config.to_dict() if settings is None else settings,
+        resume=config.resume,
+        progress=config.progress,
+        monitor=monitor,
+        on_epoch_end=on_epoch_end,
+    )
+
+
 def write_summary(path: Path, summary: Mapping[str, Any]) -> Path:
     path.write_text(json.dumps(_plain(summary), indent=2, sort_keys=False) + "\n")
     return path
