@@ -80,7 +80,8 @@ def video_id(i: int) -> str:
 
 
 def timed_source(items: Iterable[Any], watch: Stopwatch) -> Iterator[Any]:
-    """Pass items through, timing the source's own work (hdf5_source reads each dataset here)."""
+    """Pass items through, timing the source's own work (hdf5_source lists the file here; each
+    item's load reads its dataset in the pipeline's read-ahead threads)."""
     iterator = iter(items)
     while True:
         with watch("hdf5_read"):
@@ -364,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     print(
-        "\nper-stage split, ms per video (hdf5_read: reading the file inside the source iterator;"
+        "\nper-stage split, ms per video (hdf5_read: the source iterator's own time; load: waiting for "
+        "the read-ahead threads' reads;"
         " other: skip-existing lookups, Lite flushes they trigger, bookkeeping)"
     )
     runs = [headline, *sweep]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 from dns_milvus.engine import DnSIndex, ModelSet
-from dns_milvus.ingest import array_source, hdf5_source, ingest
+from dns_milvus.ingest import SourceItem, array_source, hdf5_source, ingest
 from dns_milvus.store import LocalStore, fine_key
 from tests.fixtures.engine import random_video
 
@@ -67,6 +69,52 @@ def test_ingested_records_equal_direct_indexing(lite_index: DnSIndex) -> None:
         assert stored.self_sim == pytest.approx(direct.self_sim, abs=1e-5)
         np.testing.assert_array_equal(stored.fine, direct.fine)
         assert stored.fine.nbytes == feats.shape[0] * 9 * 512 // 8
+
+
+def test_next_batch_loads_while_this_one_is_indexed(
+    lite_index: DnSIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Indexing the first batch waits until a load of the second has started: it can only
+    finish because loads run one batch ahead. Every video is indexed once; a failing load
+    loses only that video."""
+    rng = np.random.default_rng(6)
+    videos = {f"v{i:02d}": random_video(rng, 3 + i % 4) for i in range(11)}
+    second_batch_loading = threading.Event()
+
+    def load(vid: str) -> np.ndarray:
+        if vid in ("v03", "v04", "v05"):
+            second_batch_loading.set()
+        if vid == "v05":
+            raise OSError("unreadable")
+        return videos[vid]
+
+    index_features = lite_index.models.index_features
+    overlapped: list[bool] = []
+
+    def index_when_next_batch_loads(features: list[np.ndarray]) -> list:
+        overlapped.append(second_batch_loading.wait(timeout=30))
+        return index_features(features)
+
+    monkeypatch.setattr(lite_index.models, "index_features", index_when_next_batch_loads)
+    items = [SourceItem(vid, functools.partial(load, vid)) for vid in videos]
+    report = ingest(lite_index, items, batch_size=3, progress=False)
+    assert overlapped and all(overlapped)
+    assert sorted(report.added) == sorted(set(videos) - {"v05"})
+    assert report.failed == {"v05": "OSError: unreadable"}
+    assert lite_index.count() == 10
+
+
+def test_hdf5_file_removed_after_listing_fails_each_video(tmp_path: Path, lite_index: DnSIndex) -> None:
+    rng = np.random.default_rng(7)
+    h5 = tmp_path / "gone.hdf5"
+    _write_h5(h5, {f"g{i}": random_video(rng, 4) for i in range(4)})
+    source = hdf5_source(h5)
+    first = next(source)
+    h5.unlink()
+    report = ingest(lite_index, [first, *source], batch_size=2, progress=False)
+    assert report.added == [] and lite_index.count() == 0
+    assert set(report.failed) == {"g0", "g1", "g2", "g3"}
+    assert all("not found" in msg for msg in report.failed.values())
 
 
 def test_duplicate_and_invalid_ids_are_reported_not_fatal(lite_index: DnSIndex) -> None:

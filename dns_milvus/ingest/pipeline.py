@@ -1,6 +1,7 @@
 """Bulk ingestion: features -> coarse vector, self-similarity, fine tensor -> object -> row.
 
-Batched (bounded memory: one batch of features at a time, plus a small read-ahead),
+Batched (bounded memory: at most two batches of features at a time, since the next batch is
+loaded by ``read_ahead`` threads while the networks run on this one),
 resumable (a re-run skips ids already indexed: a row exists only after its object was
 written and verified), idempotent (re-ingesting an id is an upsert). A failing video is
 reported and skipped; the rest of its batch goes on.
@@ -66,7 +67,10 @@ def ingest(
     total: int | None = None,
     read_ahead: int = 2,
 ) -> IngestReport:
-    """Index every item of a source into ``index``; see the module docstring for the guarantees."""
+    """Index every item of a source into ``index``; see the module docstring for the guarantees.
+
+    ``read_ahead``: threads that load (decode, read) the next batch while this one is indexed.
+    """
     if batch_size < 1:
         raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
     report = IngestReport()
@@ -75,15 +79,20 @@ def ingest(
     start = time.perf_counter()
     bar = tqdm(total=total, unit="video", desc="ingest", disable=not progress, dynamic_ncols=True)
     with ThreadPoolExecutor(max_workers=max(1, read_ahead)) as pool:
+        # The next batch loads (decodes, reads) in the pool while this one goes through the
+        # networks: at most two batches are in memory at a time.
+        loading: list[tuple[SourceItem, Future]] | None = None
         for batch in _batches(_valid_items(items, seen, report), batch_size):
             if skip_existing:
                 existing = set(index.collection.get([it.video_id for it in batch]))
                 report.skipped.extend(it.video_id for it in batch if it.video_id in existing)
                 batch = [it for it in batch if it.video_id not in existing]
-            loaded = _load_all(pool, batch, report, stages)
-            _index_batch(index, loaded, report, stages)
-            bar.update(len(batch))
-            bar.set_postfix(ok=len(report.added), failed=len(report.failed), refresh=False)
+            submitted = [(it, pool.submit(it.load)) for it in batch]
+            if loading is not None:
+                _index_loaded(index, loading, report, stages, bar)
+            loading = submitted
+        if loading is not None:
+            _index_loaded(index, loading, report, stages, bar)
     bar.close()
     report.seconds = time.perf_counter() - start
     report.stage_seconds = stages
@@ -115,11 +124,23 @@ def _batches(items: Iterator[SourceItem], size: int) -> Iterator[list[SourceItem
         yield batch
 
 
-def _load_all(
-    pool: ThreadPoolExecutor, batch: list[SourceItem], report: IngestReport, stages: dict[str, float]
+def _index_loaded(
+    index: DnSIndex,
+    futures: list[tuple[SourceItem, Future]],
+    report: IngestReport,
+    stages: dict[str, float],
+    bar: tqdm,
+) -> None:
+    _index_batch(index, _collect(futures, report, stages), report, stages)
+    bar.update(len(futures))
+    bar.set_postfix(ok=len(report.added), failed=len(report.failed), refresh=False)
+
+
+def _collect(
+    futures: list[tuple[SourceItem, Future]], report: IngestReport, stages: dict[str, float]
 ) -> list[tuple[SourceItem, Any]]:
+    """Wait for a batch's loads; ``load`` counts only the time spent waiting for them."""
     t0 = time.perf_counter()
-    futures: list[tuple[SourceItem, Future]] = [(it, pool.submit(it.load)) for it in batch]
     loaded = []
     for item, fut in futures:
         try:

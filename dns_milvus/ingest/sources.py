@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dns_milvus.errors import DnSError, InvalidInputError
+from dns_milvus.errors import InvalidInputError
 
 #: File suffixes treated as videos when a directory is scanned.
 VIDEO_SUFFIXES = frozenset(
@@ -72,26 +72,25 @@ def file_source(
 
 def hdf5_source(path: str | os.PathLike, ids: Iterable[str] | None = None) -> Iterator[SourceItem]:
     """An HDF5 feature file in the DnS release layout: one dataset [T, R, D] per video id
-    (ids with ``/`` live in groups, as CC_WEB_VIDEO's do). Shapes are checked by the networks."""
+    (ids with ``/`` live in groups, as CC_WEB_VIDEO's do). Shapes are checked by the networks.
+
+    Each item's ``load`` reads its dataset (opening the file for that read), so the ingest
+    pipeline reads the next batch while the networks run on this one.
+    """
     from dns_milvus.eval.features import H5Features
 
-    features = H5Features(path, regions=None, dim=None)
-    with features:
+    with H5Features(path, regions=None, dim=None) as features:
         wanted = list(ids) if ids is not None else features.ids()
-        name = Path(path).name
-        for vid in wanted:
-            # Read now, while the file is open; the pipeline pulls one batch at a time, so memory
-            # stays bounded. A bad dataset fails as that video when the pipeline loads it.
-            try:
-                arr = features[vid]
-                load = lambda a=arr: a  # noqa: E731
-            except DnSError as exc:
-                load = functools.partial(_raise, exc)
-            yield SourceItem(vid, load, {"source": f"{name}:{vid}"})
+    name = Path(path).name
+    for vid in wanted:
+        yield SourceItem(vid, functools.partial(_read_dataset, path, vid), {"source": f"{name}:{vid}"})
 
 
-def _raise(exc: Exception) -> None:
-    raise exc
+def _read_dataset(path: str | os.PathLike, video_id: str) -> Any:
+    from dns_milvus.eval.features import H5Features
+
+    with H5Features(path, regions=None, dim=None) as features:
+        return features[video_id]
 
 
 def array_source(
