@@ -171,17 +171,16 @@ class ModelSet:
             payloads = pack_signs(self.fine.index_packed_signs(packed, on_device).cpu().numpy())
         else:
             payloads = self.fine.index_packed(packed, on_device).to(torch.float16).cpu().numpy()
-        records = []
-        for i, (start, n) in enumerate(zip(np.cumsum([0, *lengths.tolist()[:-1]]), lengths.tolist())):
-            records.append(
-                VideoRecord(
-                    coarse=np.ascontiguousarray(coarse[i], dtype=np.float32),
-                    self_sim=float(self_sim[i]),
-                    fine=payloads[start : start + n],
-                    payload_kind=self.payload_kind,
-                )
+        per_video = np.split(payloads, np.cumsum(lengths.tolist())[:-1])
+        return [
+            VideoRecord(
+                coarse=np.ascontiguousarray(coarse[i], dtype=np.float32),
+                self_sim=float(self_sim[i]),
+                fine=fine,
+                payload_kind=self.payload_kind,
             )
-        return records
+            for i, fine in enumerate(per_video)
+        ]
 
     def extract_video(self, path: str | Path, *, max_frames: int | None = None) -> torch.Tensor:
         """Decode a video file and extract its region features [T, R, D]."""
