@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import os
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -184,6 +185,38 @@ def test_write_and_read_back_round_trip(tmp_path: Path, bikes_frames: np.ndarray
     assert read_frames(path, fps=1.0).shape[0] == math.ceil(info.duration_s)
     # An in-memory buffer decodes the same as the file.
     np.testing.assert_array_equal(read_frames(io.BytesIO(path.read_bytes()), fps=None), back)
+
+
+_ENCODE_SCRIPT = """
+import hashlib, io, sys
+import numpy as np
+from dns_milvus.video import write_video
+rng = np.random.default_rng(5)
+digest = hashlib.sha256()
+for n in (3, 5, 8, 10):  # short clips: where x264's lookahead sees frames it never wrote
+    coarse = rng.integers(0, 256, size=(n, 4, 6, 3), dtype=np.uint8)
+    frames = np.repeat(np.repeat(coarse, 16, axis=1), 16, axis=2)
+    buffer = io.BytesIO()
+    write_video(frames, buffer, fps=1.0)
+    digest.update(buffer.getvalue())
+print(digest.hexdigest())
+"""
+
+
+def test_encoding_does_not_depend_on_uninitialised_memory() -> None:
+    # glibc fills fresh allocations with MALLOC_PERTURB_'s byte: an encoder that reads memory it
+    # never wrote gives different bytes under different values.
+    import subprocess
+    import sys
+
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", _ENCODE_SCRIPT], capture_output=True, text=True, check=True,
+            env={**os.environ, "MALLOC_PERTURB_": perturb},
+        ).stdout.strip()
+        for perturb in ("0", "7", "165")
+    }  # fmt: skip
+    assert len(digests) == 1, digests
 
 
 def test_frames_from_images_reads_files_and_resizes_arrays(tmp_path: Path) -> None:

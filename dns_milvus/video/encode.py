@@ -47,8 +47,14 @@ def write_video(
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     target = os.fspath(path) if isinstance(path, os.PathLike) else path
+    codec_name = _pick_codec(codec)
+    # x264's macroblock-tree rate control reads lookahead buffers it never wrote on short clips,
+    # so the same frames could encode to different bytes (and decode to different pixels).
+    options = {"x264-params": "mbtree=0"} if codec_name == "libx264" else {}
     with av.open(target, mode="w", format="mp4") as container:
-        stream = container.add_stream(_pick_codec(codec), rate=Fraction(fps).limit_denominator(10_000))
+        stream = container.add_stream(
+            codec_name, rate=Fraction(fps).limit_denominator(10_000), options=options
+        )
         stream.width, stream.height = width + pad_w, height + pad_h
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1  # one thread: identical bytes on every machine
