@@ -236,28 +236,12 @@ def make_model_set(directory: Path, *, seed: int = 0, fine: str = "bin") -> Path
     attention (``fine="att"``, float16 storage); selector: default. Untrained weights cost the
     same time and bytes as trained ones, which is all these benchmarks measure.
     """
-    from dns_milvus.models import CoarseGrainedStudent, FineGrainedStudent, SelectorNetwork, save_checkpoint
+    from dns_milvus.testing.synthetic import write_model_set
 
-    if fine not in ("bin", "att"):
-        raise ValueError(f"fine must be 'bin' or 'att', got {fine!r}")
-    torch.manual_seed(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    fine_name = f"fg_{fine}_student.pth"
-    nets = {
-        "cg_student.pth": CoarseGrainedStudent(),
-        fine_name: FineGrainedStudent(binarization=fine == "bin", attention=fine == "att"),
-        "selector.pth": SelectorNetwork(),
-    }
-    for name, net in nets.items():
-        save_checkpoint(net.eval(), directory / name)
-    manifest = {
-        "name": f"bench-{fine}",
-        "coarse": "cg_student.pth",
-        "fine": fine_name,
-        "selector": "selector.pth",
-    }
-    (directory / "manifest.json").write_text(json.dumps(manifest))
-    return directory
+    return write_model_set(
+        directory, name=f"bench-{fine}", seed=seed, dims=FEATURE_DIM, bits=BITS, fine=fine,
+        netvlad_clusters=64, coarse_dim=1024,
+    )  # fmt: skip
 
 
 def load_model_set(directory: Path, *, seed: int = 0, fine: str = "bin") -> Any:
@@ -291,6 +275,6 @@ def collection_name(prefix: str) -> str:
 def milvus_server(base: Path) -> AbstractContextManager[str]:
     """The embedded Milvus standalone server (PyPI ``milvus``) with its data under ``base``;
     yields its URI and stops it on exit."""
-    from dns_milvus.milvus.server import embedded_server
+    from dns_milvus.testing.milvus_server import embedded_server
 
     return embedded_server(base)

@@ -1,7 +1,7 @@
 """Load run against the re-ranker sidecar: N concurrent gRPC clients, a fixed number of requests.
 
 The script builds a synthetic model set (seeded random networks) and corpus, starts the sidecar
-as a subprocess on loopback (``python -m rerankers.server``), and drives it with ``--clients``
+as a subprocess on loopback (``python -m dns_milvus.sidecar``), and drives it with ``--clients``
 threads, each with its own channel, until ``--requests`` requests have been answered. It
 reports throughput, latency percentiles, errors by status, the server's resident memory at
 start / after warm-up / at the end (RSS must stay flat after warm-up: the queue is bounded and
@@ -33,7 +33,7 @@ import torch
 from dns_milvus.engine import ModelSet, SelectionPolicy
 from dns_milvus.rpc import RemoteReranker
 from dns_milvus.store import LocalStore
-from rerankers.synthetic import candidates_for, write_corpus, write_model_set
+from dns_milvus.testing.synthetic import candidates_for, write_corpus, write_model_set
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def start_server(
         "DNS_RERANKER_TORCH_THREADS": str(args.threads),
         "DNS_RERANKER_LOG_LEVEL": "WARNING",
     }
-    proc = subprocess.Popen([sys.executable, "-m", "rerankers.server"], cwd=REPO_ROOT, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "dns_milvus.sidecar"], cwd=REPO_ROOT, env=env)
     deadline = time.monotonic() + 180
     while not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:

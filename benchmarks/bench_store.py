@@ -36,7 +36,7 @@ from dns_milvus.store import (
     encode_fine_tensor,
     fine_key,
 )
-from dns_milvus.store.seaweedfs import find_weed_binary, start_seaweedfs
+from dns_milvus.testing.seaweedfs import find_weed_binary, start_seaweedfs
 
 CONCURRENCY = (1, 8, 32)
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "store.json"

@@ -36,3 +36,45 @@ class BackendUnavailableError(DnSError, ConnectionError):
 
 class VideoDecodeError(DnSError):
     """A video file that is missing, corrupt, empty or has no decodable frames."""
+
+
+class ModelSetMismatchError(DnSError):
+    """A re-rank request for another model set than the one the re-ranker serves."""
+
+
+# -- the re-ranker service (server side: ``dns_milvus.sidecar``) -----------------------------------
+
+
+class OverloadedError(DnSError):
+    """The re-ranker is at capacity; the client should retry later (RESOURCE_EXHAUSTED / 429)."""
+
+
+class ShuttingDownError(DnSError):
+    """The re-ranker is draining and takes no new work (UNAVAILABLE / 503)."""
+
+
+class DeadlineExceededError(DnSError, TimeoutError):
+    """A request's deadline passed before or while its work ran (DEADLINE_EXCEEDED / 504)."""
+
+
+class RequestCancelledError(DnSError):
+    """The client cancelled the request; its pending work was dropped (CANCELLED / 499)."""
+
+
+# -- the re-ranker client (``dns_milvus.rpc.RemoteReranker``) ----------------------------------------
+
+
+class RerankerAuthError(DnSError):
+    """Credentials refused by the re-ranker (UNAUTHENTICATED / PERMISSION_DENIED / 401)."""
+
+
+class RerankerOverloadedError(BackendUnavailableError):
+    """The sidecar is at capacity (RESOURCE_EXHAUSTED); search degrades to the coarse ranking."""
+
+
+class RerankerTimeoutError(DnSError, TimeoutError):
+    """The sidecar did not answer within the deadline (DEADLINE_EXCEEDED)."""
+
+
+class RemoteRerankerError(DnSError):
+    """Any other failure the sidecar reported (INTERNAL, UNKNOWN, ...)."""

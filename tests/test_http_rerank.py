@@ -15,8 +15,8 @@ import pytest
 
 from dns_milvus.engine import SelectionPolicy
 from dns_milvus.rpc import convert
+from dns_milvus.sidecar.server import BackgroundServer
 from dns_milvus.store import fine_key
-from rerankers.server import BackgroundServer
 from tests.test_rerank_service import COLLECTION, Stage2, build_stage2
 
 MODEL_SET = "sidecar-test"

@@ -584,7 +584,7 @@ def test_damaged_lite_database_raises_with_recovery_steps(milvus_lite_uri: str, 
 def test_embedded_server_without_the_milvus_package_says_what_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dns_milvus.milvus.server import embedded_server
+    from dns_milvus.testing.milvus_server import embedded_server
 
     monkeypatch.setitem(sys.modules, "milvus", None)  # as if the dev extra were not installed
     server = embedded_server(tmp_path)

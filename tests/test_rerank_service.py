@@ -38,12 +38,12 @@ from dns_milvus.rpc import (
     convert,
 )
 from dns_milvus.rpc import generate as rpc_generate
-from dns_milvus.rpc._generated import rerank_pb2 as pb
-from dns_milvus.rpc._generated import rerank_pb2_grpc as pb_grpc
+from dns_milvus.rpc import rerank_pb2 as pb
+from dns_milvus.rpc import rerank_pb2_grpc as pb_grpc
+from dns_milvus.sidecar.config import ServerConfig, load_config
+from dns_milvus.sidecar.server import BackgroundServer
 from dns_milvus.store import LocalStore, ObjectStore, fine_key
-from rerankers.config import ServerConfig, load_config
-from rerankers.server import BackgroundServer
-from rerankers.synthetic import candidates_for, write_corpus, write_model_set
+from dns_milvus.testing.synthetic import candidates_for, write_corpus, write_model_set
 
 COLLECTION = "videos"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -544,7 +544,7 @@ def test_config_reads_flags_over_environment_over_defaults() -> None:
 
 
 def test_main_reports_configuration_errors_with_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
-    from rerankers.server import main
+    from dns_milvus.sidecar.server import main
 
     assert main(["--store", "/tmp/x"]) == 2
     assert "--model-set" in capsys.readouterr().err
@@ -565,7 +565,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(stage2: Stage2, tmp_path: 
         "DNS_RERANKER_DEVICE": "cpu",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rerankers.server"], cwd=REPO_ROOT, env=env,
+        [sys.executable, "-m", "dns_milvus.sidecar"], cwd=REPO_ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

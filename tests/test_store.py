@@ -40,7 +40,7 @@ from dns_milvus.store import (
     put_verified,
     validate_key,
 )
-from dns_milvus.store.seaweedfs import SeaweedFSServer
+from dns_milvus.testing.seaweedfs import SeaweedFSServer
 
 FINE_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*/[0-9a-f]{2}/[0-9a-f]{64}\.dnsf")
 

@@ -19,34 +19,23 @@ import grpc
 from dns_milvus.engine.modelset import VideoRecord
 from dns_milvus.engine.policy import SelectionPolicy
 from dns_milvus.engine.rerank import Candidate, RerankResult
-from dns_milvus.errors import BackendUnavailableError, DnSError, InvalidInputError, NotFoundError
+from dns_milvus.errors import (
+    BackendUnavailableError,
+    DnSError,
+    InvalidInputError,
+    ModelSetMismatchError,
+    NotFoundError,
+    RemoteRerankerError,
+    RerankerAuthError,
+    RerankerOverloadedError,
+    RerankerTimeoutError,
+)
 from dns_milvus.rpc import convert
 from dns_milvus.rpc._generated import rerank_pb2 as pb
 from dns_milvus.rpc._generated import rerank_pb2_grpc as pb_grpc
 
 #: Default cap on one message in either direction (gRPC's own default is 4 MiB).
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
-
-
-class RerankerAuthError(DnSError):
-    """The sidecar refused the request's credentials (UNAUTHENTICATED / PERMISSION_DENIED)."""
-
-
-class ModelSetMismatchError(DnSError):
-    """The sidecar serves another model set than the one the request names (FAILED_PRECONDITION)."""
-
-
-class RerankerOverloadedError(BackendUnavailableError):
-    """The sidecar is at capacity (RESOURCE_EXHAUSTED); search degrades to the coarse ranking."""
-
-
-class RerankerTimeoutError(DnSError, TimeoutError):
-    """The sidecar did not answer within the deadline (DEADLINE_EXCEEDED)."""
-
-
-class RemoteRerankerError(DnSError):
-    """Any other failure the sidecar reported (INTERNAL, UNKNOWN, ...)."""
-
 
 _STATUS_ERRORS: dict[grpc.StatusCode, type[DnSError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,

@@ -13,7 +13,7 @@ pending, then runs the whole batch in ONE dedicated thread, so
 - the event loop never blocks on torch.
 
 Admission is bounded in pairs (``max_queue_pairs``, queued + running): past it a submission
-fails at once with ``Overloaded`` instead of growing memory. A job whose request was cancelled
+fails at once with ``OverloadedError`` instead of growing memory. A job whose request was cancelled
 or whose deadline passed is dropped when its batch is formed, before any work is done for it.
 """
 
@@ -33,24 +33,14 @@ import torch
 
 from dns_milvus.engine.modelset import ModelSet, VideoRecord
 from dns_milvus.engine.rerank import LocalReranker
-from dns_milvus.errors import DnSError
+from dns_milvus.errors import (
+    DeadlineExceededError,
+    DnSError,
+    OverloadedError,
+    RequestCancelledError,
+    ShuttingDownError,
+)
 from dns_milvus.store import ObjectStore
-
-
-class Overloaded(DnSError):
-    """The server is at capacity; the client should retry later (RESOURCE_EXHAUSTED / 429)."""
-
-
-class ShuttingDown(DnSError):
-    """The server is draining and takes no new work (UNAVAILABLE / 503)."""
-
-
-class DeadlineExceeded(DnSError, TimeoutError):
-    """The request's deadline passed before its work ran (DEADLINE_EXCEEDED / 504)."""
-
-
-class Cancelled(DnSError):
-    """The request was cancelled by its client; its pending work was dropped."""
 
 
 @dataclass
@@ -63,9 +53,9 @@ class Ticket:
 
     def check(self) -> None:
         if self.cancelled:
-            raise Cancelled("request cancelled by the client")
+            raise RequestCancelledError("request cancelled by the client")
         if self.deadline is not None and time.monotonic() > self.deadline:
-            raise DeadlineExceeded("deadline exceeded before the re-ranking work ran")
+            raise DeadlineExceededError("deadline exceeded before the re-ranking work ran")
 
 
 #: The ticket of the request a worker thread is serving (contexts are copied into threads).
@@ -144,13 +134,13 @@ class FineBatcher:
         self._task = self._loop.create_task(self._run(), name="fine-batcher")
 
     async def stop(self) -> None:
-        """Fail whatever is still queued with ``ShuttingDown`` and stop the task and the thread."""
+        """Fail whatever is still queued with ``ShuttingDownError`` and stop the task and the thread."""
         self._closed = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         while self._jobs:
-            self._finish(self._jobs.popleft(), error=ShuttingDown("re-ranker is shutting down"))
+            self._finish(self._jobs.popleft(), error=ShuttingDownError("re-ranker is shutting down"))
         self._scorer.shutdown(wait=True)
 
     def submit(self, query: VideoRecord, targets: Sequence[np.ndarray], ticket: Ticket) -> Future:
@@ -159,9 +149,9 @@ class FineBatcher:
         job = FineJob(query, targets, ticket)
         with self._lock:
             if self._closed or self._loop is None:
-                raise ShuttingDown("re-ranker is shutting down")
+                raise ShuttingDownError("re-ranker is shutting down")
             if self._admitted_pairs + job.pairs > self.max_queue_pairs and self._admitted_pairs > 0:
-                raise Overloaded(
+                raise OverloadedError(
                     f"re-ranker queue is full ({self._admitted_pairs} query/target pairs pending, limit "
                     f"{self.max_queue_pairs}); retry later"
                 )
@@ -171,7 +161,7 @@ class FineBatcher:
 
     def _enqueue(self, job: FineJob) -> None:
         if self._closed:
-            self._finish(job, error=ShuttingDown("re-ranker is shutting down"))
+            self._finish(job, error=ShuttingDownError("re-ranker is shutting down"))
             return
         self._jobs.append(job)
         assert self._wakeup is not None
@@ -200,7 +190,8 @@ class FineBatcher:
                 results = await self._loop.run_in_executor(self._scorer, self._score, live)
             except BaseException as exc:  # a failed batch fails its jobs, never the batcher
                 for job in live:
-                    self._finish(job, error=exc if isinstance(exc, Exception) else ShuttingDown(str(exc)))
+                    error = exc if isinstance(exc, Exception) else ShuttingDownError(str(exc))
+                    self._finish(job, error=error)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue

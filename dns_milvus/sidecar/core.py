@@ -26,22 +26,18 @@ from dns_milvus.engine.rerank import MAX_CANDIDATES, Candidate, RerankResult
 from dns_milvus.errors import (
     BackendUnavailableError,
     CorruptObjectError,
+    DeadlineExceededError,
     InvalidInputError,
+    ModelSetMismatchError,
     NotFoundError,
+    OverloadedError,
+    RequestCancelledError,
+    ShuttingDownError,
 )
-from dns_milvus.rpc.client import ModelSetMismatchError
+from dns_milvus.sidecar.batching import BatchingReranker, Ticket, current_ticket
+from dns_milvus.sidecar.config import ServerConfig
+from dns_milvus.sidecar.metrics import Metrics
 from dns_milvus.store import ObjectStore, StoreAccessError, decode_fine_tensor, fine_key
-from rerankers.batching import (
-    BatchingReranker,
-    Cancelled,
-    DeadlineExceeded,
-    Overloaded,
-    ShuttingDown,
-    Ticket,
-    current_ticket,
-)
-from rerankers.config import ServerConfig
-from rerankers.metrics import Metrics
 
 #: Policies that run the selector, hence need the query's self-similarity.
 SELECTING_POLICIES = ("percent", "count", "threshold")
@@ -51,12 +47,12 @@ _STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...]
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_argument"),
     (NotFoundError, grpc.StatusCode.NOT_FOUND, 404, "not_found"),
     (ModelSetMismatchError, grpc.StatusCode.FAILED_PRECONDITION, 409, "failed_precondition"),
-    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "resource_exhausted"),
-    (ShuttingDown, grpc.StatusCode.UNAVAILABLE, 503, "unavailable"),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "resource_exhausted"),
+    (ShuttingDownError, grpc.StatusCode.UNAVAILABLE, 503, "unavailable"),
     (BackendUnavailableError, grpc.StatusCode.UNAVAILABLE, 503, "unavailable"),
     (StoreAccessError, grpc.StatusCode.UNAVAILABLE, 503, "unavailable"),
-    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, 504, "deadline_exceeded"),
-    (Cancelled, grpc.StatusCode.CANCELLED, 499, "cancelled"),
+    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED, 504, "deadline_exceeded"),
+    (RequestCancelledError, grpc.StatusCode.CANCELLED, 499, "cancelled"),
     (CorruptObjectError, grpc.StatusCode.DATA_LOSS, 500, "data_loss"),
 )
 
@@ -180,13 +176,13 @@ class RerankCore:
         protocol's message), stage 2, then ``finish`` (build the reply). Parsing a large request
         therefore never blocks the event loop.
 
-        Raises ``ShuttingDown`` while draining and ``Overloaded`` past ``max_inflight``; a
+        Raises ``ShuttingDownError`` while draining and ``OverloadedError`` past ``max_inflight``; a
         cancelled caller (``asyncio.CancelledError``) drops the request's pending batch work.
         """
         if self.draining:
-            raise ShuttingDown("re-ranker is shutting down; retry on another replica")
+            raise ShuttingDownError("re-ranker is shutting down; retry on another replica")
         if self._inflight >= self.config.max_inflight:
-            raise Overloaded(
+            raise OverloadedError(
                 f"re-ranker has {self._inflight} requests in flight "
                 f"(limit {self.config.max_inflight}); retry later"
             )
@@ -199,7 +195,7 @@ class RerankCore:
             future = loop.run_in_executor(self._workers, context.run, self._work, prepare, finish, ticket)
         except RuntimeError:  # executor shut down between the draining check and here
             self._release()
-            raise ShuttingDown("re-ranker is shutting down; retry on another replica") from None
+            raise ShuttingDownError("re-ranker is shutting down; retry on another replica") from None
         # The slot is released when the thread is done, not when the caller stops waiting.
         future.add_done_callback(lambda _: self._release())
         try:

@@ -12,11 +12,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dns_milvus.rpc import convert
-from dns_milvus.rpc._generated import rerank_pb2 as pb
-from dns_milvus.rpc._generated import rerank_pb2_grpc as pb_grpc
-from rerankers.core import IndexedRef, QuerySpec, RerankCore, Stage2Request, classify
+from dns_milvus.rpc import rerank_pb2 as pb
+from dns_milvus.rpc import rerank_pb2_grpc as pb_grpc
+from dns_milvus.sidecar.core import IndexedRef, QuerySpec, RerankCore, Stage2Request, classify
 
-log = logging.getLogger("rerankers.grpc")
+log = logging.getLogger("dns_milvus.sidecar.grpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reranker"].full_name
 

@@ -43,11 +43,11 @@ from dns_milvus.engine.rerank import Candidate, RerankResult
 from dns_milvus.errors import InvalidInputError, NotFoundError
 from dns_milvus.ids import validate_video_id
 from dns_milvus.rpc import convert
-from dns_milvus.rpc._generated import rerank_pb2 as pb
+from dns_milvus.rpc import rerank_pb2 as pb
+from dns_milvus.sidecar.core import IndexedRef, QuerySpec, RerankCore, Stage2Request, classify
 from dns_milvus.store import validate_collection, validate_key
-from rerankers.core import IndexedRef, QuerySpec, RerankCore, Stage2Request, classify
 
-log = logging.getLogger("rerankers.http")
+log = logging.getLogger("dns_milvus.sidecar.http")
 
 QUERY_PREFIX = "dns:v1:query:"
 VIDEO_PREFIX = "dns:v1:video:"

@@ -28,10 +28,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """Send the ``rerankers`` loggers' records to stderr as JSON lines."""
+    """Send the sidecar's loggers' records (``dns_milvus.sidecar.*``) to stderr as JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("rerankers")
+    logger = logging.getLogger("dns_milvus.sidecar")
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False

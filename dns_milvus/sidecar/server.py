@@ -29,15 +29,15 @@ from aiohttp import web
 
 from dns_milvus.engine.modelset import ModelSet
 from dns_milvus.errors import DnSError
+from dns_milvus.sidecar.config import ServerConfig, load_config
+from dns_milvus.sidecar.core import RerankCore
+from dns_milvus.sidecar.grpc_service import BearerTokenInterceptor, add_services, set_serving
+from dns_milvus.sidecar.http_api import build_app
+from dns_milvus.sidecar.jsonlog import configure_logging
+from dns_milvus.sidecar.metrics import Metrics
 from dns_milvus.store import ObjectStore, open_store
-from rerankers.config import ServerConfig, load_config
-from rerankers.core import RerankCore
-from rerankers.grpc_service import BearerTokenInterceptor, add_services, set_serving
-from rerankers.http_api import build_app
-from rerankers.jsonlog import configure_logging
-from rerankers.metrics import Metrics
 
-log = logging.getLogger("rerankers.server")
+log = logging.getLogger("dns_milvus.sidecar.server")
 
 
 class SidecarServer:

@@ -1,7 +1,7 @@
 """Synthetic model sets and corpora: freshly initialised (seeded) networks and random videos.
 
-For the sidecar's tests, its load benchmark and a self-test of a deployed stack: they exercise
-every code path of stage 2 (selector, fetch, fine-grained student) without trained weights.
+For the tests, the benchmarks and a self-test of a deployed stack: they exercise every code
+path (indexing, selector, fetch, fine-grained student) without trained weights.
 Scores from untrained networks are meaningless; only their agreement between paths matters.
 """
 
@@ -20,36 +20,48 @@ from dns_milvus.store import ObjectStore, encode_fine_tensor, fine_key
 
 
 def write_model_set(
-    directory: str | Path, *, name: str = "synthetic", dims: int = 64, bits: int = 64, seed: int = 0
+    directory: str | Path,
+    *,
+    name: str = "synthetic",
+    seed: int = 0,
+    dims: int = 64,
+    bits: int = 64,
+    fine: str = "bin",
+    netvlad_clusters: int = 8,
+    coarse_dim: int | None = None,
 ) -> Path:
-    """Save a small model set (binarization student) of seeded random networks; returns its directory.
+    """Save a model set of seeded, freshly initialised networks; returns its directory.
 
-    ``dims`` is the region-feature dimension, ``bits`` the fine-grained code length (a multiple of 8).
+    ``dims`` is the region-feature dimension, ``fine`` the fine-grained student (``"bin"``:
+    binarization with ``bits``-bit codes, a multiple of 8; ``"att"``: attention, float16 storage),
+    ``netvlad_clusters`` and ``coarse_dim`` (default ``2 * dims``) size the coarse student's head.
+    The defaults are small and fast; ``dims=512, bits=512, netvlad_clusters=64, coarse_dim=1024``
+    are the DnS release's sizes. The caller's torch random state is left as it was.
     """
+    if fine not in ("bin", "att"):
+        raise ValueError(f"fine must be 'bin' or 'att', got {fine!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    fine_name = f"fg_{fine}_student.pth"
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         coarse = CoarseGrainedStudent(
             dims=dims,
-            transformer_heads=4,
-            transformer_feedforward_dims=2 * dims,
-            netvlad_clusters=8,
-            netvlad_outdims=2 * dims,
+            transformer_heads=max(1, min(8, dims // 16)),
+            transformer_feedforward_dims=4 * dims,  # the release's ratio (512 -> 2048)
+            netvlad_clusters=netvlad_clusters,
+            netvlad_outdims=coarse_dim or 2 * dims,
         )
-        save_checkpoint(coarse, directory / "cg_student.pth")
-        fine = FineGrainedStudent(dims=dims, binarization=True, bits=bits)
-        save_checkpoint(fine, directory / "fg_student.pth")
-        save_checkpoint(SelectorNetwork(dims=dims), directory / "selector.pth")
+        save_checkpoint(coarse.eval(), directory / "cg_student.pth")
+        student = FineGrainedStudent(
+            dims=dims, binarization=fine == "bin", attention=fine == "att", bits=bits
+        )
+        save_checkpoint(student.eval(), directory / fine_name)
+        save_checkpoint(SelectorNetwork(dims=dims).eval(), directory / "selector.pth")
     finally:
         torch.random.set_rng_state(generator_state)
-    manifest = {
-        "name": name,
-        "coarse": "cg_student.pth",
-        "fine": "fg_student.pth",
-        "selector": "selector.pth",
-    }
+    manifest = {"name": name, "coarse": "cg_student.pth", "fine": fine_name, "selector": "selector.pth"}
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return directory
 

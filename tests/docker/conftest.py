@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rerankers.synthetic import write_model_set
+from dns_milvus.testing.synthetic import write_model_set
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_SET = "stack-test"

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dns_milvus.engine import DnSIndex, ModelSet, SelectionPolicy
 from dns_milvus.rpc import RemoteReranker
 from dns_milvus.store import fine_key, open_store
-from rerankers.synthetic import random_features
+from dns_milvus.testing.synthetic import random_features
 from tests.docker.conftest import MODEL_SET
 
 pytestmark = pytest.mark.docker
