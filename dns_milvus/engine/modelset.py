@@ -4,10 +4,14 @@ A model set is a directory with ``manifest.json`` naming its files::
 
     {"name": "dns-effnet-lite0", "coarse": "cg_student.pth", "fine": "fg_bin_student.pth",
      "selector": "selector.pth", "backbone": "efficientnet-lite0", "pca": "pca.pth",
-     "fps": 1.0}
+     "fps": 1.0, "regions": 9, "merge": {"kind": "calibrated", ...}}
 
 ``backbone``/``pca`` are optional: without them the set indexes region features given
-directly (e.g. the DnS release's HDF5 features) but cannot decode video files.
+directly (e.g. the DnS release's HDF5 features) but cannot decode video files. ``regions``
+(default 9, the 3x3 grid of the release and of ``dns_milvus.features``) is the number of
+regions a frame the networks were trained on; features with another count are refused.
+``merge`` (default ``release``, the DnS release's rule) says how coarse and fine scores mix
+(``dns_milvus.scoring``).
 """
 
 from __future__ import annotations
@@ -25,10 +29,16 @@ import torch
 from dns_milvus.device import resolve_device
 from dns_milvus.errors import CheckpointError, InvalidInputError
 from dns_milvus.models import load_checkpoint
+from dns_milvus.scoring import RELEASE_MERGE, ScoreMerge
 from dns_milvus.similarity import pack_signs, prepare_for_inference
 
 PAYLOAD_PACKED = "packed_bits"
 PAYLOAD_FLOAT16 = "float16"
+#: Regions a frame of the release's features (a 3x3 grid).
+DEFAULT_REGIONS = 9
+#: Largest |value| accepted in region features. PCA-whitened, L2-normalised features lie within
+#: 1; values far beyond any feature's range overflow float32 inside the networks.
+MAX_FEATURE_ABS = 1e4
 
 
 @dataclass
@@ -59,6 +69,10 @@ class ModelSet:
     fps: float = 1.0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tag: str = ""
+    #: Regions a frame the networks expect; None accepts any count (the same within a batch).
+    regions: int | None = DEFAULT_REGIONS
+    #: How coarse and fine scores mix into one ranking.
+    merge: ScoreMerge = RELEASE_MERGE
 
     def __post_init__(self) -> None:
         for net in (self.coarse, self.fine, self.selector):
@@ -80,6 +94,8 @@ class ModelSet:
         extractor: Any | None = None,
         fps: float = 1.0,
         device: str | torch.device | None = None,
+        regions: int | None = DEFAULT_REGIONS,
+        merge: ScoreMerge = RELEASE_MERGE,
     ) -> ModelSet:
         """Load the three networks from release-layout checkpoint files."""
         dev = resolve_device(device)
@@ -91,6 +107,8 @@ class ModelSet:
             extractor=extractor,
             fps=fps,
             device=dev,
+            regions=regions,
+            merge=merge,
         )
 
     @classmethod
@@ -129,6 +147,8 @@ class ModelSet:
             extractor=extractor,
             fps=float(manifest.get("fps", 1.0)),
             device=dev,
+            regions=_manifest_regions(manifest, manifest_path),
+            merge=_manifest_merge(manifest, manifest_path),
         )
 
     # -- properties ----------------------------------------------------------------------------
@@ -156,7 +176,12 @@ class ModelSet:
         """
         if len(features) == 0:
             return []
-        tensors = [_as_features(f, self.feature_dim, i) for i, f in enumerate(features)]
+        tensors = []
+        for i, f in enumerate(features):
+            try:
+                tensors.append(self.check_features(f))
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"video #{i}: {exc}") from None
         regions = {t.shape[1] for t in tensors}
         if len(regions) > 1:
             raise InvalidInputError(
@@ -182,6 +207,37 @@ class ModelSet:
             for i, fine in enumerate(per_video)
         ]
 
+    def check_features(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """One video's region features as a float32 tensor [T, R, D], or ``InvalidInputError``
+        saying what is wrong: the shape (R must be the set's ``regions``, D its feature size),
+        NaN/Inf, or values beyond ``MAX_FEATURE_ABS``. Ingestion checks each video with this
+        before indexing a batch, so one bad video cannot fail the others."""
+        regions = "R" if self.regions is None else str(self.regions)
+        expected = f"region features [T, {regions}, {self.feature_dim}] with T >= 1"
+        try:
+            t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+        except (TypeError, ValueError, RuntimeError):
+            raise InvalidInputError(f"expected {expected}, got {type(x).__name__}") from None
+        if not (t.is_floating_point() or t.dtype in _INTEGER_DTYPES):
+            raise InvalidInputError(f"expected {expected}, got dtype {t.dtype}")
+        t = t.float()
+        if (
+            t.ndim != 3
+            or t.shape[0] == 0
+            or t.shape[-1] != self.feature_dim
+            or (self.regions is not None and t.shape[1] != self.regions)
+        ):
+            raise InvalidInputError(f"expected {expected}, got {list(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise InvalidInputError("region features contain NaN or Inf")
+        peak = float(t.abs().max())
+        if peak > MAX_FEATURE_ABS:
+            raise InvalidInputError(
+                f"region features reach |x| = {peak:.3g}, beyond the accepted {MAX_FEATURE_ABS:g} "
+                "(PCA-whitened, L2-normalised features lie within 1): not features of this model set"
+            )
+        return t
+
     def extract_video(self, path: str | Path, *, max_frames: int | None = None) -> torch.Tensor:
         """Decode a video file and extract its region features [T, R, D]."""
         if self.extractor is None:
@@ -192,17 +248,21 @@ class ModelSet:
         return self.extractor.extract_video(path, fps=self.fps, max_frames=max_frames)
 
 
-def _as_features(x: np.ndarray | torch.Tensor, dim: int, index: int) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
-    if t.ndim == 2:  # [T, D] frame-level features: one region a frame
-        t = t[:, None, :]
-    if t.ndim != 3 or t.shape[-1] != dim or t.shape[0] == 0:
-        raise InvalidInputError(
-            f"video #{index}: expected region features [T, R, {dim}] with T >= 1, got {list(t.shape)}"
-        )
-    if not torch.isfinite(t).all():
-        raise InvalidInputError(f"video #{index}: region features contain NaN or Inf")
-    return t
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _manifest_merge(manifest: dict[str, Any], path: Path) -> ScoreMerge:
+    try:
+        return ScoreMerge.from_dict(manifest.get("merge"))
+    except InvalidInputError as exc:
+        raise CheckpointError(f"{path}: bad 'merge' entry: {exc}") from exc
+
+
+def _manifest_regions(manifest: dict[str, Any], path: Path) -> int:
+    regions = manifest.get("regions", DEFAULT_REGIONS)
+    if isinstance(regions, bool) or not isinstance(regions, int) or regions < 1:
+        raise CheckpointError(f"{path}: 'regions' must be an integer >= 1, got {regions!r}")
+    return regions
 
 
 def _state_tag(*nets: torch.nn.Module) -> str:

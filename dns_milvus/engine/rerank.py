@@ -1,8 +1,8 @@
 """Stage 2 of DnS search: the selector picks candidates, the fine student re-scores them.
 
-This module is the one place where coarse and fine scores are merged. The merge follows
-the DnS release: fine-student similarities are rescaled to [0, 1] as ``s / 2 + 0.5`` and
-replace the coarse similarity of the selected candidates; the others keep their coarse score.
+Coarse and fine scores are merged by the model set's rule (``ModelSet.merge``, defined in
+``dns_milvus.scoring``: the release's replacement, calibrated scores, or a reordering of the
+re-ranked candidates among their coarse positions).
 
 ``LocalReranker`` runs in-process; the gRPC sidecar wraps the same class, and the engine's
 remote mode talks to it through ``Reranker``, so both paths share this code.
@@ -22,6 +22,7 @@ from dns_milvus.engine.cache import ByteLRUCache
 from dns_milvus.engine.modelset import ModelSet, VideoRecord
 from dns_milvus.engine.policy import SelectionPolicy
 from dns_milvus.errors import CorruptObjectError, InvalidInputError
+from dns_milvus.scoring import fine_unit
 from dns_milvus.similarity import fine_similarity_float, fine_similarity_packed
 from dns_milvus.store import ObjectStore, decode_fine_tensor
 
@@ -133,14 +134,20 @@ class LocalReranker:
                 self.cache.put(key, ft.array)
         return tensors, errors
 
-    def fine_scores(self, query: VideoRecord, targets: Sequence[np.ndarray]) -> np.ndarray:
-        """Raw fine-student similarities (in [-1, 1]) of the query against each target."""
+    def fine_scores(
+        self, query: VideoRecord, targets: Sequence[np.ndarray], *, deadline: float | None = None
+    ) -> np.ndarray:
+        """Raw fine-student similarities (in [-1, 1]) of the query against each target.
+
+        Past ``deadline`` (a ``time.monotonic()`` value) the kernels stop between comparator
+        batches and raise ``DeadlineExceededError``: a late caller's work is not finished for nobody.
+        """
         if not targets:
             return np.zeros(0, dtype=np.float32)
         fn = fine_similarity_packed if query.payload_kind == "packed_bits" else fine_similarity_float
         q = torch.from_numpy(np.require(query.fine, requirements=["C", "W"]))
         ts = [torch.from_numpy(np.require(t, requirements=["C", "W"])) for t in targets]
-        return fn(self.models.fine, q, ts, device=self.models.device).float().cpu().numpy()
+        return fn(self.models.fine, q, ts, device=self.models.device, deadline=deadline).float().cpu().numpy()
 
     def rerank(
         self, query: VideoRecord, candidates: Sequence[Candidate], policy: SelectionPolicy, top_k: int
@@ -171,11 +178,12 @@ class LocalReranker:
         raw = self.fine_scores(query, [tensors[candidates[i].video_id] for i in scored])
         timings["fine_ms"] = _ms_since(t2)
 
-        fine_by_index = {int(i): float(s) / 2.0 + 0.5 for i, s in zip(scored, raw)}
+        fine_unit_scores = np.full(len(candidates), np.nan)
+        fine_unit_scores[scored] = fine_unit(raw)
+        fine_by_index = {int(i): float(fine_unit_scores[i]) for i in scored}
         selected_set = {int(i) for i in selected}
-        scores = np.array([c.coarse_score for c in candidates], dtype=np.float64)
-        for i, fine in fine_by_index.items():
-            scores[i] = fine
+        coarse = np.array([c.coarse_score for c in candidates], dtype=np.float64)
+        scores = self.models.merge.merged(coarse, fine_unit_scores)
         hits = []
         # Only the returned hits are built: K is typically 1000, top_k 10.
         for i in _top_indices(scores, [c.video_id for c in candidates], top_k):

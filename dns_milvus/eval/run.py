@@ -45,10 +45,12 @@ from dns_milvus.eval.tradeoff import (
     METHODS,
     PairScores,
     dns_tradeoff,
+    mixed_row,
     rerank_budget,
     selection_order,
     write_table,
 )
+from dns_milvus.scoring import fine_unit
 from dns_milvus.similarity import fine_similarity_float, fine_similarity_packed
 
 if TYPE_CHECKING:
@@ -199,11 +201,11 @@ def score_dataset(
             seconds[:, row] += laps
             coarse_m[row, cols] = coarse
             selector_m[row, cols] = selector
-            fine_m[row, cols] = fine / 2.0 + 0.5  # the release's rescaling to [0, 1]
+            fine_m[row, cols] = fine_unit(fine)
         bar.update(len(chunk_ids))
     bar.close()
 
-    scores = PairScores(tuple(queries), columns, coarse_m, fine_m, selector_m)
+    scores = PairScores(tuple(queries), columns, coarse_m, fine_m, selector_m, models.merge)
     frames, coarse_b, self_b, fine_b, fine_release_b = storage / len(available)
     report = CostReport(
         model_set=models.name,
@@ -266,18 +268,18 @@ def milvus_candidates(
 def mixed_scores(
     scores: PairScores, percentage: float, *, method: str = "selector", threshold: float = 0.5, seed: int = 0
 ) -> np.ndarray:
-    """The [Q, N] ranking scores DnS gives at ``percentage`` % re-ranked by ``method`` (the fine score
-    replaces the coarse one on each query's selected pairs), as in :func:`dns_tradeoff`."""
+    """The [Q, N] ranking scores DnS gives at ``percentage`` % re-ranked by ``method`` (each query's
+    selected pairs merged with the model set's rule), as in :func:`dns_tradeoff`."""
     rng = np.random.default_rng(seed)
     mixed = np.array(scores.coarse, copy=True)
     for row in range(len(scores.queries)):
         candidates = np.flatnonzero(np.isfinite(scores.coarse[row]))
         order = selection_order(
             method, candidates, scores.coarse[row], scores.fine[row], scores.selector[row],
-            threshold=threshold, rng=rng,
+            threshold=threshold, rng=rng, merge=scores.merge,
         )  # fmt: skip
         chosen = order[: rerank_budget(percentage, len(candidates))]
-        mixed[row, chosen] = scores.fine[row, chosen]
+        mixed[row] = mixed_row(scores, row, candidates, chosen)
     return mixed
 
 

@@ -8,16 +8,17 @@ Protocol of the DnS release's evaluation (``evaluation_dns.py``), followed here:
   rest keep the coarse score. ``p`` runs over 0, 5, ..., 100 %: the share is per query, not global.
   (The release truncates the float product ``p * n``, one pair short for some n at 35 % and 70 %,
   e.g. n = 180; the budget here is the exact floor. The benchmark database sizes are unaffected.)
-- Fine-grained similarities are rescaled to [0, 1] as ``s/2 + 0.5`` before they are mixed with
-  coarse ones (``PairScores.from_dicts(..., rescale_fine=True)``).
+- Fine-grained similarities are rescaled to [0, 1] as ``s/2 + 0.5`` and mixed with coarse ones by
+  the model set's merge rule (``PairScores.merge``; ``dns_milvus.scoring``), which search uses too:
+  the release's rule replaces the coarse score of the re-ranked pairs.
 - The mixed scores are evaluated with the dataset's own protocol (the query is then dropped
   from its ranking where the dataset says so).
 
 Selection methods compared (each orders a query's candidates, ties by video id):
 
 - ``selector``: the selector network's confidence, highest first (DnS);
-- ``oracle``: ``|coarse - fine|`` (rescaled fine), largest first: the best any selector
-  predicting the students' disagreement could do;
+- ``oracle``: the students' disagreement on the merged scale (``ScoreMerge.disagreement``),
+  largest first: the best any selector predicting it could do;
 - ``coarse_top``: coarse similarity, highest first (re-ranking the coarse top results);
 - ``threshold``: ``|coarse - threshold|``, smallest first (the pairs the coarse student is least
   sure about around a decision threshold);
@@ -43,6 +44,7 @@ import numpy as np
 from dns_milvus.errors import InvalidInputError
 from dns_milvus.eval.datasets import ColumnIndex, DenseGroundTruth, EvalDataset
 from dns_milvus.eval.metrics import MeanAP, score_order
+from dns_milvus.scoring import RELEASE_MERGE, ScoreMerge, fine_unit
 
 METHODS = ("selector", "oracle", "coarse_top", "threshold", "random")
 DEFAULT_PERCENTAGES = tuple(range(0, 101, 5))
@@ -61,6 +63,7 @@ class PairScores:
     coarse: np.ndarray
     fine: np.ndarray
     selector: np.ndarray
+    merge: ScoreMerge = RELEASE_MERGE
 
     def __post_init__(self) -> None:
         shape = (len(self.queries), len(self.columns))
@@ -86,6 +89,7 @@ class PairScores:
         selector: Mapping[str, Mapping[str, float]],
         *,
         rescale_fine: bool = True,
+        merge: ScoreMerge = RELEASE_MERGE,
     ) -> PairScores:
         """From ``{query: {video: score}}`` dicts over the same pairs; fine scores in [-1, 1] are
         rescaled as ``s/2 + 0.5`` unless ``rescale_fine`` is False (already on [0, 1])."""
@@ -110,8 +114,8 @@ class PairScores:
             np.stack([columns.row(selector[q]) for q in queries]) if queries else np.zeros((0, len(columns)))
         )
         if rescale_fine:
-            fine_m = fine_m / 2.0 + 0.5
-        return cls(queries, columns, coarse_m, fine_m, selector_m)
+            fine_m = fine_unit(fine_m)
+        return cls(queries, columns, coarse_m, fine_m, selector_m, merge)
 
 
 def rerank_budget(percentage: float, n_candidates: int) -> int:
@@ -131,6 +135,7 @@ def selection_order(
     *,
     threshold: float = 0.5,
     rng: np.random.Generator | None = None,
+    merge: ScoreMerge = RELEASE_MERGE,
 ) -> np.ndarray:
     """``candidates`` (column indices, sorted) in the order ``method`` sends them to the fine student."""
     if method == "random":
@@ -140,7 +145,7 @@ def selection_order(
     if method == "selector":
         priority = -selector[candidates]
     elif method == "oracle":
-        priority = -np.abs(coarse[candidates] - fine[candidates])
+        priority = -merge.disagreement(coarse[candidates], fine[candidates])
     elif method == "coarse_top":
         priority = -coarse[candidates]
     elif method == "threshold":
@@ -148,6 +153,16 @@ def selection_order(
     else:
         raise InvalidInputError(f"unknown selection method {method!r}; expected one of {METHODS}")
     return candidates[np.argsort(priority, kind="stable")]
+
+
+def mixed_row(scores: PairScores, row: int, candidates: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """One query's ranking scores when the ``chosen`` candidates get their fine score (NaN: no candidate)."""
+    coarse = scores.coarse[row]
+    fine = np.full_like(coarse, np.nan)
+    fine[chosen] = scores.fine[row, chosen]
+    out = np.full_like(coarse, np.nan)
+    out[candidates] = scores.merge.merged(coarse[candidates], fine[candidates])
+    return out
 
 
 def dns_tradeoff(
@@ -314,14 +329,11 @@ def _run(
     for row, query in enumerate(scores.queries):
         coarse, fine = scores.coarse[row], scores.fine[row]
         order = selection_order(
-            method, candidates[row], coarse, fine, scores.selector[row], threshold=threshold, rng=rng
-        )
+            method, candidates[row], coarse, fine, scores.selector[row], threshold=threshold, rng=rng,
+            merge=scores.merge,
+        )  # fmt: skip
         for b, (_, counts) in enumerate(budgets):
-            mixed = np.full_like(coarse, np.nan)
-            mixed[candidates[row]] = coarse[candidates[row]]
-            chosen = order[: counts[row]]
-            mixed[chosen] = fine[chosen]
-            ranking = score_order(mixed)
+            ranking = score_order(mixed_row(scores, row, candidates[row], order[: counts[row]]))
             for name, truth in truths.items():
                 ap = truth.average_precision(row, ranking)
                 if ap is None:

@@ -160,10 +160,14 @@ class TeacherConfig(StageConfig):
     margin: float = 0.5
     reg_weight: float = 0.1  # r: weight of the similarity regularisation loss
     window: int = 64  # W: frames of each training snippet
+    # Hard negatives: JSON {video id: scene id}; this share of triplets takes its negative from the
+    # anchor's scene (another segment of the same clip) when the scene has one outside the group.
+    scenes: str | None = None
+    hard_negative_rate: float = 0.0
     validation: ValidationConfig | None = None
 
-    _input_paths = ("features", "groups", "pca", "backbone_weights")
-    _path_keys = ("output", "features", "groups", "videos", "pca", "backbone_weights")
+    _input_paths = ("features", "groups", "pca", "backbone_weights", "scenes")
+    _path_keys = ("output", "features", "groups", "videos", "pca", "backbone_weights", "scenes")
 
     @property
     def self_supervised(self) -> bool:
@@ -194,6 +198,8 @@ class TeacherConfig(StageConfig):
             "copies_per_video",
         )
         self._positive("weight_decay", "margin", "reg_weight", "transform_ops", allow_zero=True)
+        if not 0.0 <= self.hard_negative_rate <= 1.0:
+            raise ConfigError(f"teacher.hard_negative_rate must lie in [0, 1], got {self.hard_negative_rate}")
         _check_validation(self.validation, "teacher")
 
 
@@ -311,7 +317,8 @@ class SelectorConfig(StageConfig):
     pairs: str = ""  # the mining stage's output file: the pairs to label
     coarse: str = ""  # trained coarse student checkpoint
     fine: str = ""  # trained fine student checkpoint
-    threshold: float = 0.2  # label 1 where |coarse - fine| > threshold
+    threshold: float = 0.2  # label 1 where the fine score moves the pair by more (merged scale)
+    merge: str | None = None  # JSON of the model set's score merge (dns_milvus.scoring); None: release
     epochs: int = 100
     batch_size: int = 64
     pairs_per_class: int = 5000
@@ -321,8 +328,8 @@ class SelectorConfig(StageConfig):
     val_fraction: float = 0.03
     max_frames: int = 300
 
-    _input_paths = ("features", "pairs", "coarse", "fine")
-    _path_keys = ("output", "features", "pairs", "coarse", "fine")
+    _input_paths = ("features", "pairs", "coarse", "fine", "merge")
+    _path_keys = ("output", "features", "pairs", "coarse", "fine", "merge")
 
     def validate(self) -> None:
         super().validate()

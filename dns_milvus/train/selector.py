@@ -1,7 +1,9 @@
 """Training of the selector network (paper 4.3).
 
-A pair is labelled 1 ("worth re-ranking") when the coarse student's similarity and the fine
-student's (rescaled to [0, 1] as ``s / 2 + 1/2``) differ by more than ``threshold``. Each epoch
+A pair is labelled 1 ("worth re-ranking") when the fine student's score would move it by more than
+``threshold`` on the model set's merged scale (``ScoreMerge.disagreement``: with the release's
+merge, the coarse similarity and the fine one rescaled to [0, 1] differ by more than that; with a
+calibrated merge, their calibrated scores do). Each epoch
 samples the same number of pairs of both classes; the selector sees each pair's two videos
 (their self-similarities, trained end to end) and the coarse similarity, and learns the label
 with binary cross-entropy (Adam, 1e-4).
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 from dns_milvus.errors import InvalidInputError
 from dns_milvus.models import SelectorNetwork, load_checkpoint
+from dns_milvus.scoring import RELEASE_MERGE, ScoreMerge, fine_unit
 from dns_milvus.train.config import SelectorConfig
 from dns_milvus.train.data import FeatureSet, pad_videos
 from dns_milvus.train.mining import MinedPairs
@@ -39,8 +42,8 @@ class SelectorPairs:
     coarse: np.ndarray  # float32 [N]
     fine: np.ndarray  # float32 [N], on [0, 1]
 
-    def labels(self, threshold: float) -> np.ndarray:
-        return (np.abs(self.coarse - self.fine) > threshold).astype(np.float32)
+    def labels(self, threshold: float, merge: ScoreMerge = RELEASE_MERGE) -> np.ndarray:
+        return (merge.disagreement(self.coarse, self.fine) > threshold).astype(np.float32)
 
     def subset(self, keep: np.ndarray) -> SelectorPairs:
         return SelectorPairs(
@@ -90,7 +93,7 @@ def score_selector_pairs(
     targets = [pairs.ids[i] for i in pairs.target]
     common = {"device": device, "max_frames": max_frames, "progress": progress}
     coarse_sims = pair_similarities(coarse, features, queries, targets, **common)
-    fine_sims = pair_similarities(fine, features, queries, targets, **common) / 2.0 + 0.5
+    fine_sims = fine_unit(pair_similarities(fine, features, queries, targets, **common))
     return SelectorPairs(queries, targets, coarse_sims, fine_sims.astype(np.float32))
 
 
@@ -138,9 +141,11 @@ class SelectorTask(TrainingTask):
         pairs_per_class: int,
         device: torch.device,
         max_frames: int = 300,
+        merge: ScoreMerge = RELEASE_MERGE,
     ) -> None:
         self.model = model.to(device)
         self.features = features
+        self.merge = merge
         self.train_pairs = train
         self.held_out = held_out
         self.threshold = threshold
@@ -148,11 +153,11 @@ class SelectorTask(TrainingTask):
         self.pairs_per_class = pairs_per_class
         self.device = device
         self.max_frames = max_frames
-        self.labels = train.labels(threshold)
+        self.labels = train.labels(threshold, merge)
         if len(np.unique(self.labels)) < 2:
             present = sorted({int(v) for v in self.labels})
             raise InvalidInputError(
-                f"selector training needs pairs of both classes (|coarse - fine| > {threshold} and not); "
+                f"selector training needs pairs of both classes (disagreement > {threshold} and not); "
                 f"the {len(self.labels)} training pairs have only the labels {present}"
             )
 
@@ -195,7 +200,7 @@ class SelectorTask(TrainingTask):
         if self.held_out is None or len(self.held_out) == 0:
             return {}
         scores = predict(self, self.held_out)
-        labels = self.held_out.labels(self.threshold)
+        labels = self.held_out.labels(self.threshold, self.merge)
         out = {
             "accuracy": float(((scores > 0.5) == (labels > 0.5)).mean()),
             "positive_rate": float(labels.mean()),
@@ -282,6 +287,7 @@ def train_selector(config: SelectorConfig, **fit_options: Any) -> TrainingResult
         pairs_per_class=config.pairs_per_class,
         device=device,
         max_frames=config.max_frames,
+        merge=ScoreMerge.load(config.merge) if config.merge else RELEASE_MERGE,
     )
     monitor = "auc" if held_out is not None else None
     return fit_stage(task, config, output=output, monitor=monitor, **fit_options)

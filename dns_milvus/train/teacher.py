@@ -9,7 +9,8 @@ Training snippets are windows of at most ``window`` frames, aligned between anch
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ class TeacherTask(TrainingTask):
         reg_weight: float = 0.1,
         window: int = 64,
         validation: ValidationSet | None = None,
+        scenes: Mapping[str, str] | None = None,
+        hard_negative_rate: float = 0.0,
     ) -> None:
         self.model = model.to(device)
         self.features = features
@@ -72,16 +75,30 @@ class TeacherTask(TrainingTask):
         self.window = window
         self.validation = validation
         check_groups(self.groups, features)
+        self.hard_negative_rate = hard_negative_rate
+        # Same-scene videos outside each group: other moments of the anchor's clip.
+        by_scene: dict[str, list[str]] = {}
+        for vid in self.ids:
+            if scenes and vid in scenes:
+                by_scene.setdefault(scenes[vid], []).append(vid)
+        self.hard_negatives = [
+            sorted({v for m in g if scenes and m in scenes for v in by_scene[scenes[m]]} - set(g))
+            for g in self.groups
+        ]
 
     def release_args(self) -> dict[str, Any]:
         return {"network": "visil"}
 
     def _triplet(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        group = self.groups[int(rng.integers(len(self.groups)))]
+        index = int(rng.integers(len(self.groups)))
+        group, hard = self.groups[index], self.hard_negatives[index]
         anchor, positive = rng.choice(len(group), size=2, replace=False)
         members = set(group)
-        while (negative := self.ids[int(rng.integers(len(self.ids)))]) in members:
-            pass
+        if hard and rng.random() < self.hard_negative_rate:
+            negative = hard[int(rng.integers(len(hard)))]
+        else:
+            while (negative := self.ids[int(rng.integers(len(self.ids)))]) in members:
+                pass
         aligned = float(rng.random())
         return (
             _window(self.features.tensor(group[anchor]), aligned, self.window),
@@ -150,6 +167,7 @@ def train_teacher(
             features, groups = build_copy_corpus_from_config(config)
         else:
             features, groups = FeatureSet.open(config.features), load_groups(config.groups)
+    scenes = json.loads(Path(config.scenes).read_text()) if config.scenes else None
     device = resolve_device(config.device)
     validation = ValidationSet.from_config(config.validation) if config.validation else None
     torch.manual_seed(config.seed)
@@ -164,6 +182,8 @@ def train_teacher(
         reg_weight=config.reg_weight,
         window=config.window,
         validation=validation,
+        scenes=scenes,
+        hard_negative_rate=config.hard_negative_rate,
     )
     monitor = "mAP" if validation is not None else None
     return fit_stage(task, config, output=Path(config.output), monitor=monitor, **fit_options)
