@@ -45,6 +45,11 @@ class ModelSetMismatchError(DnSError):
 # -- the re-ranker service (server side: ``dns_milvus.sidecar``) -----------------------------------
 
 
+class WorkLimitError(InvalidInputError):
+    """A request that asks for more work than one request may (INVALID_ARGUMENT / 400): retrying
+    it as is will not help; the message names the limit."""
+
+
 class OverloadedError(DnSError):
     """The re-ranker is at capacity; the client should retry later (RESOURCE_EXHAUSTED / 429)."""
 

@@ -17,7 +17,14 @@ from dns_milvus.engine import SelectionPolicy
 from dns_milvus.rpc import convert
 from dns_milvus.sidecar.server import BackgroundServer
 from dns_milvus.store import fine_key
-from tests.test_rerank_service import COLLECTION, Stage2, build_stage2
+from tests.test_rerank_service import (
+    COLLECTION,
+    Stage2,
+    build_stage2,
+    long_candidates,
+    long_query,
+    wait_until,
+)
 
 MODEL_SET = "sidecar-test"
 TOKEN = "t0ken"
@@ -159,6 +166,26 @@ def test_not_json_and_too_large_bodies(http: BackgroundServer) -> None:
     assert status == 400 and "not valid JSON" in reply["message"]
     status, reply = request(http, "/v2/rerank", raw=b"x" * (300 << 10))
     assert status == 413 and str(256 << 10) in reply["message"]
+
+
+def test_http_rerank_has_a_deadline(stage2: Stage2) -> None:
+    """Past http_timeout_s the answer is 504 and the request's fine-grained work stops."""
+    keys = [c.fine_key for c in long_candidates(stage2, 100, 500, prefix="long")]
+    config = stage2.config(
+        http_port=0, http_timeout_s=1.0, max_frame_pairs=10**9, max_batch_frame_pairs=10**9
+    )
+    with BackgroundServer(config, stage2.models, stage2.store) as server:
+        inline = convert.inline_query_to_proto(long_query(stage2, 2000))
+        raw = inline.SerializeToString()
+        status, created = request(server, "/v1/queries", raw=raw, content_type="application/x-protobuf")
+        assert status == 201
+        status, reply = request(server, "/v2/rerank", {"query": created["query"], "documents": keys})
+        assert status == 504 and "deadline" in reply["message"]
+        core = server.server.core
+        wait_until(lambda: core.inflight == 0 and core.reranker.batcher.admitted_pairs == 0, timeout_s=60)
+        documents = [c.fine_key for c in stage2.candidates()]
+        small = {"query": f"dns:v1:video:{COLLECTION}:v0", "documents": documents}
+        assert request(server, "/v2/rerank", small)[0] == 200
 
 
 def test_bearer_token_is_required_except_for_probes_and_metrics(http: BackgroundServer) -> None:

@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dns_milvus.engine import LocalReranker, ModelSet, SelectionPolicy, VideoRecord
 from dns_milvus.engine.rerank import STAGE_FINE_MISSING, Candidate, RerankResult
-from dns_milvus.errors import BackendUnavailableError, InvalidInputError
+from dns_milvus.errors import BackendUnavailableError, DeadlineExceededError, InvalidInputError
 from dns_milvus.rpc import (
     ModelSetMismatchError,
     RemoteReranker,
@@ -42,7 +42,7 @@ from dns_milvus.rpc import rerank_pb2 as pb
 from dns_milvus.rpc import rerank_pb2_grpc as pb_grpc
 from dns_milvus.sidecar.config import ServerConfig, load_config
 from dns_milvus.sidecar.server import BackgroundServer
-from dns_milvus.store import LocalStore, ObjectStore, fine_key
+from dns_milvus.store import LocalStore, ObjectStore, encode_fine_tensor, fine_key
 from dns_milvus.testing.synthetic import candidates_for, write_corpus, write_model_set
 
 COLLECTION = "videos"
@@ -500,6 +500,111 @@ def test_concurrent_requests_are_batched_and_each_equals_its_local_result(
         ]
     stats = batching.server.core.reranker.batcher.stats
     assert stats.jobs == len(queries) and stats.batches < len(queries)
+
+
+# -- bounded work: per-request limit, deadlines inside fine scoring, fair slicing --------------------
+
+
+def long_query(stage2: Stage2, frames: int, seed: int = 0) -> VideoRecord:
+    """A query of ``frames`` random packed frames (what a long inline query costs)."""
+    rng = np.random.default_rng(seed)
+    width = stage2.query.fine.shape[2]
+    fine = rng.integers(0, 256, (frames, 9, width), dtype=np.uint8)
+    return VideoRecord(coarse=np.zeros(0, np.float32), self_sim=0.5, fine=fine, payload_kind="packed_bits")
+
+
+def long_candidates(stage2: Stage2, n: int, frames: int, prefix: str) -> list[Candidate]:
+    """``n`` stored videos of ``frames`` random packed frames each, as stage-1 candidates."""
+    rng = np.random.default_rng(len(prefix) + n + frames)
+    width = stage2.query.fine.shape[2]
+    out = []
+    for i in range(n):
+        vid = f"{prefix}{i}"
+        fine = rng.integers(0, 256, (frames, 9, width), dtype=np.uint8)
+        key = fine_key(COLLECTION, vid)
+        if not stage2.store.exists(key):
+            stage2.store.put(key, encode_fine_tensor(fine, "packed_bits"))
+        out.append(Candidate(vid, 0.5 - i / 1000.0, 0.5, key, n_frames=frames, payload_kind="packed_bits"))
+    return out
+
+
+def count_comparator_calls(models: ModelSet, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = models.fine.similarity_from_frame_matrix
+
+    def counting(f2f: object, *args: object) -> object:
+        calls.append(1)
+        return real(f2f, *args)
+
+    monkeypatch.setattr(models.fine, "similarity_from_frame_matrix", counting)
+    return calls
+
+
+def test_a_request_over_the_work_limit_is_invalid_argument_naming_the_limit(
+    stage2: Stage2, start_server: Callable[..., BackgroundServer]
+) -> None:
+    limited = start_server(max_frame_pairs=5_000)
+    query = long_query(stage2, 200)
+    with RemoteReranker(limited.grpc_target) as remote:
+        with pytest.raises(InvalidInputError, match="max_frame_pairs") as info:
+            remote.rerank(query, stage2.candidates(), SelectionPolicy("all", 0), 5)
+        assert "INVALID_ARGUMENT" in str(info.value) and "5000" in str(info.value)
+        # the limit counts the candidates the policy selects: fewer of them fit
+        assert len(remote.rerank(query, stage2.candidates(), SelectionPolicy("count", 1), 5).hits) == 5
+    assert limited.server.core.reranker.batcher.stats.jobs == 1  # the refused request scored nothing
+
+
+def test_fine_scores_honour_a_deadline(stage2: Stage2) -> None:
+    target = stage2.corpus["v1"].fine
+    with pytest.raises(DeadlineExceededError):
+        stage2.local.fine_scores(stage2.query, [target], deadline=time.monotonic() - 1.0)
+    assert stage2.local.fine_scores(stage2.query, [target], deadline=time.monotonic() + 600).shape == (1,)
+
+
+def test_a_request_past_its_deadline_stops_its_fine_scoring(
+    stage2: Stage2, start_server: Callable[..., BackgroundServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2000 query frames against 100 videos of 500 frames in one slice: ~50 comparator calls of
+    2 pairs. The 1 s deadline passes during the first calls; the rest must never run."""
+    busy = start_server(max_frame_pairs=10**9, max_batch_frame_pairs=10**9)
+    candidates = long_candidates(stage2, 100, 500, prefix="long")
+    everything = pb.SelectionPolicy(kind=pb.POLICY_KIND_ALL)
+    request = inline_request(stage2, candidates=candidates, policy=everything)
+    request.inline.CopyFrom(convert.inline_query_to_proto(long_query(stage2, 2000)))
+    calls = count_comparator_calls(stage2.models, monkeypatch)
+    with grpc.insecure_channel(busy.grpc_target) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.RerankerStub(channel).Rerank(request, timeout=1.0)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    core = busy.server.core
+    wait_until(lambda: core.inflight == 0 and core.reranker.batcher.admitted_pairs == 0, timeout_s=60)
+    assert 0 < len(calls) < 25, len(calls)
+    assert len(call(busy.grpc_target, inline_request(stage2)).hits) == 10  # and it serves on
+
+
+def test_small_requests_flow_while_a_big_one_is_scored_in_slices(
+    stage2: Stage2, start_server: Callable[..., BackgroundServer]
+) -> None:
+    """A big request is cut into slices of max_batch_frame_pairs; a small one that arrives
+    meanwhile runs after the current slice, not after the whole big request."""
+    sliced = start_server(max_frame_pairs=10**9, max_batch_frame_pairs=100_000)
+    big_query, candidates = long_query(stage2, 1000, seed=1), long_candidates(stage2, 48, 100, prefix="mid")
+    policy = SelectionPolicy("all", 0)
+    request = pb.RerankRequest(
+        inline=convert.inline_query_to_proto(big_query), candidates=convert.candidates_to_proto(candidates),
+        policy=convert.policy_to_proto(policy), top_k=48,
+    )  # fmt: skip
+    batcher = sliced.server.core.reranker.batcher
+    with grpc.insecure_channel(sliced.grpc_target) as channel:
+        big = pb_grpc.RerankerStub(channel).Rerank.future(request, timeout=600)
+        wait_until(lambda: batcher.stats.batches >= 1, timeout_s=120)  # its first slice is done
+        small = call(sliced.grpc_target, inline_request(stage2))
+        assert not big.done() and len(small.hits) == 10  # the small one did not wait for the big one
+        response = big.result()
+    assert batcher.stats.slices >= 48 + 1
+    expected = stage2.local.rerank(big_query, candidates, policy, 48)
+    assert [(h.video_id, h.fine_score) for h in response.hits] == [
+        (h.video_id, h.fine_score) for h in expected.hits
+    ]
 
 
 # -- degradation through the SDK ------------------------------------------------------------------

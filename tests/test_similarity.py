@@ -6,14 +6,16 @@ The references are the fine students' own float paths (``frame_to_frame_similari
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from dns_milvus.errors import InvalidInputError
+from dns_milvus.errors import DeadlineExceededError, InvalidInputError
 from dns_milvus.models import FineGrainedStudent
+from dns_milvus.similarity import fine as fine_module
 from dns_milvus.similarity import (
     fine_similarity_float,
     fine_similarity_packed,
@@ -244,6 +246,60 @@ def test_batching_does_not_change_scores(bin_student: FineGrainedStudent) -> Non
     one_at_a_time = torch.cat([fine_similarity_packed(bin_student, query, [t]) for t in targets])
     torch.testing.assert_close(batched, one_at_a_time, rtol=0, atol=1e-6)
     torch.testing.assert_close(everything, one_at_a_time, rtol=0, atol=1e-6)
+
+
+def _comparator_spy(student: FineGrainedStudent, monkeypatch: pytest.MonkeyPatch, before=None) -> list:
+    """Record the frame-matrix shape of each comparator call (``before`` runs first)."""
+    calls: list[tuple[int, ...]] = []
+    real = student.similarity_from_frame_matrix
+
+    def spy(f2f: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(tuple(f2f.shape))
+        if before is not None:
+            before()
+        return real(f2f, *args)
+
+    monkeypatch.setattr(student, "similarity_from_frame_matrix", spy)
+    return calls
+
+
+def test_comparator_batches_are_bounded_in_frame_matrix_cells(
+    bin_student: FineGrainedStudent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long query gets fewer pairs a comparator call, so its memory stays bounded; scores are
+    those of the unbounded batching."""
+    g = torch.Generator().manual_seed(10)
+    query = pack_codes(random_codes(40, REGIONS, BITS, generator=g))
+    targets = [pack_codes(random_codes(n, REGIONS, BITS, generator=g)) for n in [3, 9, 12, 5, 30, 16, 7, 2]]
+    unbounded = fine_similarity_packed(bin_student, query, targets)
+    monkeypatch.setattr(fine_module, "CPU_BATCH_CELLS", 40 * 12 * 2)
+    calls = _comparator_spy(bin_student, monkeypatch)
+    bounded = fine_similarity_packed(bin_student, query, targets)
+    assert all(n == 1 or n * tq * tt <= 40 * 12 * 2 for n, tq, tt in calls), calls
+    assert len(calls) > 2 and sum(n for n, _, _ in calls) == len(targets)
+    torch.testing.assert_close(bounded, unbounded, rtol=0, atol=1e-6)
+
+
+def test_a_deadline_stops_scoring_between_comparator_batches(
+    bin_student: FineGrainedStudent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    g = torch.Generator().manual_seed(11)
+    query = pack_codes(random_codes(6, REGIONS, BITS, generator=g))
+    targets = [pack_codes(random_codes(n, REGIONS, BITS, generator=g)) for n in [4, 5, 6, 7, 8, 9]]
+    deadline = time.monotonic() + 2.0
+
+    def outlive_the_deadline() -> None:  # the first batch runs past the deadline
+        while time.monotonic() <= deadline:
+            time.sleep(0.01)
+
+    calls = _comparator_spy(bin_student, monkeypatch, before=outlive_the_deadline)
+    with pytest.raises(DeadlineExceededError, match="2 of 6 targets scored"):
+        fine_similarity_packed(bin_student, query, targets, batch_size=2, deadline=deadline)
+    assert len(calls) == 1  # the other two batches never ran
+    with pytest.raises(DeadlineExceededError, match="0 of 6"):  # already late: nothing runs
+        fine_similarity_float(bin_student, unpack_codes(query), [unpack_codes(t) for t in targets],
+                              deadline=time.monotonic() - 1.0)  # fmt: skip
+    assert len(calls) == 1
 
 
 def test_float_path_equals_student_and_packed(

@@ -4,17 +4,25 @@ Each request runs the engine's ``LocalReranker.rerank`` in its own worker thread
 object fetches and the merge stay the engine's code). Only the fine-grained scoring, the part
 that wants the GPU, is handed over: ``BatchingReranker.fine_scores`` submits a job to the
 ``FineBatcher`` and waits on its future. The batcher is an asyncio task that collects jobs
-until the oldest has waited ``max_wait_ms`` or ``max_batch_pairs`` query/target pairs are
-pending, then runs the whole batch in ONE dedicated thread, so
+until the oldest has waited ``max_wait_ms`` or a batch's worth of work is pending, then runs
+the batch in ONE dedicated thread, so
 
 - the device sees one stream of back-to-back batches instead of many threads contending;
 - while a batch runs, the next one accumulates; it starts as soon as the device is free
   (jobs that already waited their ``max_wait_ms`` are not held back again);
 - the event loop never blocks on torch.
 
+Work is measured in pairs (query/target) and in frame pairs (query frames x target frames,
+what the comparator's cost grows with). A batch holds at most ``max_batch_pairs`` and
+``max_batch_frame_pairs``; a bigger job is cut into slices of that size, and after each slice
+its rest goes behind the jobs that arrived meanwhile (round robin), so small requests keep
+flowing while a big one runs. One request may ask for at most ``max_frame_pairs`` frame pairs
+(``WorkLimitError``, INVALID_ARGUMENT, before any fine-grained work).
+
 Admission is bounded in pairs (``max_queue_pairs``, queued + running): past it a submission
-fails at once with ``OverloadedError`` instead of growing memory. A job whose request was cancelled
-or whose deadline passed is dropped when its batch is formed, before any work is done for it.
+fails at once with ``OverloadedError`` instead of growing memory. A job whose request was
+cancelled or whose deadline passed is dropped before its next slice; inside a slice the kernels
+stop at the deadline between comparator batches.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from dns_milvus.errors import (
     OverloadedError,
     RequestCancelledError,
     ShuttingDownError,
+    WorkLimitError,
 )
 from dns_milvus.store import ObjectStore
 
@@ -62,17 +71,75 @@ class Ticket:
 current_ticket: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("current_ticket", default=None)
 
 
-@dataclass
+@dataclass(eq=False)
 class FineJob:
+    """One request's fine-grained work: a query against its targets, scored slice by slice."""
+
     query: VideoRecord
     targets: Sequence[np.ndarray]
     ticket: Ticket
     future: Future = field(default_factory=Future)
-    enqueued: float = field(default_factory=time.monotonic)
+    enqueued: float = field(default_factory=time.monotonic)  # first arrival: holds a batch open once
+    queued_at: float = 0.0  # latest entry into the queue (slices wait from here)
+    next_target: int = 0  # targets before it have been handed to a batch
+    unscored: int = 0
+    finished: bool = False
+    scores: np.ndarray = field(init=False)
+    _frames_before: np.ndarray = field(init=False)  # cumulative target frames, for slice costs
+
+    def __post_init__(self) -> None:
+        self.queued_at = self.enqueued
+        self.unscored = len(self.targets)
+        self.scores = np.zeros(len(self.targets), dtype=np.float32)
+        lengths = [int(t.shape[0]) for t in self.targets]
+        self._frames_before = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
 
     @property
     def pairs(self) -> int:
         return len(self.targets)
+
+    @property
+    def query_frames(self) -> int:
+        return int(self.query.fine.shape[0])
+
+    def frame_pairs(self, start: int = 0, stop: int | None = None) -> int:
+        """Query frames x target frames of targets ``start:stop``: the comparator's work."""
+        stop = self.pairs if stop is None else stop
+        return self.query_frames * int(self._frames_before[stop] - self._frames_before[start])
+
+    def slice_end(self, max_pairs: int, max_frame_pairs: int) -> int:
+        """End of the longest slice from ``next_target`` within both budgets (may be empty)."""
+        start = self.next_target
+        if max_pairs <= 0 or max_frame_pairs <= 0:
+            return start
+        budget = self._frames_before[start] + max_frame_pairs // max(self.query_frames, 1)
+        fits = int(np.searchsorted(self._frames_before, budget, side="right")) - 1
+        return max(start, min(self.pairs, start + max_pairs, fits))
+
+
+@dataclass(frozen=True)
+class FineSlice:
+    """Targets ``start:stop`` of a job: what one batch computes for it."""
+
+    job: FineJob
+    start: int
+    stop: int
+
+    @property
+    def query(self) -> VideoRecord:
+        return self.job.query
+
+    @property
+    def targets(self) -> Sequence[np.ndarray]:
+        return self.job.targets[self.start : self.stop]
+
+    @property
+    def deadline(self) -> float | None:
+        return self.job.ticket.deadline
+
+    @property
+    def pairs(self) -> int:
+        return self.stop - self.start
 
 
 @dataclass
@@ -80,9 +147,11 @@ class BatchStats:
     """What the batcher did, for metrics and the load benchmark."""
 
     batches: int = 0
-    jobs: int = 0
+    jobs: int = 0  # jobs scored to the end
+    slices: int = 0
     pairs: int = 0
-    dropped_jobs: int = 0
+    frame_pairs: int = 0
+    dropped_jobs: int = 0  # cancelled, late or failed before they were scored to the end
     busy_s: float = 0.0  # time the scoring thread spent computing
 
 
@@ -90,8 +159,10 @@ class FineBatcher:
     """Collects fine-scoring jobs from request threads and scores them in batches.
 
     Args:
-        score_jobs: scores a batch: one float32 array per job (runs in the scoring thread).
-        max_batch_pairs: a batch closes when it holds this many pairs (a larger single job runs alone).
+        score_slices: scores a batch: one float32 array (or the exception that stopped it) per
+            slice (runs in the scoring thread).
+        max_batch_pairs: a batch closes when it holds this many pairs.
+        max_batch_frame_pairs: ... or this many frame pairs; a bigger job is cut into slices.
         max_wait_ms: the longest the oldest job of a forming batch waits for company.
         max_queue_pairs: pairs admitted (queued + running) before submissions are refused.
         on_batch: called in the event loop after each batch with (jobs, pairs, seconds, queue waits).
@@ -99,17 +170,21 @@ class FineBatcher:
 
     def __init__(
         self,
-        score_jobs: Callable[[Sequence[FineJob]], list[np.ndarray]],
+        score_slices: Callable[[Sequence[FineSlice]], list[np.ndarray | Exception]],
         *,
         max_batch_pairs: int = 4096,
+        max_batch_frame_pairs: int = 1 << 25,
         max_wait_ms: float = 2.0,
         max_queue_pairs: int = 65536,
         on_batch: Callable[[int, int, float, list[float]], None] | None = None,
     ) -> None:
-        if max_batch_pairs < 1 or max_queue_pairs < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch_pairs and max_queue_pairs must be >= 1 and max_wait_ms >= 0")
-        self.score_jobs = score_jobs
+        if min(max_batch_pairs, max_batch_frame_pairs, max_queue_pairs) < 1 or max_wait_ms < 0:
+            raise ValueError(
+                "max_batch_pairs, max_batch_frame_pairs and max_queue_pairs must be >= 1, max_wait_ms >= 0"
+            )
+        self.score_slices = score_slices
         self.max_batch_pairs = max_batch_pairs
+        self.max_batch_frame_pairs = max_batch_frame_pairs
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue_pairs = max_queue_pairs
         self.on_batch = on_batch
@@ -163,6 +238,7 @@ class FineBatcher:
         if self._closed:
             self._finish(job, error=ShuttingDownError("re-ranker is shutting down"))
             return
+        job.queued_at = time.monotonic()
         self._jobs.append(job)
         assert self._wakeup is not None
         self._wakeup.set()
@@ -171,80 +247,104 @@ class FineBatcher:
         assert self._loop is not None
         while True:
             batch = await self._next_batch()
-            live = []
-            for job in batch:
-                try:
-                    job.ticket.check()
-                except DnSError as exc:
-                    self.stats.dropped_jobs += 1
-                    self._finish(job, error=exc)
-                    continue
-                live.append(job)
-            if not live:
+            if not batch:
                 continue
             started = time.monotonic()
-            waits = [started - job.enqueued for job in live]
-            for job, wait in zip(live, waits, strict=True):
-                job.ticket.queue_ms += wait * 1000.0
+            waits = [started - piece.job.queued_at for piece in batch]
+            for piece, wait in zip(batch, waits, strict=True):
+                piece.job.ticket.queue_ms += wait * 1000.0
             try:
-                results = await self._loop.run_in_executor(self._scorer, self._score, live)
+                results = await self._loop.run_in_executor(self._scorer, self._score, batch)
             except BaseException as exc:  # a failed batch fails its jobs, never the batcher
-                for job in live:
+                for piece in batch:
                     error = exc if isinstance(exc, Exception) else ShuttingDownError(str(exc))
-                    self._finish(job, error=error)
+                    self._finish(piece.job, error=error)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
             busy = time.monotonic() - started
-            pairs = sum(job.pairs for job in live)
+            pairs = sum(piece.pairs for piece in batch)
             self.stats.batches += 1
-            self.stats.jobs += len(live)
+            self.stats.slices += len(batch)
             self.stats.pairs += pairs
+            self.stats.frame_pairs += sum(piece.job.frame_pairs(piece.start, piece.stop) for piece in batch)
             self.stats.busy_s += busy
-            for job, result in zip(live, results, strict=True):
+            for piece, result in zip(batch, results, strict=True):
+                job = piece.job
                 if isinstance(result, Exception):
                     self._finish(job, error=result)
-                else:
-                    self._finish(job, result=result)
+                    continue
+                job.scores[piece.start : piece.stop] = result
+                job.unscored -= piece.pairs
+                if job.unscored == 0:
+                    self.stats.jobs += 1
+                    self._finish(job, result=job.scores)
+                elif job.next_target < job.pairs and not job.finished:
+                    self._enqueue(job)  # its rest goes behind the jobs that arrived meanwhile
             if self.on_batch is not None:
-                self.on_batch(len(live), pairs, busy, waits)
+                self.on_batch(len(batch), pairs, busy, waits)
 
-    async def _next_batch(self) -> list[FineJob]:
+    async def _next_batch(self) -> list[FineSlice]:
         assert self._wakeup is not None
         while not self._jobs:
             self._wakeup.clear()
             await self._wakeup.wait()
-        # Hold the batch open until the oldest job has waited max_wait or enough pairs are here.
-        while True:
-            queued = sum(job.pairs for job in self._jobs)
+        # Hold the batch open until the oldest job has waited max_wait or a batch's worth is here.
+        while self._jobs:
+            queued_pairs = sum(job.pairs - job.next_target for job in self._jobs)
+            queued_work = sum(job.frame_pairs(job.next_target) for job in self._jobs)
             remaining = self._jobs[0].enqueued + self.max_wait_s - time.monotonic()
-            if queued >= self.max_batch_pairs or remaining <= 0:
+            if queued_pairs >= self.max_batch_pairs or queued_work >= self.max_batch_frame_pairs:
+                break
+            if remaining <= 0:
                 break
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except TimeoutError:
                 break
-        batch = [self._jobs.popleft()]
-        pairs = batch[0].pairs
-        while self._jobs and pairs + self._jobs[0].pairs <= self.max_batch_pairs:
-            job = self._jobs.popleft()
-            batch.append(job)
-            pairs += job.pairs
+        return self._take_batch()
+
+    def _take_batch(self) -> list[FineSlice]:
+        """Slices from the front of the queue within the batch budgets; a job that does not fit
+        whole contributes what fits (at least one target when the batch is empty) and waits,
+        out of the queue, until this batch is done. Cancelled and late jobs are dropped here."""
+        batch: list[FineSlice] = []
+        pairs = work = 0
+        while self._jobs:
+            job = self._jobs[0]
+            try:
+                job.ticket.check()
+            except DnSError as exc:
+                self._jobs.popleft()
+                self._finish(job, error=exc)
+                continue
+            stop = job.slice_end(self.max_batch_pairs - pairs, self.max_batch_frame_pairs - work)
+            if stop == job.next_target:
+                if batch:
+                    break
+                stop += 1  # one target runs whatever its size (the request limit bounds it)
+            self._jobs.popleft()
+            batch.append(FineSlice(job, job.next_target, stop))
+            pairs += stop - job.next_target
+            work += job.frame_pairs(job.next_target, stop)
+            job.next_target = stop
+            if stop < job.pairs:
+                break  # the batch is full
         return batch
 
-    def _score(self, jobs: Sequence[FineJob]) -> list[np.ndarray | Exception]:
-        """Runs in the scoring thread: the whole batch, then each job alone if the batch failed."""
+    def _score(self, batch: Sequence[FineSlice]) -> list[np.ndarray | Exception]:
+        """Runs in the scoring thread: the whole batch, then each slice alone if the batch failed."""
         with torch.inference_mode():
             try:
-                return list(self.score_jobs(jobs))
+                return list(self.score_slices(batch))
             except Exception:
-                if len(jobs) == 1:
+                if len(batch) == 1:
                     raise
             out: list[np.ndarray | Exception] = []
-            for job in jobs:  # isolate the job that broke the batch
+            for piece in batch:  # isolate the slice that broke the batch
                 try:
-                    out.extend(self.score_jobs([job]))
+                    out.extend(self.score_slices([piece]))
                 except Exception as exc:
                     out.append(exc)
             return out
@@ -252,8 +352,13 @@ class FineBatcher:
     def _finish(
         self, job: FineJob, *, result: np.ndarray | None = None, error: BaseException | None = None
     ) -> None:
+        if job.finished:
+            return
+        job.finished = True
         with self._lock:
             self._admitted_pairs -= job.pairs
+        if error is not None and job.unscored > 0:
+            self.stats.dropped_jobs += 1
         if job.future.done():
             return
         if error is not None:
@@ -270,15 +375,33 @@ class BatchingReranker(LocalReranker):
     """
 
     def __init__(
-        self, models: ModelSet, store: ObjectStore, *, cache_bytes: int, batcher_options: dict
+        self,
+        models: ModelSet,
+        store: ObjectStore,
+        *,
+        cache_bytes: int,
+        max_frame_pairs: int,
+        batcher_options: dict,
     ) -> None:
         super().__init__(models, store, cache_bytes=cache_bytes)
-        self.batcher = FineBatcher(self.score_jobs, **batcher_options)
+        self.max_frame_pairs = max_frame_pairs
+        self.batcher = FineBatcher(self.score_slices, **batcher_options)
 
-    def fine_scores(self, query: VideoRecord, targets: Sequence[np.ndarray]) -> np.ndarray:
+    def fine_scores(
+        self, query: VideoRecord, targets: Sequence[np.ndarray], *, deadline: float | None = None
+    ) -> np.ndarray:
         if not targets:
             return np.zeros(0, dtype=np.float32)
-        ticket = current_ticket.get() or Ticket()
+        query_frames = int(query.fine.shape[0])
+        target_frames = sum(int(t.shape[0]) for t in targets)
+        if query_frames * target_frames > self.max_frame_pairs:
+            raise WorkLimitError(
+                f"request needs {query_frames} query frames x {target_frames} frames of {len(targets)} "
+                f"candidates = {query_frames * target_frames} frame pairs of fine-grained scoring; the "
+                f"limit is {self.max_frame_pairs} a request (max_frame_pairs): send a shorter query, "
+                "fewer candidates or a selecting policy"
+            )
+        ticket = current_ticket.get() or Ticket(deadline=deadline)
         return self.batcher.submit(query, targets, ticket).result()
 
     def fetch_fine(self, candidates):  # type: ignore[no-untyped-def]
@@ -287,19 +410,27 @@ class BatchingReranker(LocalReranker):
             ticket.check()  # a cancelled or late request fetches nothing
         return super().fetch_fine(candidates)
 
-    def score_jobs(self, jobs: Sequence[FineJob]) -> list[np.ndarray]:
-        """Score a batch in the scoring thread. Jobs whose query is the same tensor (an uploaded
+    def score_slices(self, batch: Sequence[FineSlice]) -> list[np.ndarray | Exception]:
+        """Score a batch in the scoring thread. Slices whose query is the same tensor (an uploaded
         query handle, or an indexed query read through the cache, used by concurrent requests)
-        share one kernel call; each call is itself batched over its targets by the kernels."""
+        share one kernel call, which stops at the latest of their deadlines; each call is itself
+        batched over its targets by the kernels."""
         groups: dict[int, list[int]] = {}
-        for i, job in enumerate(jobs):
-            groups.setdefault(id(job.query.fine), []).append(i)
-        out: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(jobs)
+        for i, piece in enumerate(batch):
+            groups.setdefault(id(piece.query.fine), []).append(i)
+        out: list[np.ndarray | Exception] = [np.zeros(0, dtype=np.float32)] * len(batch)
         for members in groups.values():
-            targets = [t for i in members for t in jobs[i].targets]
-            scores = LocalReranker.fine_scores(self, jobs[members[0]].query, targets)
+            targets = [t for i in members for t in batch[i].targets]
+            deadlines = [batch[i].deadline for i in members]
+            deadline = None if None in deadlines else max(deadlines)  # type: ignore[type-var]
+            try:
+                scores = LocalReranker.fine_scores(self, batch[members[0]].query, targets, deadline=deadline)
+            except DeadlineExceededError as exc:  # late: these slices fail, the others still count
+                for i in members:
+                    out[i] = exc
+                continue
             start = 0
             for i in members:
-                out[i] = scores[start : start + jobs[i].pairs]
-                start += jobs[i].pairs
+                out[i] = scores[start : start + batch[i].pairs]
+                start += batch[i].pairs
         return out

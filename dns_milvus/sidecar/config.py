@@ -32,10 +32,13 @@ class ServerConfig:
     max_message_bytes: int = 64 << 20
     max_candidates: int = 20_000
     max_query_frames: int = 10_000
+    max_frame_pairs: int = 100_000_000
     max_inflight: int = 64
     max_queue_pairs: int = 65_536
     max_batch_pairs: int = 4096
+    max_batch_frame_pairs: int = 1 << 25
     max_wait_ms: float = 2.0
+    http_timeout_s: float = 30.0
     cache_bytes: int = 1 << 30
     query_ttl_s: float = 600.0
     query_store_bytes: int = 256 << 20
@@ -74,14 +77,18 @@ class ServerConfig:
             "max_message_bytes",
             "max_candidates",
             "max_query_frames",
+            "max_frame_pairs",
             "max_inflight",
             "max_queue_pairs",
             "max_batch_pairs",
+            "max_batch_frame_pairs",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_wait_ms", "cache_bytes", "query_store_bytes", "grace_s", "torch_threads"):
+        for name in (
+            "max_wait_ms", "http_timeout_s", "cache_bytes", "query_store_bytes", "grace_s", "torch_threads"
+        ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.query_ttl_s <= 0:
@@ -103,10 +110,16 @@ _HELP = {
     "max_message_bytes": "largest request or response message / HTTP body",
     "max_candidates": "most candidates (documents) in one request",
     "max_query_frames": "most frames of an inline query's fine tensor",
+    "max_frame_pairs": "most fine-grained work one request may ask for: query frames x the frames of "
+    "every candidate it scores (more is refused with INVALID_ARGUMENT / 400)",
     "max_inflight": "most requests in flight; more are refused with RESOURCE_EXHAUSTED / 429",
     "max_queue_pairs": "most query/target pairs queued for the fine-grained student",
     "max_batch_pairs": "pairs that close a batch of fine-grained work",
+    "max_batch_frame_pairs": "query x target frame pairs that close a batch; a bigger request is scored "
+    "in slices of this size, interleaved with other requests' work",
     "max_wait_ms": "longest a job waits for a batch to fill",
+    "http_timeout_s": "deadline of an HTTP rerank request (0 = none); past it the answer is 504 and "
+    "its remaining work is dropped",
     "cache_bytes": "byte budget of the decoded fine-tensor cache",
     "query_ttl_s": "lifetime of a query uploaded over HTTP (POST /v1/queries)",
     "query_store_bytes": "byte budget of uploaded queries (oldest evicted first)",

@@ -109,8 +109,10 @@ class RerankCore:
             models,
             store,
             cache_bytes=config.cache_bytes,
+            max_frame_pairs=config.max_frame_pairs,
             batcher_options={
                 "max_batch_pairs": config.max_batch_pairs,
+                "max_batch_frame_pairs": config.max_batch_frame_pairs,
                 "max_wait_ms": config.max_wait_ms,
                 "max_queue_pairs": config.max_queue_pairs,
                 "on_batch": metrics.observe_batch,
@@ -176,8 +178,10 @@ class RerankCore:
         protocol's message), stage 2, then ``finish`` (build the reply). Parsing a large request
         therefore never blocks the event loop.
 
-        Raises ``ShuttingDownError`` while draining and ``OverloadedError`` past ``max_inflight``; a
-        cancelled caller (``asyncio.CancelledError``) drops the request's pending batch work.
+        Raises ``ShuttingDownError`` while draining, ``OverloadedError`` past ``max_inflight`` and
+        ``DeadlineExceededError`` once ``timeout_s`` has passed (the answer does not wait for the
+        worker; its remaining work stops at the deadline). A cancelled caller
+        (``asyncio.CancelledError``) drops the request's pending batch work.
         """
         if self.draining:
             raise ShuttingDownError("re-ranker is shutting down; retry on another replica")
@@ -197,12 +201,18 @@ class RerankCore:
             self._release()
             raise ShuttingDownError("re-ranker is shutting down; retry on another replica") from None
         # The slot is released when the thread is done, not when the caller stops waiting.
-        future.add_done_callback(lambda _: self._release())
+        future.add_done_callback(self._work_done)
         try:
-            return await asyncio.shield(future)
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except asyncio.CancelledError:
             ticket.cancelled = True
             raise
+        except asyncio.TimeoutError:
+            if future.done():  # the worker's own deadline error (a TimeoutError too)
+                raise
+            raise DeadlineExceededError(
+                f"deadline of {timeout_s:.3g} s exceeded; the request's remaining work is dropped"
+            ) from None
 
     async def rerank(
         self,
@@ -291,6 +301,11 @@ class RerankCore:
         self._inflight -= 1
         if self._inflight == 0 and self._idle is not None:
             self._idle.set()
+
+    def _work_done(self, future: asyncio.Future) -> None:
+        self._release()
+        if not future.cancelled():
+            future.exception()  # a caller that left (deadline, cancel) never reads it: not worth a log
 
 
 def _server_version() -> str:

@@ -173,7 +173,7 @@ async def score_documents(
         by_key = {hit.video_id: hit.score for hit in result.hits}
         return [by_key[key] for key in keys], result.warnings
 
-    scores, warnings = await core.run(prepare, finish)
+    scores, warnings = await core.run(prepare, finish, timeout_s=core.config.http_timeout_s or None)
     return keys, scores, warnings
 
 

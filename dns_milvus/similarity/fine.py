@@ -9,7 +9,9 @@ Both entry points share one batching scheme (:func:`_score_targets`):
 3. each group is fed to the student's video comparator in batches of ``batch_size`` pairs, each
    batch cut to its own longest target, through ``student.similarity_from_frame_matrix``
    (comparator -> Hardtanh -> Chamfer), which is batch-invariant: the result does not depend on
-   the batching and equals ``student.calculate_video_similarity``.
+   the batching and equals ``student.calculate_video_similarity``. A batch also holds at most
+   ``*_BATCH_CELLS`` frame-matrix cells (a long query gets fewer pairs a call), which bounds the
+   comparator's memory, and the time between two checks of an optional ``deadline``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from dns_milvus.errors import InvalidInputError
+from dns_milvus.errors import DeadlineExceededError, InvalidInputError
 from dns_milvus.models import FineSimilarityNetwork
 from dns_milvus.similarity.hamming import check_packed_video, packed_frame_similarity, scatter_frames
 
@@ -32,6 +34,11 @@ CPU_BATCH_SIZE = 32
 CUDA_BATCH_SIZE = 256
 #: Largest intermediate of one group of targets, in floats (64 MiB in float32).
 GROUP_ELEMENTS = 2**24
+#: Frame-matrix cells (pairs x Tq x longest Tt) of one comparator call. Its first convolution's
+#: output is 32 channels of that: 256 MiB on CPU, 1 GiB on CUDA in float32. Typical videos
+#: (minutes at 1 fps) never reach it; a query of thousands of frames gets fewer pairs a call.
+CPU_BATCH_CELLS = 2**21
+CUDA_BATCH_CELLS = 2**23
 
 #: Builds the frame-to-frame matrices [n, Tq, Tt_max] (float32, zero-padded) of a group of targets.
 FrameMatrices = Callable[[list[int], int], Tensor]
@@ -90,24 +97,34 @@ def _score_targets(
     batch_size: int | None,
     timings: dict[str, float] | None,
     channels_last: bool,
+    deadline: float | None,
 ) -> Tensor:
-    """The shared driver: sort, group, build frame matrices, run the comparator in batches."""
+    """The shared driver: sort, group, build frame matrices, run the comparator in batches.
+
+    ``deadline`` (a ``time.monotonic()`` value) is checked before each group and each comparator
+    batch: past it, the remaining work is dropped and ``DeadlineExceededError`` raised.
+    """
     if channels_last and device.type == "cpu":
         prepare_for_inference(student)
     if batch_size is None:
         batch_size = CUDA_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
     if batch_size < 1:
         raise InvalidInputError(f"expected batch_size >= 1, got {batch_size}")
+    max_cells = CUDA_BATCH_CELLS if device.type == "cuda" else CPU_BATCH_CELLS
     order = sorted(range(len(target_lengths)), key=target_lengths.__getitem__)
     sorted_lengths = [target_lengths[i] for i in order]
     out = torch.empty(len(order), dtype=torch.float32, device=device)
     stage_seconds = {"frame_matrices": 0.0, "comparator": 0.0}
     clock = _StageClock(device if timings is not None else None)
+    done = 0
     for start, stop in _groups(sorted_lengths, floats_per_frame, GROUP_ELEMENTS):
+        _check_deadline(deadline, done, len(order))
         f2f = frame_matrices(order[start:stop], sorted_lengths[stop - 1])
         stage_seconds["frame_matrices"] += clock.lap()
-        for first in range(start, stop, batch_size):
-            last = min(first + batch_size, stop)
+        first = start
+        while first < stop:
+            _check_deadline(deadline, done, len(order))
+            last = _batch_end(sorted_lengths, first, min(first + batch_size, stop), query_length, max_cells)
             longest = sorted_lengths[last - 1]
             ql = torch.full((last - first,), query_length, dtype=torch.long, device=device)
             tl = torch.tensor(sorted_lengths[first:last], dtype=torch.long, device=device)
@@ -115,11 +132,31 @@ def _score_targets(
                 f2f[first - start : last - start, :, :longest], ql, tl
             )
             out[torch.tensor(order[first:last], device=device)] = sims.to(torch.float32)
+            done += last - first
+            first = last
         stage_seconds["comparator"] += clock.lap()
     if timings is not None:
         for stage, seconds in stage_seconds.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
     return out
+
+
+def _batch_end(sorted_lengths: list[int], first: int, limit: int, query_length: int, max_cells: int) -> int:
+    """End of the comparator batch that starts at ``first``: at most ``limit``, and at most
+    ``max_cells`` frame-matrix cells (targets are sorted, so the last one is the longest); at
+    least one pair, whatever its size."""
+    last = limit
+    while last > first + 1 and (last - first) * query_length * sorted_lengths[last - 1] > max_cells:
+        last -= 1
+    return last
+
+
+def _check_deadline(deadline: float | None, done: int, total: int) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceededError(
+            f"deadline exceeded during fine-grained scoring ({done} of {total} targets scored); "
+            "the rest was dropped"
+        )
 
 
 class _StageClock:
@@ -171,6 +208,7 @@ def fine_similarity_packed(
     backend: str = "auto",
     timings: dict[str, float] | None = None,
     channels_last: bool = True,
+    deadline: float | None = None,
 ) -> Tensor:
     """Fine-grained similarity of a query with each target, from packed binary codes.
 
@@ -182,7 +220,9 @@ def fine_similarity_packed(
     ``timings`` dict, when given, accumulates the seconds spent in the two stages
     (``frame_matrices``, ``comparator``); on CUDA measuring them synchronises the device. On CPU
     the student's comparator weights are first put in channels-last layout, in place (see
-    :func:`prepare_for_inference`; values unchanged), unless ``channels_last=False``.
+    :func:`prepare_for_inference`; values unchanged), unless ``channels_last=False``. Given a
+    ``deadline`` (a ``time.monotonic()`` value), scoring stops with ``DeadlineExceededError`` at
+    the first comparator batch that would start after it.
     """
     fg_type = getattr(student, "fg_type", None)
     if fg_type != "bin":
@@ -211,7 +251,7 @@ def fine_similarity_packed(
         return _score_targets(
             student, query.shape[0], [t.shape[0] for t in targets], frame_matrices,
             floats_per_frame=2 * query.shape[0], device=device, batch_size=batch_size, timings=timings,
-            channels_last=channels_last,
+            channels_last=channels_last, deadline=deadline,
         )  # fmt: skip
 
 
@@ -235,13 +275,15 @@ def fine_similarity_float(
     batch_size: int | None = None,
     timings: dict[str, float] | None = None,
     channels_last: bool = True,
+    deadline: float | None = None,
 ) -> Tensor:
     """Fine-grained similarity of a query with each target, from float region tensors.
 
     ``query`` [Tq, R, D] and each target [Tt_i, R, D] (float16 as stored, or float32; D = the
     student's ``index_dims``) -> float32 [B] on the student's device, equal to
     ``student.calculate_video_similarity`` on the same tensors. Uses the same sorting, grouping
-    and comparator batching (and ``timings``, ``channels_last``) as :func:`fine_similarity_packed`.
+    and comparator batching (and ``timings``, ``channels_last``, ``deadline``) as
+    :func:`fine_similarity_packed`.
     """
     device = _resolve_device(student, device)
     compute_dtype = next(student.parameters()).dtype  # float16 storage is widened once, here
@@ -264,5 +306,5 @@ def fine_similarity_float(
         return _score_targets(
             student, query.shape[0], [t.shape[0] for t in target_list], frame_matrices,
             floats_per_frame=query.shape[0] * regions * regions, device=device, batch_size=batch_size,
-            timings=timings, channels_last=channels_last,
+            timings=timings, channels_last=channels_last, deadline=deadline,
         )  # fmt: skip
