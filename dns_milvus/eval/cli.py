@@ -1,8 +1,8 @@
 """``dns-milvus eval``: score benchmark datasets with a model set and build/run the copy benchmark.
 
 dns-milvus eval tradeoff --dataset NAME <dataset files> --features F.hdf5 [--models DIR] --out DIR
-dns-milvus eval copybench build --out DIR [--seed N] [--tiny] [--footage PATH ...]
-dns-milvus eval copybench run --bench DIR [--models DIR] --out DIR
+dns-milvus eval copybench build --out DIR [--footage-dir DIR] [--seed N] [--tiny] [--sources NAME ...]
+dns-milvus eval copybench run --bench DIR [--models DIR] [--teacher CKPT] --out DIR
 
 Errors the user can fix are printed as one line (exit code 2), without a traceback.
 """
@@ -84,18 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_tradeoff)
 
-    bench = sub.add_parser("copybench", help="the offline real-footage copy-detection benchmark")
+    bench = sub.add_parser("copybench", help="the copy-detection benchmark of held-out real footage")
     bench_sub = bench.add_subparsers(dest="action", required=True)
     p = bench_sub.add_parser("build", help="build the benchmark's videos and ground truth")
     p.add_argument("--out", required=True, help="new directory for the benchmark")
+    p.add_argument(
+        "--footage-dir",
+        help="where 'dns-milvus footage fetch' put the footage (default: $DNS_MILVUS_FOOTAGE or ~/.cache)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tiny", action="store_true", help="a seconds-long configuration (one clip)")
+    p.add_argument(
+        "--tiny", action="store_true", help="a seconds-long format check, not a quality measurement"
+    )
+    p.add_argument("--sources", nargs="*", default=[], help="held-out footage sources to use (default: all)")
     p.add_argument("--footage", nargs="*", default=[], help="further video files or directories to use")
+    p.add_argument("--photos", nargs="*", default=[], help="further still images or directories to use")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_copybench_build, command="copybench build")
     p = bench_sub.add_parser("run", help="extract, score and evaluate a built benchmark")
     p.add_argument("--bench", required=True, help="directory made by 'copybench build'")
     _models_option(p)
+    p.add_argument(
+        "--teacher", help="teacher checkpoint to report too (default: the model set manifest's 'teacher')"
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_copybench_run, command="copybench run")
@@ -143,35 +154,30 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
 
 
 def cmd_copybench_build(args: argparse.Namespace) -> int:
-    from dns_milvus.eval.copybench import BenchConfig, build_copy_benchmark
+    from dns_milvus.eval.copybench import BenchConfig, build_copy_benchmark, summarize
 
-    config = BenchConfig.tiny(args.seed) if args.tiny else BenchConfig(seed=args.seed)
-    if args.footage:
-        config = replace(config, footage=tuple(args.footage))
+    if args.tiny:
+        config = BenchConfig.tiny(args.seed, footage=args.footage, photos=args.photos)
+    else:
+        config = BenchConfig(seed=args.seed, footage=tuple(args.footage), photos=tuple(args.photos))
+    if args.sources:
+        config = replace(config, catalog=True, sources=tuple(args.sources))
     started = time.perf_counter()
-    bench = build_copy_benchmark(args.out, config, progress=not args.json)
-    roles: dict[str, int] = {}
-    for entry in bench.manifest["videos"].values():
-        roles[entry["role"]] = roles.get(entry["role"], 0) + 1
-    summary = {
-        "out": str(bench.root),
-        "seed": config.seed,
-        "queries": len(bench.dataset.queries),
-        "database": len(bench.dataset.database),
-        "roles": roles,
-        "frames": sum(e["frames"] for e in bench.manifest["videos"].values()),
-        "footage": sorted(bench.manifest["footage"]),
-        "sha256": bench.digest(),
-        "seconds": time.perf_counter() - started,
-    }
+    bench = build_copy_benchmark(args.out, config, footage_dir=args.footage_dir, progress=not args.json)
+    summary = {"out": str(bench.root), "seed": config.seed, **summarize(bench)}
+    summary["seconds"] = time.perf_counter() - started
 
     def text() -> str:
+        def counts(values: dict[str, int]) -> str:
+            return ", ".join(f"{k} {v}" for k, v in values.items())
+
         return (
             f"copy benchmark in {summary['out']} (seed {summary['seed']}, {summary['seconds']:.1f} s): "
-            f"{summary['queries']} queries, {summary['database']} database videos, "
-            f"{summary['frames']} frames\n"
-            f"  roles: {', '.join(f'{k} {v}' for k, v in sorted(roles.items()))}\n"
-            f"  footage: {', '.join(summary['footage'])}\n  bench.json sha256: {summary['sha256']}"
+            f"{summary['videos']} videos, {summary['queries']} queries ({counts(summary['query_kinds'])}), "
+            f"{summary['database']} database videos, {summary['frames']} frames\n"
+            f"  roles: {counts(summary['roles'])}\n  edits: {counts(summary['edits'])}\n"
+            f"  labels: {counts(summary['labels'])}\n  footage: {', '.join(summary['footage'])}\n"
+            f"  bench.json sha256: {summary['sha256']}"
         )
 
     _print(args, summary, text)
@@ -179,21 +185,35 @@ def cmd_copybench_build(args: argparse.Namespace) -> int:
 
 
 def cmd_copybench_run(args: argparse.Namespace) -> int:
-    from dns_milvus.eval.copybench import run_copy_benchmark
-    from dns_milvus.eval.tradeoff import DEFAULT_PERCENTAGES
+    from dns_milvus.cli import format_table
+    from dns_milvus.config import DEFAULT_MODEL_SET
+    from dns_milvus.eval.copybench import (
+        copy_report_markdown,
+        load_copy_benchmark,
+        manifest_teacher,
+        run_copy_benchmark,
+    )
 
+    load_copy_benchmark(args.bench)  # a wrong directory fails before the (slower) model set loads
     models = _load_models(args)
+    teacher = args.teacher or manifest_teacher(args.models or DEFAULT_MODEL_SET)
     started = time.perf_counter()
-    summary = run_copy_benchmark(args.bench, models, args.out, progress=not args.json)
+    summary = run_copy_benchmark(args.bench, models, args.out, teacher=teacher, progress=not args.json)
     summary["seconds"] = time.perf_counter() - started
 
     def text() -> str:
         ex = summary["extraction"]
         head = (
             f"features: {ex['videos']} videos, {ex['frames']} frames, {ex['seconds']:.1f} s "
-            f"({ex['frames_per_second'] or 0:.1f} frames/s{', cached' if ex['reused'] else ''})\n"
+            f"({ex['frames_per_second'] or 0:.1f} frames/s{', cached' if ex['reused'] else ''})\n\n"
         )
-        return head + summary_text(summary, DEFAULT_PERCENTAGES)
+        cost = summary["tables"].get("DSVR") or []
+        table = format_table(
+            [[r["run"], r["mAP"], f"{r['kb_per_video']:.2f}", f"{r['s_per_query']:.5f}"] for r in cost],
+            ["run", "mAP (DSVR)", "KB / video", "s / query"],
+        )
+        report = copy_report_markdown(summary["copy_detection"])
+        return f"{head}{report}\n\n{table}\n\nfiles in {args.out}"
 
     _print(args, summary, text)
     return 0
