@@ -3,10 +3,33 @@ stderr with exit code 2, never a traceback; Ctrl-C exits with 130."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 from collections.abc import Callable
 
 from dns_milvus.errors import DnSError
+
+#: Libraries that log a failure (with its traceback) on stderr before raising it to us.
+_NOISY_LOGGERS = ("pymilvus", "milvus_lite")
+
+
+def quiet_milvus_logs() -> None:
+    """Silence pymilvus's and Milvus Lite's loggers: they log each failed call with a traceback on
+    stderr, before the one-line error the command prints for the same failure.
+
+    Importing pymilvus configures its loggers (and would undo an earlier change), so it is
+    imported first; commands that call this talk to Milvus anyway.
+    """
+    with contextlib.suppress(ImportError):
+        import pymilvus  # noqa: F401
+    children = tuple(f"{name}." for name in _NOISY_LOGGERS)
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        # pymilvus gives some of its child loggers a level of their own
+        if name.startswith(children) and isinstance(logger, logging.Logger):
+            logger.setLevel(logging.CRITICAL + 1)
 
 
 def run_command(prog: str, body: Callable[[], int | None]) -> int:

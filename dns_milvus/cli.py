@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dns_milvus._cli import run_command
+from dns_milvus._cli import quiet_milvus_logs, run_command
 from dns_milvus.config import Settings
-from dns_milvus.errors import DnSError
+from dns_milvus.errors import DnSError, InvalidInputError
 
 
 def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
@@ -108,12 +108,27 @@ def _parse_query(index: Any, args: argparse.Namespace) -> Any:
     if args.id is not None:
         return args.id
     if args.features is not None:
-        import numpy as np
-
-        return np.load(args.features)
+        return _load_features(args.features)
     if args.video is not None:
         return Path(args.video)
     raise DnSError("give a query: a video file, --id VIDEO_ID or --features FILE.npy")
+
+
+def _load_features(path: str) -> Any:
+    """Query region features from a .npy file, never unpickled (object arrays are refused)."""
+    import numpy as np
+
+    try:
+        array = np.load(path, allow_pickle=False)
+    except OSError as exc:
+        raise InvalidInputError(f"--features {path}: cannot read it ({exc.strerror or exc})") from None
+    except (ValueError, EOFError):  # not the .npy format, truncated, or pickled objects
+        array = None
+    if not isinstance(array, np.ndarray):  # None, or an .npz archive
+        raise InvalidInputError(
+            f"--features {path}: not a NumPy .npy array of numbers (region features [T, R, D])"
+        )
+    return array
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -331,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = argparse.Namespace(command=argv[0], rest=argv[1:], func=PASSTHROUGH[argv[0]])
     else:
         args = parser.parse_args(argv)
+        quiet_milvus_logs()
     return run_command(f"dns-milvus {args.command}", lambda: args.func(args))
 
 

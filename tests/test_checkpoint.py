@@ -154,6 +154,27 @@ def test_arbitrary_objects_are_refused_without_running_code(tmp_path: Path) -> N
     assert not marker.exists()
 
 
+class _Call:
+    """Unpickling this would call a function of the os module."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_unsafe_files_are_refused_without_advice_to_load_them_unsafely(tmp_path: Path) -> None:
+    torch.save({"model": NETWORKS["selector"]().state_dict(), "extra": _Call()}, tmp_path / "call.pth")
+    # a plain pickle naming a builtin, as a hand-made file would
+    (tmp_path / "eval.pth").write_bytes(b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01cbuiltins\neval\nq\x02u.")
+    for name in ("call.pth", "eval.pth"):
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(tmp_path / name)
+        message = str(info.value)
+        assert "is not a safe checkpoint" in message and "refusing to unpickle" in message, message
+        assert "GLOBAL" in message  # what it refused
+        for advice in ("weights_only", "safe_globals", "trust", "False"):
+            assert advice not in message, message
+
+
 def test_unknown_layouts_and_contents(tmp_path: Path) -> None:
     cases = {
         "list.pth": ([1, 2, 3], "holds a list"),

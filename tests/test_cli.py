@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -10,7 +13,9 @@ import numpy as np
 import pytest
 
 from dns_milvus.cli import main
+from dns_milvus.store import LocalStore, fine_key
 from tests.fixtures.engine import near_copy, random_video
+from tests.fixtures.milvus_server import release_lite
 
 
 @pytest.fixture
@@ -79,6 +84,34 @@ def test_errors_are_one_line_with_exit_code_2(cli_env: Path, capsys: pytest.Capt
     assert "no model set" in capsys.readouterr().err
 
 
+def test_unreadable_feature_files_are_one_line_errors(
+    cli_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    np.save(cli_env / "pickled.npy", np.array([{"frames": 3}], dtype=object), allow_pickle=True)
+    (cli_env / "text.npy").write_text("not an array")
+    (cli_env / "empty.npy").write_bytes(b"")
+    np.savez(cli_env / "archive.npz", x=np.zeros((2, 9, 512), np.float32))
+    for name in ("pickled.npy", "text.npy", "empty.npy", "archive.npz", "absent.npy"):
+        assert main(["search", "--features", name]) == 2, name
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"--features {name}" in err, err
+        assert "Traceback" not in err and "allow_pickle" not in err  # and no advice to unpickle
+
+
+def test_milvus_errors_reach_stderr_as_our_one_line_only(cli_env: Path) -> None:
+    """pymilvus logs a failed call with its traceback; the command line prints one line of its own."""
+    assert main(["ingest", "--hdf5", "f.hdf5"]) == 0
+    release_lite(cli_env / "cli.db")  # the command in a fresh process opens the file next
+    command = ["search", "--features", "query.npy", "--filter", "no_such_field > 1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "dns_milvus.cli", *command], cwd=cli_env, capture_output=True, text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.startswith("dns-milvus search: error: Milvus refused the filter"), done.stderr
+    assert "Traceback" not in done.stderr and "RPC error" not in done.stderr
+
+
 def test_config_file_and_flag_precedence(cli_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (cli_env / "dns-milvus.toml").write_text('collection = "from_file"\n')
     _, stats = run_json(capsys, "stats")
@@ -88,3 +121,44 @@ def test_config_file_and_flag_precedence(cli_env: Path, capsys: pytest.CaptureFi
     (cli_env / "dns-milvus.toml").write_text('colection = "typo"\n')
     assert main(["stats"]) == 2
     assert "unknown keys" in capsys.readouterr().err
+
+
+def test_repair_deep_finds_damage_that_the_same_ingest_heals(
+    cli_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_json(capsys, "ingest", "--hdf5", "f.hdf5")[1]["added"] == 6
+    objects = sorted((cli_env / "objects").rglob("*.dnsf"))
+    objects[0].unlink()
+    objects[1].write_bytes(objects[1].read_bytes()[:-7])
+
+    code, cheap = run_json(capsys, "repair")
+    assert code == 1 and len(cheap["rows_missing_object"]) == 1 and cheap["rows_damaged_object"] == {}
+    code, deep = run_json(capsys, "repair", "--deep")
+    assert code == 1 and len(deep["reindex"]) == 2 and deep["deep"]
+    assert ["truncated" in why for why in deep["rows_damaged_object"].values()] == [True]
+    assert main(["repair", "--deep"]) == 1
+    out = capsys.readouterr().out
+    assert "rows whose object is damaged: 1" in out and "run the same `dns-milvus ingest` again" in out
+
+    code, report = run_json(capsys, "ingest", "--hdf5", "f.hdf5")
+    assert report["added"] == 2 and sorted(report["damaged"]) == deep["reindex"] and report["skipped"] == 4
+    code, healed = run_json(capsys, "repair", "--deep")
+    assert code == 0 and healed["reindex"] == []
+
+
+def test_repair_fix_keeps_young_orphans_and_asks_before_deleting_many(
+    cli_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_json(capsys, "ingest", "--hdf5", "f.hdf5")[0] == 0
+    store = LocalStore(cli_env / "objects")
+    ghosts = sorted(fine_key("videos", f"ghost{i}") for i in range(3))
+    for key in ghosts:
+        store.put(key, b"left over")
+    code, kept = run_json(capsys, "repair", "--fix")
+    assert code == 0 and kept["young_orphans"] == ghosts and kept["deleted_objects"] == []
+    assert main(["repair", "--fix", "--grace-period", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "refused to delete 3 orphan objects" in err and "--force" in err
+    assert all(store.exists(key) for key in ghosts)
+    code, forced = run_json(capsys, "repair", "--fix", "--grace-period", "0", "--force")
+    assert code == 0 and forced["deleted_objects"] == ghosts

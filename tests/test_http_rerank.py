@@ -132,6 +132,7 @@ def test_a_missing_object_scores_zero_with_a_warning(stage2: Stage2, http: Backg
     assert status == 200
     assert reply["results"][-1] == {"index": 4, "relevance_score": 0.0}
     assert len(reply["meta"]["warnings"]) == 1 and keys[4] in reply["meta"]["warnings"][0]
+    assert str(stage2.store_dir) not in reply["meta"]["warnings"][0]  # where the store lives stays private
 
 
 @pytest.mark.parametrize(
@@ -159,6 +160,49 @@ def test_malformed_bodies_are_refused_with_a_clear_message(
 ) -> None:
     got, reply = request(http, "/v2/rerank", body)
     assert (got, needle in reply["message"]) == (status, True), reply
+
+
+def _upload(stage2: Stage2, **changes: Any) -> dict[str, Any]:
+    inline = convert.inline_query_to_proto(stage2.query)
+    body = {
+        "fine": base64.b64encode(inline.fine).decode(),
+        "fine_shape": list(inline.fine_shape),
+        "payload_kind": "packed_bits",
+        "self_sim": inline.self_sim,
+    }
+    return {**body, **changes}
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"fine_shape": True}, "body.fine_shape"),
+        ("first frame count true", "body.fine_shape"),
+        ({"self_sim": 10**400}, "body.self_sim"),
+        ({"self_sim": True}, "body.self_sim"),
+        ({"coarse": [0.5, 10**400]}, "body.coarse[1]"),
+        ({"coarse": [False]}, "body.coarse[0]"),
+        ({"fine_shape": [10**400, 9, 8]}, "body.fine_shape"),
+    ],
+)
+def test_upload_refuses_booleans_and_huge_integers(
+    stage2: Stage2, http: BackgroundServer, change: Any, needle: str
+) -> None:
+    body = _upload(stage2)
+    if change == "first frame count true":  # JSON true must not pass for a frame count of 1
+        body["fine_shape"][0] = True
+        body["fine"] = base64.b64encode(base64.b64decode(body["fine"])[: 9 * 8]).decode()
+    else:
+        body.update(change)
+    status, reply = request(http, "/v1/queries", body)
+    assert (status, needle in reply["message"]) == (400, True), reply
+
+
+def test_deeply_nested_json_is_400(http: BackgroundServer) -> None:
+    for path in ("/v2/rerank", "/rerank", "/v1/queries"):
+        status, reply = request(http, path, raw=b'{"query": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+        assert status == 400 and "nested" in reply["message"], (path, reply)
+    assert request(http, "/healthz")[0] == 200
 
 
 def test_not_json_and_too_large_bodies(http: BackgroundServer) -> None:

@@ -259,6 +259,7 @@ def test_missing_objects_fall_back_to_coarse_with_warnings(stage2: Stage2, serve
     ghost = next(h for h in got.hits if h.video_id == "ghost")
     assert ghost.stage == STAGE_FINE_MISSING and ghost.score == pytest.approx(0.99)
     assert len(got.warnings) == 1 and "ghost" in got.warnings[0]
+    assert str(stage2.store_dir) not in got.warnings[0]  # clients learn the key, not where the store is
 
 
 # -- bad requests --------------------------------------------------------------------------------
@@ -315,6 +316,21 @@ def test_malformed_requests_are_invalid_argument_naming_the_field(
     err = call_error(server.grpc_target, request)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in err.details()
+
+
+@pytest.mark.parametrize("method", ["Rerank", "GetInfo"])
+def test_undecodable_requests_are_invalid_argument(server: BackgroundServer, method: str) -> None:
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        raw = channel.unary_unary(
+            f"/dns.rerank.v1.Reranker/{method}", request_serializer=bytes, response_deserializer=bytes
+        )
+        for garbage in (b"\xff\xff\xff", b"\x0a\x05abc"):  # corrupt wire format; truncated field
+            with pytest.raises(grpc.RpcError) as info:
+                raw(garbage, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, garbage
+            assert "not a valid dns.rerank.v1." in info.value.details()
+    with RemoteReranker(server.grpc_target) as remote:
+        assert remote.info()["model_set"] == "sidecar-test"
 
 
 def test_too_many_candidates_are_refused_and_the_server_stays_up(

@@ -222,29 +222,37 @@ def _read(path: Path, map_location: Any) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = _unpickler_reason(str(exc))
-        if "Unsupported global" in reason:
+        reason = _torch_reason(str(exc))
+        if "global" in reason.lower():  # a class or function the weights-only unpickler refuses
             raise CheckpointError(
-                f"{path} holds Python objects other than tensors, plain values and argparse.Namespace "
-                f"({reason}); refusing to unpickle it: only weights-only checkpoints are loaded"
+                f"{path} is not a safe checkpoint: it holds Python objects other than tensors, plain "
+                f"values and argparse.Namespace ({reason}); refusing to unpickle it: only weights-only "
+                "checkpoints are loaded"
             ) from exc
         raise CheckpointError(
             f"{path} is not a readable torch checkpoint (corrupt pickle: {reason})"
         ) from exc
     except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError ... for damaged files
-        reason = str(exc).split(". ")[0]
         raise CheckpointError(
-            f"{path} is not a readable torch checkpoint (truncated or corrupt: {reason})"
+            f"{path} is not a readable torch checkpoint (truncated or corrupt: {_torch_reason(str(exc), 1)})"
         ) from exc
 
 
-def _unpickler_reason(message: str) -> str:
-    """The one informative line of torch's long weights-only refusal message."""
+#: Sentences of torch's load errors that advise loading the file unsafely (weights_only=False,
+#: allow-listing globals) or point at its docs: never repeated to the user.
+_TORCH_ADVICE = ("weights_only", "weights only load failed", "safe_globals", "if you trust", "trusted source",
+                 "arbitrary code", "check the documentation")  # fmt: skip
+
+
+def _torch_reason(message: str, sentences: int | None = None) -> str:
+    """The informative sentences of a torch load error (the first ``sentences`` of them), without
+    its advice to load unsafely."""
     marker = "WeightsUnpickler error:"
     if marker in message:
-        tail = message.split(marker, 1)[1].strip()
-        return tail.splitlines()[0].strip() if tail else message
-    return message.strip().splitlines()[0] if message.strip() else "unreadable pickle"
+        message = message.split(marker, 1)[1]
+    parts = (part.strip() for part in re.split(r"\n+|(?<=\.)\s+", message))
+    kept = [part for part in parts if part and not any(a in part.lower() for a in _TORCH_ADVICE)]
+    return " ".join(kept[:sentences]) if kept else "unreadable pickle"
 
 
 def load_checkpoint(

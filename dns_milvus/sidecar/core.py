@@ -14,7 +14,7 @@ import importlib.metadata
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import grpc
@@ -104,6 +104,7 @@ class RerankCore:
         self.store = store
         self.config = config
         self.metrics = metrics
+        self._store_locations = _store_locations(store)
         self.max_candidates = min(config.max_candidates, MAX_CANDIDATES)
         self.reranker = BatchingReranker(
             models,
@@ -151,6 +152,18 @@ class RerankCore:
         self.draining = True
         await self.reranker.batcher.stop()
         self._workers.shutdown(wait=False, cancel_futures=True)
+
+    def redact(self, text: str) -> str:
+        """``text`` without where the object store lives (its root directory, endpoint): store
+        errors name it, and warnings and error messages go to clients."""
+        for location in self._store_locations:
+            text = text.replace(location, "the object store")
+        return text
+
+    def status(self, exc: BaseException) -> ErrorStatus:
+        """``classify(exc)`` with a message fit for a client."""
+        err = classify(exc)
+        return replace(err, message=self.redact(err.message))
 
     def check_model(self, model_set: str, model_tag: str) -> None:
         if model_set and model_set != self.models.name:
@@ -246,6 +259,7 @@ class RerankCore:
             )
         record = self.load_indexed(query) if isinstance(query, IndexedRef) else query
         result = self.reranker.rerank(record, request.candidates, request.policy, request.top_k)
+        result.warnings = [self.redact(w) for w in result.warnings]
         result.timings_ms["queue_ms"] = ticket.queue_ms
         result.timings_ms["total_ms"] = (time.perf_counter() - t0) * 1000.0
         self.metrics.observe_timings(result.timings_ms)
@@ -306,6 +320,16 @@ class RerankCore:
         self._release()
         if not future.cancelled():
             future.exception()  # a caller that left (deadline, cancel) never reads it: not worth a log
+
+
+def _store_locations(store: ObjectStore) -> list[str]:
+    """The strings by which store errors say where the store is, longest first."""
+    found = {repr(store)}
+    for attribute in ("root", "endpoint_url"):  # LocalStore's directory, S3Store's endpoint
+        value = getattr(store, attribute, None)
+        if value:
+            found.add(str(value))
+    return sorted(found, key=len, reverse=True)
 
 
 def _server_version() -> str:

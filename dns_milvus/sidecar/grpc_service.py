@@ -6,15 +6,18 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dns_milvus.rpc import convert
 from dns_milvus.rpc import rerank_pb2 as pb
 from dns_milvus.rpc import rerank_pb2_grpc as pb_grpc
-from dns_milvus.sidecar.core import IndexedRef, QuerySpec, RerankCore, Stage2Request, classify
+from dns_milvus.sidecar.core import IndexedRef, QuerySpec, RerankCore, Stage2Request
 
 log = logging.getLogger("dns_milvus.sidecar.grpc")
 
@@ -40,7 +43,7 @@ class RerankerService(pb_grpc.RerankerServicer):
                 timeout_s=context.time_remaining(),
             )
         except Exception as exc:
-            err = classify(exc)
+            err = self.core.status(exc)
             status = err.name
             if err.name == "internal":
                 log.exception("rerank failed", extra={"request_id": request.request_id})
@@ -141,9 +144,52 @@ def _refusing_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcM
     return grpc.stream_stream_rpc_method_handler(deny_stream, **kwargs)
 
 
+@dataclass(frozen=True)
+class MalformedRequest:
+    """What the deserializer hands the handler for bytes that do not parse as the request type."""
+
+    message: str
+
+
+def _lenient_parser(message_type: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
+    # gRPC answers a deserializer's exception with UNKNOWN; a malformed body is the client's error.
+    def parse(data: bytes) -> Message | MalformedRequest:
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return MalformedRequest(f"request is not a valid {message_type.DESCRIPTOR.full_name} message")
+
+    return parse
+
+
+def _refusing_malformed(
+    core: RerankCore, name: str, method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]:
+    async def handle(request: Message | MalformedRequest, context: grpc.aio.ServicerContext) -> Message:
+        if isinstance(request, MalformedRequest):
+            core.metrics.observe_request("grpc", name, "invalid_argument", 0.0)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await method(request, context)
+
+    return handle
+
+
 def add_services(server: grpc.aio.Server, core: RerankCore) -> health.aio.HealthServicer:
-    """Register the re-ranker, health and reflection services; returns the health servicer."""
-    pb_grpc.add_RerankerServicer_to_server(RerankerService(core), server)
+    """Register the re-ranker, health and reflection services; returns the health servicer.
+
+    The re-ranker's handlers are built from the service descriptor (not the generated
+    ``add_RerankerServicer_to_server``) so that undecodable requests answer INVALID_ARGUMENT.
+    """
+    servicer = RerankerService(core)
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            _refusing_malformed(core, method.name, getattr(servicer, method.name)),
+            request_deserializer=_lenient_parser(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in pb.DESCRIPTOR.services_by_name["Reranker"].methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

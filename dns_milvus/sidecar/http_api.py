@@ -44,7 +44,7 @@ from dns_milvus.errors import InvalidInputError, NotFoundError
 from dns_milvus.ids import validate_video_id
 from dns_milvus.rpc import convert
 from dns_milvus.rpc import rerank_pb2 as pb
-from dns_milvus.sidecar.core import IndexedRef, QuerySpec, RerankCore, Stage2Request, classify
+from dns_milvus.sidecar.core import IndexedRef, QuerySpec, RerankCore, Stage2Request
 from dns_milvus.store import validate_collection, validate_key
 
 log = logging.getLogger("dns_milvus.sidecar.http")
@@ -187,6 +187,8 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         body = await request.json()
     except ValueError as exc:
         raise InvalidInputError(f"body: not valid JSON ({exc})") from None
+    except RecursionError:  # the parser recurses once a nesting level
+        raise InvalidInputError("body: JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidInputError(f"body: expected a JSON object, got {type(body).__name__}")
     return body
@@ -196,7 +198,7 @@ def _top_n(body: dict[str, Any]) -> int | None:
     top_n = body.get("top_n")
     if top_n is None:
         return None
-    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
+    if not _is_int(top_n) or top_n < 1:
         raise InvalidInputError(f"top_n: expected an integer >= 1, got {top_n!r}")
     return top_n
 
@@ -272,14 +274,33 @@ def _inline_query_from_json(body: dict[str, Any]) -> pb.InlineQuery:
         fine = base64.b64decode(body.get("fine", ""), validate=True)
     except (binascii.Error, TypeError, ValueError):
         raise InvalidInputError("body.fine: expected the fine tensor's bytes, base64-encoded") from None
-    shape, coarse, self_sim = body.get("fine_shape"), body.get("coarse", []), body.get("self_sim", 0.0)
-    if not isinstance(shape, list) or not all(isinstance(s, int) and 0 <= s < 2**32 for s in shape):
+    shape, coarse = body.get("fine_shape"), body.get("coarse", [])
+    if not isinstance(shape, list) or not all(_is_int(s) and 0 <= s < 2**32 for s in shape):
         raise InvalidInputError("body.fine_shape: expected [T, R, C] as non-negative integers")
-    if not isinstance(coarse, list) or not all(isinstance(v, int | float) for v in coarse):
+    if not isinstance(coarse, list):
         raise InvalidInputError("body.coarse: expected a list of numbers (or leave it out)")
-    if isinstance(self_sim, bool) or not isinstance(self_sim, int | float):
-        raise InvalidInputError("body.self_sim: expected a number")
-    return pb.InlineQuery(coarse=coarse, self_sim=self_sim, fine=fine, payload_kind=kind, fine_shape=shape)
+    return pb.InlineQuery(
+        coarse=[_json_float(v, f"body.coarse[{i}]") for i, v in enumerate(coarse)],
+        self_sim=_json_float(body.get("self_sim", 0.0), "body.self_sim"),
+        fine=fine,
+        payload_kind=kind,
+        fine_shape=shape,
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not 1
+
+
+def _json_float(value: object, field: str) -> float:
+    """A JSON number as a float: booleans and non-numbers are refused, and so are integers too
+    large for a float (JSON integers have no size limit)."""
+    if not (_is_int(value) or isinstance(value, float)):
+        raise InvalidInputError(f"{field}: expected a number, got {type(value).__name__}")
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        raise InvalidInputError(f"{field}: {value.bit_length()}-bit integer is out of range") from None  # type: ignore[union-attr]
 
 
 async def info_handler(request: web.Request) -> web.Response:
@@ -326,7 +347,7 @@ def _middlewares(core: RerankCore, token: str) -> list:
             status = f"http_{exc.status}"
             return _error(exc.status, str(exc))
         except Exception as exc:
-            err = classify(exc)
+            err = core.status(exc)
             status = err.name
             if err.name == "internal":
                 log.exception("http request failed", extra={"path": request.path})
