@@ -21,6 +21,7 @@ A model set names its merge in ``manifest.json`` (``"merge"``); without one, ``r
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,14 @@ _SLOPE = 1e-6
 def fine_unit(raw: np.ndarray | float) -> np.ndarray:
     """Fine-student similarities in [-1, 1] on the release's [0, 1] scale: ``s / 2 + 0.5``."""
     return np.asarray(raw, dtype=np.float64) / 2.0 + 0.5
+
+
+def rerank_budget(percentage: float, n_candidates: int) -> int:
+    """How many of ``n_candidates`` the fine student scores at ``percentage`` %: ``floor(p/100 * n)``."""
+    if not 0 <= percentage <= 100:
+        raise InvalidInputError(f"percentage must lie in 0..100, got {percentage}")
+    # The epsilon keeps exact products (e.g. 35 % of 20 = 7) from flooring one short in binary floating point.
+    return math.floor(percentage / 100.0 * n_candidates + 1e-9)
 
 
 def _pool_adjacent_violators(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -255,4 +264,5 @@ __all__ = [
     "ScoreMerge",
     "fine_unit",
     "fit_merge",
+    "rerank_budget",
 ]

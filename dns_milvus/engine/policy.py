@@ -9,6 +9,7 @@ from typing import Literal
 import numpy as np
 
 from dns_milvus.errors import InvalidInputError
+from dns_milvus.scoring import rerank_budget
 
 PolicyKind = Literal["percent", "count", "threshold", "none", "all"]
 
@@ -66,7 +67,7 @@ class SelectionPolicy:
         if self.kind == "all":
             return order
         if self.kind == "percent":
-            return order[: math.floor(self.value / 100.0 * n + 1e-9)]
+            return order[: rerank_budget(self.value, n)]
         if self.kind == "count":
             return order[: int(self.value)]
         return order[np.asarray(confidences)[order] >= self.value]

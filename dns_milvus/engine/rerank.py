@@ -94,11 +94,11 @@ class LocalReranker:
         """The selector's probability that each pair needs the fine student."""
         if not candidates:
             return np.zeros(0, dtype=np.float32)
-        z = np.empty((len(candidates), 3), dtype=np.float32)
-        z[:, 0] = query_self_sim
-        z[:, 1] = [c.self_sim for c in candidates]
-        z[:, 2] = [c.coarse_score for c in candidates]
-        out = self.models.selector(torch.from_numpy(z).to(self.models.device))
+        out = self.models.selector.pair_confidence(
+            query_self_sim,
+            torch.tensor([c.self_sim for c in candidates], dtype=torch.float32),
+            torch.tensor([c.coarse_score for c in candidates], dtype=torch.float32),
+        )
         return out.reshape(-1).float().cpu().numpy()
 
     def fetch_fine(self, candidates: Sequence[Candidate]) -> tuple[dict[str, np.ndarray], dict[str, str]]:

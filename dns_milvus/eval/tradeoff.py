@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ import numpy as np
 from dns_milvus.errors import InvalidInputError
 from dns_milvus.eval.datasets import ColumnIndex, DenseGroundTruth, EvalDataset
 from dns_milvus.eval.metrics import MeanAP, score_order
-from dns_milvus.scoring import RELEASE_MERGE, ScoreMerge, fine_unit
+from dns_milvus.scoring import RELEASE_MERGE, ScoreMerge, fine_unit, rerank_budget
 
 METHODS = ("selector", "oracle", "coarse_top", "threshold", "random")
 DEFAULT_PERCENTAGES = tuple(range(0, 101, 5))
@@ -116,14 +115,6 @@ class PairScores:
         if rescale_fine:
             fine_m = fine_unit(fine_m)
         return cls(queries, columns, coarse_m, fine_m, selector_m, merge)
-
-
-def rerank_budget(percentage: float, n_candidates: int) -> int:
-    """How many of ``n_candidates`` the fine student scores at ``percentage`` %: ``floor(p/100 * n)``."""
-    if not 0 <= percentage <= 100:
-        raise InvalidInputError(f"percentage must lie in 0..100, got {percentage}")
-    # The epsilon keeps exact products (e.g. 35 % of 20 = 7) from flooring one short in binary floating point.
-    return math.floor(percentage / 100.0 * n_candidates + 1e-9)
 
 
 def selection_order(

@@ -94,6 +94,15 @@ class SelectorNetwork(nn.Module):
             out[group] = masked_mean(*self.visil_head.compare(sim, n, n))
         return out
 
+    def pair_confidence(self, query_self: Tensor | float, target_self: Tensor, coarse: Tensor) -> Tensor:
+        """Confidences ``[N]`` of pairs from the query's self-similarity (one value, or one a pair),
+        the targets' ``[N]`` and the pairs' coarse similarities ``[N]``: the one place that lays
+        out the selector's input, in the order the release trained it with."""
+        like = self.visil_head.conv1.weight
+        target_self = torch.as_tensor(target_self).to(like.device, like.dtype)
+        query_self = torch.as_tensor(query_self).to(like.device, like.dtype).expand_as(target_self)
+        return self(torch.stack([query_self, target_self, torch.as_tensor(coarse).to(target_self)], dim=-1))
+
     def forward(self, z: Tensor) -> Tensor:
         """Selector inputs ``[N, 3]`` (or ``[3]``) -> confidence that the fine-grained student
         changes the pair's score, ``[N]`` (or a scalar) in (0, 1)."""

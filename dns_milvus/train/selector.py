@@ -189,7 +189,7 @@ class SelectorTask(TrainingTask):
     def confidences(self, videos: list[torch.Tensor], coarse: torch.Tensor) -> torch.Tensor:
         x, mask = pad_videos(videos, self.device)
         queries, targets = self.model.index_video(x, mask).chunk(2)
-        return self.model(torch.stack([queries, targets, coarse.to(self.device, queries.dtype)], dim=1))
+        return self.model.pair_confidence(queries, targets, coarse)
 
     def losses(self, batch: SelectorBatch) -> dict[str, torch.Tensor]:
         confidence = self.confidences(batch.videos, batch.coarse)
