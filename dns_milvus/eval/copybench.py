@@ -65,6 +65,7 @@ from dns_milvus.eval.run import score_dataset, write_evaluation
 from dns_milvus.eval.tradeoff import DEFAULT_PERCENTAGES, PairScores, dns_tradeoff
 from dns_milvus.video import TRANSFORMS, camera_pan, frames_from_images, random_copy, read_frames, write_video
 from dns_milvus.video.footage import (
+    INDEX_NAME,
     default_footage_dir,
     imageio_videos,
     load_footage,
@@ -280,12 +281,14 @@ def held_out_footage(
 
 def _catalogue(root: Path, names: Sequence[str]) -> dict[str, Any]:
     fetch = f"run `dns-milvus footage fetch --role eval --dir {root}` first, or pass --footage-dir"
+    if not (root / INDEX_NAME).is_file():
+        raise InvalidInputError(
+            f"the copy benchmark is built from held-out footage, and {root} has none: {fetch}"
+        )
     try:
         found = load_footage(root, roles=("eval",))
     except InvalidInputError as exc:
-        raise InvalidInputError(
-            f"the copy benchmark is built from held-out footage, which is missing ({exc}); {fetch}"
-        ) from None
+        raise InvalidInputError(f"the held-out footage in {root} is incomplete ({exc}); {fetch}") from None
     if not found:
         raise InvalidInputError(f"no held-out (eval) footage has been fetched into {root}: {fetch}")
     if not names:
@@ -451,8 +454,11 @@ class _Builder:
         self.bar.update(1)
         return frames
 
-    def pan(self, image: np.ndarray, n_frames: int | None = None, size: tuple[int, int] | None = None
-            ) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
+    def pan(
+        self, image: np.ndarray, n_frames: int | None = None, size: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """A random camera pan over ``image`` (``pan_frames`` long, ``pan_size`` frames unless given)
+        and its parameters."""
         rng = self.rng
         lo, hi = self.config.pan_frames
         n = int(rng.integers(lo, hi + 1)) if n_frames is None else n_frames
@@ -484,7 +490,7 @@ class _Builder:
         host = self.hosts[int(self.rng.integers(0, len(self.hosts)))]
         if host.image is not None:
             frames, pan = self.pan(host.image, n_frames, size)
-            return frames, (host.key, host.part), {"host": host.key, **pan}
+            return frames, (host.key, host.part), {"host": f"{host.key} (a new pan)", **pan}
         assert host.frames is not None
         n_frames = min(n_frames, len(host.frames))
         start = int(self.rng.integers(0, len(host.frames) - n_frames + 1))
