@@ -5,10 +5,12 @@ Tests taking ``store`` run on both backends (see tests/fixtures/s3.py).
 
 from __future__ import annotations
 
+import hashlib
 import re
 import socket
 import struct
 import threading
+import time
 import traceback
 import zlib
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from dns_milvus.store import (
     HEADER_SIZE,
     FineKind,
     LocalStore,
+    ObjectInfo,
     ObjectStore,
     S3Store,
     StoreAccessError,
@@ -121,6 +124,23 @@ def test_iter_keys_filters_by_prefix(store: ObjectStore) -> None:
     assert list(store.iter_keys("gamma/")) == []
     with pytest.raises(InvalidInputError, match="prefix"):
         store.iter_keys("../")
+
+
+def test_stat_and_iter_objects_give_size_and_write_time(store: ObjectStore) -> None:
+    keys = {"info/aa/1.dnsf": b"one", "info/ab/2.dnsf": b"second", "other/x": b""}
+    for key, data in keys.items():
+        store.put(key, data)
+    listed = {info.key: info for info in store.iter_objects("info/")}
+    assert set(listed) == {"info/aa/1.dnsf", "info/ab/2.dnsf"}
+    for key, info in listed.items():
+        assert info.size == len(keys[key])
+        assert abs(info.modified - time.time()) < 3600  # a wall-clock time, not a counter
+        assert store.stat(key) == info
+    assert store.stat("info/zz/missing.dnsf") is None
+    empty = store.stat("other/x")
+    assert isinstance(empty, ObjectInfo) and (empty.key, empty.size) == ("other/x", 0)
+    with pytest.raises(InvalidInputError, match="prefix"):
+        store.iter_objects("../")
 
 
 def test_get_many_returns_bytes_or_error_per_key(store: ObjectStore) -> None:
@@ -277,21 +297,53 @@ def test_float16_round_trip_from_float32() -> None:
 
 def test_header_layout_follows_the_documented_format() -> None:
     codes = _packed(3, n_regions=4, n_bits=256)
-    data = encode_fine_tensor(codes, "packed_bits")
-    magic, version, kind, reserved, t, r, bits, length, checksum = struct.unpack_from("<4sHBBIIIQI", data)
-    assert (magic, version, kind, reserved, t, r, bits, length) == (b"DNSF", 1, 1, 0, 3, 4, 256, codes.nbytes)
-    assert checksum == zlib.crc32(data[32:], zlib.crc32(data[:28]))
-    assert data[32:] == codes.tobytes()
+    data = encode_fine_tensor(codes, "packed_bits", video_id="clip-1")
+    magic, version, kind, reserved, t, r, bits, length = struct.unpack_from("<4sHBBIIIQ", data)
+    assert (magic, version, kind, reserved, t, r, bits, length) == (b"DNSF", 2, 1, 0, 3, 4, 256, codes.nbytes)
+    assert data[28:44] == hashlib.sha256(b"clip-1").digest()[:16]
+    (checksum,) = struct.unpack_from("<I", data, 44)
+    assert checksum == zlib.crc32(data[48:], zlib.crc32(data[:44]))
+    assert data[48:] == codes.tobytes() and HEADER_SIZE == 48
     float_data = encode_fine_tensor(np.ones((2, 3, 8), np.float16), "float16")
     assert struct.unpack_from("<4sHBBIII", float_data)[2:] == (2, 0, 2, 3, 8)
-    assert float_data[32:] == np.ones((2, 3, 8), "<f2").tobytes()
+    assert float_data[28:44] == bytes(16)  # written without a video id: unbound
+    assert float_data[48:] == np.ones((2, 3, 8), "<f2").tobytes()
 
 
-def test_header_overhead_is_below_one_percent_from_six_frames() -> None:
+def _version_1(codes: np.ndarray) -> bytes:
+    """An object as format 1 wrote it: the same first 28 bytes, the CRC-32, then the payload."""
+    body = struct.pack("<4sHBBIIIQ", b"DNSF", 1, 1, 0, *codes.shape[:2], 8 * codes.shape[2], codes.nbytes)
+    return body + struct.pack("<I", zlib.crc32(codes.tobytes(), zlib.crc32(body))) + codes.tobytes()
+
+
+def test_version_1_objects_are_still_read_as_unbound() -> None:
+    codes = _packed(5, seed=2)
+    decoded = decode_fine_tensor(_version_1(codes), "any video", n_frames=5)
+    assert (decoded.format_version, decoded.bound) == (1, False)
+    np.testing.assert_array_equal(decoded.array, codes)
+    with pytest.raises(CorruptObjectError, match="truncated"):
+        decode_fine_tensor(_version_1(codes)[:-1])
+
+
+def test_binding_detects_an_object_of_another_video_or_frame_count() -> None:
+    data = encode_fine_tensor(_packed(6), "packed_bits", video_id="clip-1")
+    decoded = decode_fine_tensor(data, "clip-1", n_frames=6)
+    assert (decoded.format_version, decoded.bound) == (2, True)
+    assert decode_fine_tensor(data).n_frames == 6  # a reader that expects nothing checks nothing
+    with pytest.raises(CorruptObjectError, match="belongs to another video") as caught:
+        decode_fine_tensor(data, "clip-2", key="c/ab/ab.dnsf")
+    assert "'clip-2'" in str(caught.value) and "c/ab/ab.dnsf" in str(caught.value)
+    with pytest.raises(CorruptObjectError, match="holds 6 frames, the video's row says 7"):
+        decode_fine_tensor(data, "clip-1", n_frames=7)
+    unbound = encode_fine_tensor(_packed(6), "packed_bits")
+    assert not decode_fine_tensor(unbound, "clip-2").bound
+
+
+def test_header_overhead_is_below_one_percent_from_nine_frames() -> None:
     for n_frames in range(1, 200):
         payload = n_frames * 9 * 64
         overhead = (fine_object_size("packed_bits", n_frames, 9, 512) - payload) / payload
-        assert (overhead < 0.01) == (n_frames >= 6), n_frames
+        assert (overhead < 0.01) == (n_frames >= 9), n_frames
         assert fine_object_size("float16", n_frames, 9, 512) <= n_frames * 9 * 512 * 2 * 1.01
 
 
@@ -315,7 +367,7 @@ def test_encode_rejects_bad_tensors(array: object, kind: str, expected: str) -> 
 
 def _with_checksum(data: bytearray) -> bytes:
     """Recompute the checksum so that only the field under test is wrong."""
-    struct.pack_into("<I", data, 28, zlib.crc32(data[32:], zlib.crc32(data[:28])))
+    struct.pack_into("<I", data, 44, zlib.crc32(data[48:], zlib.crc32(data[:44])))
     return bytes(data)
 
 
@@ -342,8 +394,9 @@ def _flip(offset: int) -> Callable[[bytes], bytes]:
     [
         (lambda data: b"", "shorter than the 32-byte header"),
         (lambda data: data[:20], "shorter than the 32-byte header"),
+        (lambda data: data[:40], "shorter than the 48-byte header of version 2"),
         (lambda data: b"PNG!" + data[4:], "magic"),
-        (_patched(4, "<H", 2), "version 2 is not supported"),
+        (_patched(4, "<H", 3), "version 3 is not supported"),
         (_patched(6, "<B", 9), "kind code 9"),
         (_patched(7, "<B", 1), "reserved"),
         (_patched(8, "<I", 7), "needs"),  # T no longer matches the payload length
@@ -352,8 +405,10 @@ def _flip(offset: int) -> Callable[[bytes], bytes]:
         (lambda data: data[:-1], "truncated"),
         (lambda data: data + b"\x00", "trailing bytes"),
         (_flip(HEADER_SIZE + 100), "checksum mismatch"),
-        (_flip(28), "checksum mismatch"),
+        (_flip(44), "checksum mismatch"),
+        (_flip(30), "checksum mismatch"),  # the binding changed, checksum not updated
         (_flip(12), "checksum mismatch"),  # R changed, checksum not updated
+        (_patched(30, "<B", 7), "belongs to another video"),  # re-bound, checksum updated
     ],
 )
 def test_decode_rejects_corrupt_objects_naming_the_video(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from dns_milvus.store.base import (
+    ObjectInfo,
     ObjectStore,
     StoreAccessError,
     fine_key,
@@ -36,6 +37,7 @@ __all__ = [
     "FineKind",
     "FineTensor",
     "LocalStore",
+    "ObjectInfo",
     "ObjectStore",
     "S3Store",
     "StoreAccessError",

@@ -12,6 +12,7 @@ import abc
 import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TypeGuard
 
@@ -95,6 +96,16 @@ def fine_key(collection: str, video_id: str) -> str:
     return f"{fine_key_prefix(collection)}{digest[:2]}/{digest}{FINE_SUFFIX}"
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """A stored object as a listing describes it."""
+
+    key: str
+    size: int
+    #: Unix time (seconds) of the object's last write, by the store's clock.
+    modified: float
+
+
 class ObjectStore(abc.ABC):
     """A flat key -> bytes store. Implementations are safe to share between threads."""
 
@@ -121,6 +132,14 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         """Every stored key that starts with ``prefix``, in no promised order."""
+
+    @abc.abstractmethod
+    def stat(self, key: str) -> ObjectInfo | None:
+        """Size and last-write time of the object under ``key``; None when there is none."""
+
+    @abc.abstractmethod
+    def iter_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """``iter_keys`` with each object's size and last-write time (one listing on S3)."""
 
     def close(self) -> None:  # noqa: B027 - stores without resources need no clean-up
         """Release connections and threads; the store is unusable afterwards."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from dns_milvus.errors import BackendUnavailableError, InvalidInputError, NotFoundError
 from dns_milvus.store.base import (
+    ObjectInfo,
     ObjectStore,
     StoreAccessError,
     is_valid_key,
@@ -84,9 +86,18 @@ class LocalStore(ObjectStore):
                 raise NotFoundError(f"no object under key {key!r} in {self!r}") from None
 
     def exists(self, key: str) -> bool:
+        return self.stat(key) is not None
+
+    def stat(self, key: str) -> ObjectInfo | None:
         path = self._path(key)
         with self._os_errors(f"look up key {key!r}"):
-            return path.is_file()
+            try:
+                found = path.stat()
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+        if not stat.S_ISREG(found.st_mode):
+            return None
+        return ObjectInfo(key, found.st_size, found.st_mtime)
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -98,6 +109,16 @@ class LocalStore(ObjectStore):
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         validate_prefix(prefix)
         return self._walk_keys(prefix)
+
+    def iter_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        validate_prefix(prefix)
+        return self._walk_objects(prefix)
+
+    def _walk_objects(self, prefix: str) -> Iterator[ObjectInfo]:
+        for key in self._walk_keys(prefix):
+            info = self.stat(key)
+            if info is not None:  # None: deleted since it was listed
+                yield info
 
     def _walk_keys(self, prefix: str) -> Iterator[str]:
         # Start at the deepest directory the prefix names completely, prune the rest.

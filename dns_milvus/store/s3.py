@@ -39,6 +39,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from dns_milvus.errors import BackendUnavailableError, DnSError, InvalidInputError, NotFoundError
 from dns_milvus.store.base import (
+    ObjectInfo,
     ObjectStore,
     StoreAccessError,
     is_valid_key,
@@ -180,17 +181,20 @@ class S3Store(ObjectStore):
             raise self._translate(exc, f"read key {key!r}", key) from exc
 
     def exists(self, key: str) -> bool:
+        return self.stat(key) is not None
+
+    def stat(self, key: str) -> ObjectInfo | None:
         full_key = self._full_key(key)
         try:
-            self._client.head_object(Bucket=self.bucket, Key=full_key)
-            return True
+            head = self._client.head_object(Bucket=self.bucket, Key=full_key)
+            return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp())
         except (BotoCoreError, ClientError) as exc:
             error = self._translate(exc, f"look up key {key!r}", key)
             if not isinstance(error, NotFoundError):
                 raise error from exc
         # HEAD answers a bare 404 for a missing bucket too: confirm the bucket once.
         self._confirm_bucket()
-        return False
+        return None
 
     def delete(self, key: str) -> None:
         full_key = self._full_key(key)
@@ -202,10 +206,13 @@ class S3Store(ObjectStore):
                 raise error from exc
 
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
-        validate_prefix(prefix)
-        return self._list_keys(prefix)
+        return (info.key for info in self.iter_objects(prefix))
 
-    def _list_keys(self, prefix: str) -> Iterator[str]:
+    def iter_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        validate_prefix(prefix)
+        return self._list_objects(prefix)
+
+    def _list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         paginator = self._client.get_paginator("list_objects_v2")
         strip = len(self.prefix)
         try:
@@ -214,7 +221,7 @@ class S3Store(ObjectStore):
                     key = entry["Key"][strip:]
                     # Objects written by other tools may not follow our key rules; they are not ours.
                     if is_valid_key(key):
-                        yield key
+                        yield ObjectInfo(key, int(entry["Size"]), entry["LastModified"].timestamp())
         except (BotoCoreError, ClientError) as exc:
             raise self._translate(exc, f"list keys under {prefix!r}") from exc
 
