@@ -548,7 +548,7 @@ def test_ivf_search_fills_the_limit_and_warns_once_when_it_cannot(
     assert not [r for r in caplog.records if r.name == "dns_milvus.milvus.collection"]
 
 
-@pytest.mark.parametrize("damaged", ["index", "data"])
+@pytest.mark.parametrize("damaged", ["index", "data", "manifest"])
 def test_damaged_lite_database_raises_with_recovery_steps(milvus_lite_uri: str, damaged: str, rng) -> None:
     path = Path(milvus_lite_uri)
     client = connect(path)
@@ -562,8 +562,10 @@ def test_damaged_lite_database_raises_with_recovery_steps(milvus_lite_uri: str, 
     client.close()
     release_lite(path)
 
-    # What a process killed mid-write leaves: an index file cut to nothing, a data file cut short.
-    files = sorted(path.rglob("*.idx" if damaged == "index" else "*.parquet"))
+    # What a process killed mid-write leaves: an index file cut to nothing, a data file or the
+    # collection's manifest (Milvus Lite would fall back to the previous one: 0 rows) cut short.
+    pattern = {"index": "*.idx", "data": "*.parquet", "manifest": "manifest.json"}[damaged]
+    files = sorted(path.rglob(pattern))
     assert files, f"no {damaged} files found under {path}"
     for file in files:
         os.truncate(file, 0 if damaged == "index" else file.stat().st_size // 2)
@@ -572,6 +574,7 @@ def test_damaged_lite_database_raises_with_recovery_steps(milvus_lite_uri: str, 
     assert isinstance(info.value, BackendUnavailableError)
     message = str(info.value)
     assert f"{str(path)!r}" in message and "not crash-safe" in message
+    assert damaged != "manifest" or ("collection 'videos'" in message and "manifest.json" in message)
     assert "move" in message and "resumable" in message and "dns-milvus repair" in message
 
     # The recovery the message describes: the damaged database moved aside, the path opens afresh.

@@ -6,6 +6,7 @@ appear in them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import weakref
@@ -71,7 +72,9 @@ def connect(
     within ``timeout`` seconds raises ``BackendUnavailableError``.
 
     A Milvus Lite database is read and its collections loaded here, so one whose files are
-    damaged raises ``MilvusLiteDamagedError`` (saying how to recover) before any request.
+    damaged raises ``MilvusLiteDamagedError`` (saying how to recover) before any request. That
+    includes a collection whose manifest is damaged, which Milvus Lite itself would open
+    without the rows the lost manifest listed (empty, when it held them all).
     """
     timeout = require_seconds(timeout, "connect timeout")
     text = os.fspath(uri)
@@ -97,6 +100,7 @@ def _connect_lite(path: Path) -> MilvusClient:
             f"{str(path)!r} is a file, not a Milvus Lite database: this Milvus Lite keeps each database "
             "in a directory; give a new path (or that of such a directory)"
         )
+    _check_lite_manifests(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         client = MilvusClient(str(path))
@@ -125,15 +129,49 @@ def _open_lite_collections(client: MilvusClient, path: Path) -> None:
     except MilvusException as exc:
         client.close()
         release_lite(path)  # else a later connect() to this path would reuse the broken one
-        where = f" (collection {collection!r})" if collection else ""
-        raise MilvusLiteDamagedError(
-            f"cannot read the Milvus Lite database {str(path)!r}{where}: {_reason(exc)}. Its files are "
-            "damaged or incomplete: Milvus Lite is not crash-safe, and a process killed while it was "
-            f"writing can leave them truncated. To recover, move {str(path)!r} aside and re-run the "
-            "ingestion into a new database: ingestion is resumable, and the fine-tensor objects in the "
-            "object store are not affected; `dns-milvus repair` then lists objects no row refers to "
-            "(`--fix` deletes them)."
-        ) from exc
+        raise _lite_damaged(path, collection, _reason(exc)) from exc
+
+
+def _check_lite_manifests(path: Path) -> None:
+    """Refuse a Milvus Lite database with a collection manifest it cannot read.
+
+    Milvus Lite keeps each collection's list of data files in
+    ``<db>/collections/<name>/manifest.json``. When that file is damaged, Lite falls back to
+    the previous manifest with only a log line, and the collection opens without the rows
+    written since: empty, if they were all written at once. Checked before Lite opens the
+    database, as Lite's next save would overwrite the damaged file. A database of another
+    layout is left to Lite's own checks.
+    """
+    collections = path / "collections"
+    if not collections.is_dir():
+        return
+    for directory in sorted(p for p in collections.iterdir() if p.is_dir()):
+        manifest = directory / "manifest.json"
+        if not manifest.exists() and not (directory / "manifest.json.prev").exists():
+            continue  # never saved: Lite starts it afresh
+        try:
+            readable = isinstance(json.loads(manifest.read_bytes()), dict)
+        except (OSError, ValueError):  # missing, unreadable, truncated or not JSON
+            readable = False
+        if not readable:
+            raise _lite_damaged(
+                path,
+                directory.name,
+                f"its manifest {manifest.name} (the list of its data files) is missing or damaged, and "
+                "Milvus Lite would open the collection without the rows it listed",
+            )
+
+
+def _lite_damaged(path: Path, collection: str | None, reason: str) -> MilvusLiteDamagedError:
+    where = f" (collection {collection!r})" if collection else ""
+    return MilvusLiteDamagedError(
+        f"cannot read the Milvus Lite database {str(path)!r}{where}: {reason}. Its files are "
+        "damaged or incomplete: Milvus Lite is not crash-safe, and a process killed while it was "
+        f"writing can leave them truncated. To recover, move {str(path)!r} aside and re-run the "
+        "ingestion into a new database: ingestion is resumable, and the fine-tensor objects in the "
+        "object store are not affected; `dns-milvus repair` then lists objects no row refers to "
+        "(`--fix` deletes them)."
+    )
 
 
 def release_lite(path: str | os.PathLike[str]) -> None:
