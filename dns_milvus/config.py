@@ -17,6 +17,9 @@ from dns_milvus.errors import InvalidInputError
 
 DEFAULT_CONFIG_FILE = "dns-milvus.toml"
 DEFAULT_MODEL_SET = Path(__file__).parent / "assets"
+#: ``repair --fix`` leaves orphan objects written less than this long ago (seconds): a writer
+#: puts a video's object before its row, so a young orphan may be a row on its way.
+DEFAULT_REPAIR_GRACE_S = 15 * 60.0
 
 
 @dataclass

@@ -20,7 +20,15 @@ class CheckpointError(DnSError):
 
 
 class CorruptObjectError(DnSError):
-    """A stored fine-grained tensor whose header or checksum does not verify."""
+    """A stored fine-grained tensor whose header, checksum or video binding does not verify."""
+
+
+class RepairRefusedError(DnSError):
+    """``repair --fix`` would delete more of the object store than is safe without ``force``."""
+
+
+class IncompleteDeleteError(DnSError):
+    """Rows were deleted but some of their objects could not be; ``repair`` removes them later."""
 
 
 class NotFoundError(DnSError, KeyError):

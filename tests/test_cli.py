@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dns_milvus.cli import main
+from dns_milvus.store import LocalStore, fine_key
 from tests.fixtures.engine import near_copy, random_video
 from tests.fixtures.milvus_server import release_lite
 
@@ -120,3 +121,44 @@ def test_config_file_and_flag_precedence(cli_env: Path, capsys: pytest.CaptureFi
     (cli_env / "dns-milvus.toml").write_text('colection = "typo"\n')
     assert main(["stats"]) == 2
     assert "unknown keys" in capsys.readouterr().err
+
+
+def test_repair_deep_finds_damage_that_the_same_ingest_heals(
+    cli_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_json(capsys, "ingest", "--hdf5", "f.hdf5")[1]["added"] == 6
+    objects = sorted((cli_env / "objects").rglob("*.dnsf"))
+    objects[0].unlink()
+    objects[1].write_bytes(objects[1].read_bytes()[:-7])
+
+    code, cheap = run_json(capsys, "repair")
+    assert code == 1 and len(cheap["rows_missing_object"]) == 1 and cheap["rows_damaged_object"] == {}
+    code, deep = run_json(capsys, "repair", "--deep")
+    assert code == 1 and len(deep["reindex"]) == 2 and deep["deep"]
+    assert ["truncated" in why for why in deep["rows_damaged_object"].values()] == [True]
+    assert main(["repair", "--deep"]) == 1
+    out = capsys.readouterr().out
+    assert "rows whose object is damaged: 1" in out and "run the same `dns-milvus ingest` again" in out
+
+    code, report = run_json(capsys, "ingest", "--hdf5", "f.hdf5")
+    assert report["added"] == 2 and sorted(report["damaged"]) == deep["reindex"] and report["skipped"] == 4
+    code, healed = run_json(capsys, "repair", "--deep")
+    assert code == 0 and healed["reindex"] == []
+
+
+def test_repair_fix_keeps_young_orphans_and_asks_before_deleting_many(
+    cli_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_json(capsys, "ingest", "--hdf5", "f.hdf5")[0] == 0
+    store = LocalStore(cli_env / "objects")
+    ghosts = sorted(fine_key("videos", f"ghost{i}") for i in range(3))
+    for key in ghosts:
+        store.put(key, b"left over")
+    code, kept = run_json(capsys, "repair", "--fix")
+    assert code == 0 and kept["young_orphans"] == ghosts and kept["deleted_objects"] == []
+    assert main(["repair", "--fix", "--grace-period", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "refused to delete 3 orphan objects" in err and "--force" in err
+    assert all(store.exists(key) for key in ghosts)
+    code, forced = run_json(capsys, "repair", "--fix", "--grace-period", "0", "--force")
+    assert code == 0 and forced["deleted_objects"] == ghosts

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import secrets
+
 import numpy as np
 import pytest
 import torch
 
-from dns_milvus.engine import DnSIndex, SelectionPolicy
-from dns_milvus.errors import InvalidInputError, NotFoundError
-from dns_milvus.store import fine_key
+from dns_milvus.engine import DnSIndex, ModelSet, SelectionPolicy
+from dns_milvus.errors import (
+    CorruptObjectError,
+    IncompleteDeleteError,
+    InvalidInputError,
+    NotFoundError,
+    RepairRefusedError,
+)
+from dns_milvus.ingest import array_source, ingest
+from dns_milvus.milvus import VideoRow
+from dns_milvus.store import encode_fine_tensor, fine_key, fine_key_prefix, put_verified
+from dns_milvus.testing.seaweedfs import SeaweedFSServer
 from tests.fixtures.engine import near_copy, random_video
 
 
@@ -126,12 +137,24 @@ def test_bad_inputs_lose_nothing(dns_index: DnSIndex) -> None:
     bad[1, 2, 3] = np.nan
     with pytest.raises(InvalidInputError, match="NaN"):
         dns_index.add("nan", bad)
-    with pytest.raises(InvalidInputError, match=r"\[T, R, 512\]"):
+    with pytest.raises(InvalidInputError, match=r"\[T, 9, 512\]"):
         dns_index.add("wrong", rng.standard_normal((4, 9, 100)).astype(np.float32))
+    with pytest.raises(InvalidInputError, match=r"\[T, 9, 512\] with T >= 1, got \[4, 8, 512\]"):
+        dns_index.add("eight_regions", random_video(rng, 4, regions=8))
+    with pytest.raises(InvalidInputError, match=r"got \[4, 512\]"):
+        dns_index.add("frame_level", random_video(rng, 4)[:, 0])
+    with pytest.raises(InvalidInputError, match="1e\\+30"):
+        dns_index.add("huge", np.full((4, 9, 512), 1e30, np.float32))
     with pytest.raises(InvalidInputError):
         dns_index.add("empty", np.zeros((0, 9, 512), np.float32))
+    with pytest.raises(InvalidInputError, match=r"'nan_meta'.*metadata.*NaN"):
+        dns_index.add_many(["fine", "nan_meta"], [random_video(rng, 4)] * 2, [{}, {"score": float("nan")}])
     assert dns_index.count() == 3
     assert set(dns_index.get(list(videos))) == set(videos)
+    # Nothing of a refused batch was written: no object without its row.
+    assert sorted(dns_index.store.iter_keys(fine_key_prefix(dns_index.name))) == sorted(
+        fine_key(dns_index.name, v) for v in videos
+    )
 
 
 def test_missing_object_falls_back_to_coarse_with_warning(dns_index: DnSIndex) -> None:
@@ -153,9 +176,140 @@ def test_repair_finds_orphans_and_rows_without_objects(dns_index: DnSIndex) -> N
     report = dns_index.repair()
     assert report.orphan_objects == [orphan]
     assert report.rows_missing_object == ["v03"]
-    fixed = dns_index.repair(fix=True)
-    assert fixed.fixed and not dns_index.store.exists(orphan)
+    kept = dns_index.repair(fix=True)  # written just now: --fix leaves it
+    assert dns_index.store.exists(orphan)
+    assert kept.fixed and kept.deleted_objects == [] and kept.young_orphans == [orphan]
+    fixed = dns_index.repair(fix=True, grace_period_s=0)
+    assert fixed.deleted_objects == [orphan] and not dns_index.store.exists(orphan)
     assert dns_index.repair().orphan_objects == []
+    with pytest.raises(InvalidInputError, match="grace_period_s"):
+        dns_index.repair(grace_period_s=-1)
+
+
+def test_repair_beside_a_writer_leaves_the_objects_of_rows_on_their_way(dns_index: DnSIndex) -> None:
+    """A writer puts each object before its row; a repair --fix that runs in between must not
+    take the objects, or the rows the writer upserts next point at nothing."""
+    _fill(dns_index, n=4)
+    rng = np.random.default_rng(11)
+    ids = [f"w{i}" for i in range(8)]
+    records = dns_index.models.index_features([random_video(rng, 5) for _ in ids])
+    for vid, record in zip(ids, records):  # the writer's first half: objects, verified
+        blob = encode_fine_tensor(record.fine, record.payload_kind)
+        put_verified(dns_index.store, fine_key(dns_index.name, vid), blob)
+    during = dns_index.repair(fix=True)  # runs while the writer is between its two halves
+    assert all(dns_index.store.exists(fine_key(dns_index.name, vid)) for vid in ids)
+    assert during.orphan_objects == sorted(fine_key(dns_index.name, v) for v in ids)
+    assert during.young_orphans == during.orphan_objects and during.deleted_objects == []
+    dns_index.collection.upsert(  # the writer's second half: the rows
+        [
+            VideoRow(vid, r.coarse, r.self_sim, fine_key(dns_index.name, vid), r.n_frames, r.payload_kind)
+            for vid, r in zip(ids, records)
+        ]
+    )
+    after = dns_index.repair(deep=True)
+    assert after.rows_missing_object == [] and after.rows_damaged_object == {} and after.orphan_objects == []
+    assert dns_index.count() == 12
+
+
+def _flip(data: bytes, offset: int) -> bytes:
+    edited = bytearray(data)
+    edited[offset] ^= 0x01
+    return bytes(edited)
+
+
+def test_deep_repair_finds_tampered_objects_and_ingest_heals_them(dns_index: DnSIndex) -> None:
+    videos = _fill(dns_index, n=8)
+    store = dns_index.store
+
+    def key(vid: str) -> str:
+        return fine_key(dns_index.name, vid)
+
+    original = {vid: store.get(key(vid)) for vid in videos}
+    garbage = np.random.default_rng(5).integers(0, 256, len(original["v03"]), dtype=np.uint8).tobytes()
+    store.put(key("v00"), _flip(original["v00"], len(original["v00"]) - 10))  # a payload bit
+    store.put(key("v01"), _flip(original["v01"], 10))  # a header bit (T)
+    store.put(key("v02"), original["v02"][:-100])  # truncated
+    store.put(key("v03"), garbage)
+    store.delete(key("v04"))
+    store.put(key("v05"), original["v06"])  # another video's intact object
+    tampered = ["v00", "v01", "v02", "v03", "v04", "v05"]
+
+    # Search uses no damaged tensor: those hits keep their coarse score, with a warning each.
+    resp = dns_index.search("v07", top_k=7, candidates=7, policy="all")
+    stages = {hit.video_id: hit.stage for hit in resp.hits}
+    assert {vid for vid, stage in stages.items() if stage != "fine"} == set(tampered)
+    assert any("'v05'" in w and "another video" in w for w in resp.warnings)
+    with pytest.raises(CorruptObjectError, match="another video"):
+        dns_index.load_record("v05")
+
+    cheap = dns_index.repair()  # one listing: sees only the deletion
+    assert cheap.rows_missing_object == ["v04"] and cheap.rows_damaged_object == {} and not cheap.deep
+    deep = dns_index.repair(deep=True)
+    assert deep.deep and deep.rows_missing_object == ["v04"]
+    assert set(deep.rows_damaged_object) == {"v00", "v01", "v02", "v03", "v05"}
+    assert "checksum mismatch" in deep.rows_damaged_object["v00"]
+    assert "checksum mismatch" in deep.rows_damaged_object["v01"]
+    assert "truncated" in deep.rows_damaged_object["v02"]
+    assert "belongs to another video" in deep.rows_damaged_object["v05"]
+    assert deep.reindex == tampered and deep.to_dict()["reindex"] == tampered
+    assert deep.orphan_objects == [] and dns_index.repair(fix=True, deep=True).deleted_objects == []
+
+    # repair's advice works: the same ingest again re-indexes exactly the damaged videos.
+    report = ingest(dns_index, array_source(videos), progress=False)
+    assert sorted(report.added) == tampered and sorted(report.damaged) == tampered
+    assert sorted(report.skipped) == ["v06", "v07"] and report.failed == {}
+    healed = dns_index.repair(deep=True)
+    assert healed.reindex == [] and healed.orphan_objects == []
+    resp = dns_index.search("v07", top_k=7, candidates=7, policy="all")
+    assert all(hit.stage == "fine" for hit in resp.hits) and resp.warnings == []
+
+
+def test_repair_refuses_to_delete_most_of_the_store(dns_index: DnSIndex) -> None:
+    """Rows gone but objects kept is what a damaged database (a Milvus Lite file whose manifest
+    was lost opens empty) looks like to repair: --fix must not delete the whole store."""
+    videos = _fill(dns_index, n=10)
+    keys = {vid: fine_key(dns_index.name, vid) for vid in videos}
+    dns_index.collection.delete(["v00", "v01", "v02"])  # 3 of 10 objects become orphans
+
+    with pytest.raises(RepairRefusedError, match=r"3 of the collection's 10 objects, more than 10%.*--force"):
+        dns_index.repair(fix=True, grace_period_s=0)
+    assert all(dns_index.store.exists(k) for k in keys.values())
+    forced = dns_index.repair(fix=True, grace_period_s=0, force=True)
+    assert forced.deleted_objects == sorted(keys[v] for v in ["v00", "v01", "v02"])
+
+    dns_index.collection.delete([f"v{i:02d}" for i in range(3, 10)])  # as if the rows were lost
+    young = dns_index.repair(fix=True)  # young orphans: nothing to delete, nothing refused
+    assert young.deleted_objects == [] and len(young.young_orphans) == 7
+    with pytest.raises(RepairRefusedError, match="has no rows, while the store holds 7 objects") as info:
+        dns_index.repair(fix=True, grace_period_s=0)
+    assert "nothing was deleted" in str(info.value)
+    assert sum(dns_index.store.exists(keys[f"v{i:02d}"]) for i in range(3, 10)) == 7
+
+
+def test_repair_keeps_one_orphan_among_many_rows_deletable(dns_index: DnSIndex) -> None:
+    _fill(dns_index, n=3)
+    dns_index.collection.delete(["v00"])  # 1 of 3 objects: above 10 %, but a single object
+    assert dns_index.repair(fix=True, grace_period_s=0).deleted_objects == [fine_key(dns_index.name, "v00")]
+
+
+@pytest.mark.s3
+def test_delete_on_a_read_only_store_says_the_rows_are_gone(
+    milvus_lite_uri: str, model_set: ModelSet, s3_server: SeaweedFSServer, s3_bucket: str
+) -> None:
+    prefix = f"t-{secrets.token_hex(6)}"
+    rng = np.random.default_rng(8)
+    writer_store = s3_server.open_store(s3_bucket, prefix=prefix)
+    with DnSIndex(milvus_lite_uri, models=model_set, store=writer_store, collection="c") as writer:
+        writer.add_many(["a", "b"], [random_video(rng, 4), random_video(rng, 4)])
+    reader_store = s3_server.open_read_only_store(s3_bucket, prefix=prefix)
+    with DnSIndex(milvus_lite_uri, models=model_set, store=reader_store, collection="c") as reader:
+        with pytest.raises(IncompleteDeleteError) as info:
+            reader.delete(["a", "unknown"])
+        message = str(info.value)
+        assert "deleted 1 videos" in message and "1 of their objects remain" in message
+        assert "AccessDenied" in message and "repair --fix" in message
+        assert set(reader.get(["a", "b"])) == {"b"}
+        assert reader.repair().orphan_objects == [fine_key("c", "a")]
 
 
 def test_exhaustive_search_matches_ann_with_all_candidates(dns_index: DnSIndex) -> None:

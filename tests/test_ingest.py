@@ -215,3 +215,40 @@ def test_killed_ingest_resumes_with_every_video_once(
         assert index.store.exists(fine_key(collection, vid))
     index.collection.drop()
     index.close()
+
+
+def test_one_bad_video_fails_alone_and_leaves_no_object(tmp_path: Path, lite_index: DnSIndex) -> None:
+    """Each video is checked before anything of its batch is written: a bad one is reported and
+    skipped, the rest of the batch is indexed, and no object is left without its row."""
+    rng = np.random.default_rng(12)
+    good = {f"g{i}": random_video(rng, 3 + i) for i in range(7)}
+    bad = {
+        "huge": np.full((5, 9, 512), 1e30, np.float32),  # finite, but overflows the networks
+        "eight_regions": random_video(rng, 4, regions=8),
+        "frame_level": random_video(rng, 4)[:, 0],  # [T, D]
+    }
+    h5 = tmp_path / "batch.hdf5"
+    _write_h5(h5, {**bad, **good})
+    for run in range(2):  # a re-run fails the same videos only
+        report = ingest(lite_index, hdf5_source(h5), batch_size=16, progress=False)
+        assert set(report.failed) == set(bad), report.failed
+        assert sorted(report.added if run == 0 else report.skipped) == sorted(good)
+    assert "1e+30" in report.failed["huge"]
+    assert "[T, 9, 512]" in report.failed["eight_regions"] and "[4, 8, 512]" in report.failed["eight_regions"]
+    assert "[4, 512]" in report.failed["frame_level"]
+    assert lite_index.count() == len(good)
+    assert lite_index.repair().orphan_objects == []
+
+
+def test_bad_metadata_fails_only_its_video(lite_index: DnSIndex) -> None:
+    rng = np.random.default_rng(13)
+    videos = {f"m{i}": random_video(rng, 4) for i in range(8)}
+    metadata = {vid: {"rank": i} for i, vid in enumerate(videos)}
+    metadata["m3"] = {"score": float("nan")}
+    metadata["m5"] = {"when": object()}  # not JSON
+    report = ingest(lite_index, array_source(videos, metadata), batch_size=8, progress=False)
+    assert set(report.failed) == {"m3", "m5"} and "NaN" in report.failed["m3"]
+    assert "JSON" in report.failed["m5"]
+    assert sorted(report.added) == sorted(set(videos) - {"m3", "m5"})
+    assert lite_index.get(["m4"])["m4"]["metadata"] == {"rank": 4}
+    assert lite_index.repair().orphan_objects == []

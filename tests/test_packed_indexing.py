@@ -3,6 +3,8 @@ alone with ``index_video``, for every network kind and the engine's ``ModelSet``
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -107,8 +109,11 @@ def test_model_set_records_equal_indexing_each_video_alone(model_set: ModelSet) 
 
 def test_model_set_refuses_videos_with_different_region_counts(model_set: ModelSet) -> None:
     rng = np.random.default_rng(5)
-    with pytest.raises(InvalidInputError, match="same number of regions"):
+    with pytest.raises(InvalidInputError, match=r"video #1: expected region features \[T, 9, 512\]"):
         model_set.index_features([random_video(rng, 4), random_video(rng, 4, regions=4)])
+    any_regions = dataclasses.replace(model_set, regions=None)
+    with pytest.raises(InvalidInputError, match="same number of regions"):
+        any_regions.index_features([random_video(rng, 4), random_video(rng, 4, regions=4)])
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,19 @@
 Writes follow one rule: a video's fine tensor is written to the object store and verified
 before its Milvus row is upserted; deletes remove the row first, then the object. A crash
 can therefore leave an orphan object (``repair`` removes it), never a row without its object.
+Every video is checked (features, network outputs, metadata) before anything of it is
+written, so a video that cannot be stored leaves nothing behind.
+
+Each object's header names its video and frame count (``dns_milvus.store.fine_format``), so
+a read detects an object damaged, truncated or copied under another video's key. ``repair``
+never deletes an orphan younger than its grace period (a writer may be about to upsert its
+row), nor, without ``force``, more than a small share of the store.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from dns_milvus.config import DEFAULT_REPAIR_GRACE_S
 from dns_milvus.engine.modelset import ModelSet, VideoRecord
 from dns_milvus.engine.policy import SelectionPolicy
 from dns_milvus.engine.rerank import (
@@ -29,15 +38,42 @@ from dns_milvus.engine.rerank import (
     SearchHit,
     coarse_only,
 )
-from dns_milvus.errors import BackendUnavailableError, InvalidInputError, NotFoundError
+from dns_milvus.errors import (
+    BackendUnavailableError,
+    CorruptObjectError,
+    DnSError,
+    IncompleteDeleteError,
+    InvalidInputError,
+    NotFoundError,
+    RepairRefusedError,
+)
 from dns_milvus.ids import validate_video_id
-from dns_milvus.milvus import IndexConfig, VideoCollection, VideoRow, connect
-from dns_milvus.store import ObjectStore, encode_fine_tensor, fine_key, open_store, put_verified
+from dns_milvus.milvus import IndexConfig, VideoCollection, VideoRow, connect, display_uri
+from dns_milvus.milvus.rows import now_ms
+from dns_milvus.store import (
+    ObjectInfo,
+    ObjectStore,
+    StoreAccessError,
+    decode_fine_tensor,
+    encode_fine_tensor,
+    fine_key,
+    fine_key_prefix,
+    open_store,
+    put_verified,
+)
 
 Query = VideoRecord | np.ndarray | torch.Tensor | os.PathLike | str
 
 #: Largest number of stage-1 candidates a search may ask Milvus for.
 MAX_CANDIDATES_K = 16_384
+#: Largest share of a collection's objects ``repair --fix`` deletes without ``force``.
+REPAIR_MAX_DELETE_SHARE = 0.10
+#: What ``verify_objects`` reports for an object that is not there.
+OBJECT_MISSING = "object is missing"
+# Objects read at a time when verifying (bounds memory: fine tensors are tens of KB).
+_VERIFY_CHUNK = 256
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,14 +102,40 @@ class SearchResponse:
 
 @dataclass
 class RepairReport:
+    """What ``DnSIndex.repair`` found and did.
+
+    ``orphan_objects``: objects no row points at; ``young_orphans``: those of them written
+    within the grace period, left alone; ``deleted_objects``: those ``fix`` deleted.
+    ``rows_missing_object`` / ``rows_damaged_object`` (``deep`` only, with the reason): rows
+    whose video must be indexed again (``reindex``), which an ingest of the same inputs does.
+    """
+
     rows_checked: int = 0
     objects_checked: int = 0
     orphan_objects: list[str] = field(default_factory=list)
     rows_missing_object: list[str] = field(default_factory=list)
+    rows_damaged_object: dict[str, str] = field(default_factory=dict)
+    young_orphans: list[str] = field(default_factory=list)
+    deleted_objects: list[str] = field(default_factory=list)
+    deep: bool = False
+    grace_period_s: float = DEFAULT_REPAIR_GRACE_S
     fixed: bool = False
 
+    @property
+    def reindex(self) -> list[str]:
+        """Videos whose row has no usable object: index them again (an ingest heals them)."""
+        return sorted({*self.rows_missing_object, *self.rows_damaged_object})
+
     def to_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        return {**dataclasses.asdict(self), "reindex": self.reindex}
+
+
+@dataclass(frozen=True)
+class PreparedWrite:
+    """A video checked and encoded by ``DnSIndex.prepare_writes``: its row and its object."""
+
+    row: VideoRow
+    blob: bytes
 
 
 class DnSIndex:
@@ -106,6 +168,7 @@ class DnSIndex:
         self.store = store if not isinstance(store, str) else open_store(store)
         self.client = connect(uri, token=token)
         self.uri = uri
+        existed = VideoCollection.exists(self.client, collection)
         self.collection = VideoCollection.create(
             self.client,
             collection,
@@ -114,6 +177,8 @@ class DnSIndex:
             index=index,
             exist_ok=True,
         )
+        if not existed:
+            self._warn_if_store_holds_objects()
         self.local_reranker = LocalReranker(self.models, self.store)
         self.reranker: Reranker = reranker or self.local_reranker
         if on_stage2_error not in ("degrade", "raise"):
@@ -173,45 +238,92 @@ class DnSIndex:
     ) -> dict[str, float]:
         """Persist indexed videos: each object is written and verified before its row is upserted.
 
-        Returns the time spent on the object store and on Milvus, in milliseconds.
+        Every video is checked first; if any cannot be stored, ``InvalidInputError`` names them
+        and nothing is written. Returns the time spent on the object store and on Milvus, in ms.
         """
-        if not records:
+        prepared, failed = self.prepare_writes(records, metadata)
+        if failed:
+            shown = "; ".join(f"{vid!r}: {why}" for vid, why in list(failed.items())[:5])
+            raise InvalidInputError(
+                f"{len(failed)} of {len(records)} videos cannot be stored, so nothing was written: {shown}"
+            )
+        return self.write_prepared(prepared)
+
+    def prepare_writes(
+        self, records: Sequence[VideoRecord], metadata: Sequence[Mapping[str, Any] | None] | None = None
+    ) -> tuple[list[PreparedWrite], dict[str, str]]:
+        """Check and encode indexed videos for ``write_prepared``, writing nothing.
+
+        Returns the videos that pass every check (a valid id, a finite coarse vector and
+        self-similarity, metadata that is JSON without NaN/Inf, an encodable fine tensor) and,
+        by video id, why each other one does not: a caller can store the good ones and report
+        the rest, and a refused video leaves no object behind.
+        """
+        metadata = list(metadata) if metadata is not None else [None] * len(records)
+        if len(metadata) != len(records):
+            raise InvalidInputError(f"{len(records)} records but {len(metadata)} metadata entries")
+        now = now_ms()
+        prepared: list[PreparedWrite] = []
+        failed: dict[str, str] = {}
+        for record, meta in zip(records, metadata):
+            try:
+                video_id = validate_video_id(record.video_id)
+                row = VideoRow(
+                    video_id=video_id,
+                    coarse=record.coarse,
+                    self_sim=record.self_sim,
+                    fine_key=fine_key(self.name, video_id),
+                    n_frames=record.n_frames,
+                    payload_kind=record.payload_kind,
+                    ingested_at=now,
+                    metadata=dict(meta or {}),
+                )
+                self.collection.check_row(row)
+                blob = encode_fine_tensor(record.fine, record.payload_kind, video_id=video_id)
+            except (InvalidInputError, TypeError, ValueError) as exc:  # dict(meta) of a non-mapping
+                failed[str(record.video_id)] = str(exc)
+                continue
+            prepared.append(PreparedWrite(row, blob))
+        return prepared, failed
+
+    def write_prepared(self, prepared: Sequence[PreparedWrite]) -> dict[str, float]:
+        """Write checked videos: every object (verified), then the rows. Returns the time spent
+        on the object store and on Milvus, in milliseconds."""
+        if not prepared:
             return {"store_ms": 0.0, "milvus_ms": 0.0}
         t0 = time.perf_counter()
-        metadata = list(metadata) if metadata is not None else [None] * len(records)
-        keys = [fine_key(self.name, r.video_id) for r in records]  # type: ignore[arg-type]
-        blobs = [encode_fine_tensor(r.fine, r.payload_kind) for r in records]
-        with ThreadPoolExecutor(max_workers=min(8, len(records))) as pool:
-            list(pool.map(lambda kb: put_verified(self.store, kb[0], kb[1]), zip(keys, blobs)))
+        with ThreadPoolExecutor(max_workers=min(8, len(prepared))) as pool:
+            list(pool.map(lambda p: put_verified(self.store, p.row.fine_key, p.blob), prepared))
         store_ms = _ms(t0)
         t1 = time.perf_counter()
-        now = int(time.time() * 1000)
-        rows = [
-            VideoRow(
-                video_id=r.video_id,  # type: ignore[arg-type]
-                coarse=r.coarse,
-                self_sim=r.self_sim,
-                fine_key=key,
-                n_frames=r.n_frames,
-                payload_kind=r.payload_kind,
-                ingested_at=now,
-                metadata=dict(meta or {}),
-            )
-            for r, key, meta in zip(records, keys, metadata)
-        ]
-        self.collection.upsert(rows)
+        self.collection.upsert([p.row for p in prepared])
+        for p in prepared:  # a re-written video must not be re-ranked with its old tensor
+            self.local_reranker.cache.discard(p.row.fine_key)
         return {"store_ms": store_ms, "milvus_ms": _ms(t1)}
 
     def delete(self, video_ids: Iterable[str]) -> int:
-        """Delete videos: rows first, then objects. Unknown ids are ignored; returns how many existed."""
+        """Delete videos: rows first, then objects. Unknown ids are ignored; returns how many existed.
+
+        If the store refuses to delete an object (read-only, unreachable) the rows stay deleted
+        and ``IncompleteDeleteError`` says which objects remain: ``repair`` removes them later.
+        """
         ids = [validate_video_id(v) for v in video_ids]
         if not ids:
             return 0
         existing = self.collection.get(ids)
         self.collection.delete(list(existing))
-        for row in existing.values():
-            self.store.delete(row.fine_key)
-            self.local_reranker.cache.discard(row.fine_key)
+        keys = [row.fine_key for row in existing.values()]
+        for done, key in enumerate(keys):
+            self.local_reranker.cache.discard(key)
+            try:
+                self.store.delete(key)
+            except DnSError as exc:  # the store as a whole refuses: the other deletes would too
+                raise IncompleteDeleteError(
+                    f"deleted {len(keys)} videos from collection {self.name!r}, but {len(keys) - done} of "
+                    f"their objects remain in the store ({exc}): the videos are gone from the index; "
+                    "`dns-milvus repair --fix` (DnSIndex.repair(fix=True)) deletes the objects left "
+                    "behind once the store accepts deletes"
+                ) from exc
         return len(existing)
 
     # -- reading -------------------------------------------------------------------------------
@@ -233,14 +345,13 @@ class DnSIndex:
 
     def load_record(self, video_id: str, row: VideoRow | None = None) -> VideoRecord:
         """The full indexed representation of a stored video (row + fine tensor)."""
-        from dns_milvus.store import decode_fine_tensor
-
         if row is None or row.coarse is None:
             found = self.collection.get([validate_video_id(video_id)], with_vectors=True)
             if video_id not in found:
                 raise NotFoundError(f"video {video_id!r} is not in collection {self.name!r}")
             row = found[video_id]
-        ft = decode_fine_tensor(self.store.get(row.fine_key), video_id=video_id)
+        data = self.store.get(row.fine_key)
+        ft = decode_fine_tensor(data, video_id=video_id, key=row.fine_key, n_frames=row.n_frames)
         return VideoRecord(
             coarse=np.asarray(row.coarse, dtype=np.float32),
             self_sim=float(row.self_sim),
@@ -400,29 +511,145 @@ class DnSIndex:
 
     # -- maintenance ---------------------------------------------------------------------------
 
-    def repair(self, *, fix: bool = False) -> RepairReport:
-        """Find orphan objects (no row points at them) and rows whose object is missing.
+    def verify_objects(self, objects: Mapping[str, tuple[str, int]]) -> dict[str, str]:
+        """Read and verify the objects of ``{video id: (fine key, frames)}``.
 
-        With ``fix=True`` orphan objects are deleted; rows without an object are reported
-        (their video must be re-ingested; deleting them would lose the id silently).
+        Returns, by video id, why an object cannot be used: ``OBJECT_MISSING``, or the reason it
+        does not verify (checksum, truncation, header, another video's object, another frame
+        count). Videos whose object is sound are absent. A store that fails as a whole
+        (unreachable, refusing credentials) raises instead of marking every video.
         """
-        report = RepairReport()
-        referenced: dict[str, str] = {}
-        for row in self.collection.iter_rows(["fine_key"]):
-            referenced[row["fine_key"]] = row["video_id"]
+        problems: dict[str, str] = {}
+        items = list(objects.items())
+        for start in range(0, len(items), _VERIFY_CHUNK):
+            chunk = items[start : start + _VERIFY_CHUNK]
+            fetched = self.store.get_many([key for _, (key, _) in chunk])
+            for video_id, (key, frames) in chunk:
+                data = fetched[key]
+                if isinstance(data, BackendUnavailableError | StoreAccessError):
+                    raise data
+                if isinstance(data, Exception):
+                    problems[video_id] = OBJECT_MISSING if isinstance(data, NotFoundError) else str(data)
+                    continue
+                try:
+                    decode_fine_tensor(data, video_id, key=key, n_frames=frames)
+                except CorruptObjectError as exc:
+                    problems[video_id] = str(exc)
+        return problems
+
+    def repair(
+        self,
+        *,
+        fix: bool = False,
+        deep: bool = False,
+        force: bool = False,
+        grace_period_s: float = DEFAULT_REPAIR_GRACE_S,
+    ) -> RepairReport:
+        """Check that rows and objects match; with ``fix``, delete orphan objects.
+
+        One listing of the store finds orphan objects (no row points at them) and rows whose
+        object is missing. ``deep`` also reads every row's object and verifies its checksum and
+        its binding to the video and frame count (``rows_damaged_object``). Rows without a usable
+        object are reported, never deleted (that would lose the id silently): index those videos
+        again; an ingest of the same inputs does, as it re-indexes rows whose object is missing or
+        does not verify.
+
+        ``fix`` deletes the orphans last written at least ``grace_period_s`` ago (0: all): a
+        younger one may be the object of a row a writer is about to upsert, so repair is safe
+        beside ingestion. Without ``force`` it refuses (``RepairRefusedError``, nothing deleted)
+        when the collection has no rows or when more than ``REPAIR_MAX_DELETE_SHARE`` of the
+        collection's objects (and more than one) would go: that is what a damaged or wrong
+        database looks like, and deleting would lose the fine tensors of every video in it.
+        """
+        is_number = isinstance(grace_period_s, int | float) and not isinstance(grace_period_s, bool)
+        if not is_number or not grace_period_s >= 0:
+            raise InvalidInputError(f"grace_period_s must be seconds >= 0, got {grace_period_s!r}")
+        report = RepairReport(deep=deep, grace_period_s=float(grace_period_s))
+        referenced: dict[str, tuple[str, int]] = {}  # fine key -> (video id, frames)
+        for row in self.collection.iter_rows(["fine_key", "n_frames"]):
+            referenced[row["fine_key"]] = (row["video_id"], int(row["n_frames"]))
             report.rows_checked += 1
-        stored = set()
-        for key in self.store.iter_keys(prefix=f"{self.name}/"):
-            stored.add(key)
-            report.objects_checked += 1
-            if key not in referenced:
-                report.orphan_objects.append(key)
-        report.rows_missing_object = sorted(vid for key, vid in referenced.items() if key not in stored)
+        stored = {info.key: info for info in self.store.iter_objects(prefix=fine_key_prefix(self.name))}
+        report.objects_checked = len(stored)
+        report.orphan_objects = sorted(key for key in stored if key not in referenced)
+        missing = {vid: key for key, (vid, _) in referenced.items() if key not in stored}
+        if deep:
+            present = {vid: (key, frames) for key, (vid, frames) in referenced.items() if key in stored}
+            for vid, why in self.verify_objects(present).items():
+                if why == OBJECT_MISSING:  # deleted since the listing
+                    missing[vid] = present[vid][0]
+                else:
+                    report.rows_damaged_object[vid] = why
+            report.rows_damaged_object = dict(sorted(report.rows_damaged_object.items()))
+        report.rows_missing_object = sorted(self._still_missing(missing))
+        report.young_orphans = [
+            key for key in report.orphan_objects if _is_young(stored[key], report.grace_period_s)
+        ]
         if fix:
-            for key in report.orphan_objects:
+            young = set(report.young_orphans)
+            doomed = [key for key in report.orphan_objects if key not in young]
+            if not force:
+                self._refuse_mass_delete(len(doomed), report)
+            for key in doomed:
+                # Stat again: a writer may have put this key since the listing (its row follows).
+                info = self.store.stat(key)
+                if info is None:
+                    continue
+                if _is_young(info, report.grace_period_s):
+                    report.young_orphans.append(key)
+                    continue
                 self.store.delete(key)
+                report.deleted_objects.append(key)
             report.fixed = True
         return report
+
+    def _still_missing(self, missing: Mapping[str, str]) -> list[str]:
+        """The ids of ``missing`` ({video id: key}) whose row still points at an absent object: a
+        video deleted while repair ran (row, then object) is not a row without its object."""
+        if not missing:
+            return []
+        rows = self.collection.get(list(missing))
+        return [
+            vid
+            for vid, key in missing.items()
+            if vid in rows and rows[vid].fine_key == key and not self.store.exists(key)
+        ]
+
+    def _refuse_mass_delete(self, n_delete: int, report: RepairReport) -> None:
+        objects = report.objects_checked
+        limit = max(1, int(REPAIR_MAX_DELETE_SHARE * objects))
+        if n_delete == 0 or (report.rows_checked > 0 and n_delete <= limit):
+            return
+        if report.rows_checked == 0:
+            why = f"collection {self.name!r} has no rows, while the store holds {objects} objects of it"
+        else:
+            why = (
+                f"that is {n_delete} of the collection's {objects} objects, more than "
+                f"{REPAIR_MAX_DELETE_SHARE:.0%}"
+            )
+        raise RepairRefusedError(
+            f"repair --fix refused to delete {n_delete} orphan objects (nothing was deleted): {why}. "
+            f"A damaged or wrong database looks like this (a Milvus Lite database whose files were "
+            f"damaged can open empty), and deleting would lose these videos' fine tensors. Check that "
+            f"{display_uri(self.client)} and collection {self.name!r} are the ones these objects belong "
+            "to; a damaged database is recovered by moving it aside and ingesting again. If the orphans "
+            "really are unwanted (e.g. most videos were deleted), run again with --force (force=True)."
+        )
+
+    def _warn_if_store_holds_objects(self) -> None:
+        """A collection created just now whose objects are already in the store is most often a
+        database that was lost, damaged or not the one meant: say so before ``repair`` runs."""
+        first = next(iter(self.store.iter_keys(prefix=fine_key_prefix(self.name))), None)
+        if first is not None:
+            log.warning(
+                "collection %r did not exist at %s and was created empty, but %r holds objects of it "
+                "(e.g. %s): if the database was damaged or is not the one meant, do not run repair "
+                "--fix (it refuses to delete them without --force); ingest again to re-index them",
+                self.name,
+                display_uri(self.client),
+                self.store,
+                first,
+            )
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -455,3 +682,7 @@ def _check_k(top_k: int, candidates: int) -> None:
 
 def _ms(t: float) -> float:
     return (time.perf_counter() - t) * 1000.0
+
+
+def _is_young(info: ObjectInfo, grace_period_s: float) -> bool:
+    return grace_period_s > 0 and time.time() - info.modified < grace_period_s

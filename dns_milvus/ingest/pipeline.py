@@ -2,9 +2,11 @@
 
 Batched (bounded memory: at most two batches of features at a time, since the next batch is
 loaded by ``read_ahead`` threads while the networks run on this one),
-resumable (a re-run skips ids already indexed: a row exists only after its object was
-written and verified), idempotent (re-ingesting an id is an upsert). A failing video is
-reported and skipped; the rest of its batch goes on.
+resumable (a re-run skips ids already indexed whose object is there and verifies, so it also
+re-indexes rows whose object was lost or damaged since), idempotent (re-ingesting an id is an
+upsert). A failing video is reported and skipped; the rest of its batch goes on: each video's
+features, network outputs and metadata are checked before anything of the batch is written,
+so a refused video leaves no object behind.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class IngestReport:
     added: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    #: Already indexed ids whose object was missing or did not verify, and why: indexed again.
+    damaged: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -40,6 +44,7 @@ class IngestReport:
             "added": len(self.added),
             "skipped": len(self.skipped),
             "failed": self.failed,
+            "damaged": self.damaged,
             "seconds": round(self.seconds, 3),
             "videos_per_second": round(self.videos_per_second, 2),
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
@@ -50,6 +55,8 @@ class IngestReport:
             f"ingested {len(self.added)} videos, skipped {len(self.skipped)} already indexed, "
             f"{len(self.failed)} failed, in {self.seconds:.1f} s ({self.videos_per_second:.1f} videos/s)"
         ]
+        if self.damaged:
+            lines.append(f"re-indexed {len(self.damaged)} videos whose stored object was missing or damaged")
         for vid, reason in list(self.failed.items())[:50]:
             lines.append(f"  FAILED {vid}: {reason}")
         if len(self.failed) > 50:
@@ -84,9 +91,7 @@ def ingest(
         loading: list[tuple[SourceItem, Future]] | None = None
         for batch in _batches(_valid_items(items, seen, report), batch_size):
             if skip_existing:
-                existing = set(index.collection.get([it.video_id for it in batch]))
-                report.skipped.extend(it.video_id for it in batch if it.video_id in existing)
-                batch = [it for it in batch if it.video_id not in existing]
+                batch = _unindexed(index, batch, report)
             submitted = [(it, pool.submit(it.load)) for it in batch]
             if loading is not None:
                 _index_loaded(index, loading, report, stages, bar)
@@ -111,6 +116,16 @@ def _valid_items(items: Iterable[SourceItem], seen: set[str], report: IngestRepo
             continue
         seen.add(item.video_id)
         yield item
+
+
+def _unindexed(index: DnSIndex, batch: list[SourceItem], report: IngestReport) -> list[SourceItem]:
+    """The items of ``batch`` to index: those without a row, and those whose row's object is
+    missing or does not verify (a row alone does not make a video searchable)."""
+    rows = index.collection.get([it.video_id for it in batch])
+    damaged = index.verify_objects({vid: (row.fine_key, row.n_frames) for vid, row in rows.items()})
+    report.damaged.update(damaged)
+    report.skipped.extend(vid for vid in rows if vid not in damaged)
+    return [it for it in batch if it.video_id not in rows or it.video_id in damaged]
 
 
 def _batches(items: Iterator[SourceItem], size: int) -> Iterator[list[SourceItem]]:
@@ -156,35 +171,43 @@ def _collect(
 def _index_batch(
     index: DnSIndex, loaded: list[tuple[SourceItem, Any]], report: IngestReport, stages: dict[str, float]
 ) -> None:
-    if not loaded:
-        return
     t0 = time.perf_counter()
+    checked = []
+    for item, features in loaded:  # one bad video must not fail the batch's networks
+        try:
+            checked.append((item, index.models.check_features(features)))
+        except InvalidInputError as exc:
+            report.failed[item.video_id] = str(exc)
+    if not checked:
+        return
     try:
-        records = index.models.index_features([features for _, features in loaded])
+        records = index.models.index_features([features for _, features in checked])
     except InvalidInputError:
-        # One bad tensor fails the whole padded batch: index one at a time to isolate it.
+        # Videos of different region counts (a model set that accepts any): one at a time.
         records = []
         kept = []
-        for item, features in loaded:
+        for item, features in checked:
             try:
                 records.append(index.models.index_features([features])[0])
                 kept.append((item, features))
             except InvalidInputError as exc:
                 report.failed[item.video_id] = str(exc)
-        loaded = kept
+        checked = kept
     stages["networks"] += time.perf_counter() - t0
-    for (item, _), rec in zip(loaded, records):
+    for (item, _), rec in zip(checked, records):
         rec.video_id = item.video_id
-    if not records:
+    prepared, refused = index.prepare_writes(records, [item.metadata for item, _ in checked])
+    report.failed.update(refused)
+    if not prepared:
         return
     try:
-        timings = index.write_records(records, [item.metadata for item, _ in loaded])
+        timings = index.write_prepared(prepared)
     except BackendUnavailableError:
         raise  # a server that is down fails every video: stop with the cause
     except DnSError as exc:
-        for item, _ in loaded:
-            report.failed[item.video_id] = f"write failed: {exc}"
+        for write in prepared:
+            report.failed[write.row.video_id] = f"write failed: {exc}"
         return
     stages["store"] += timings["store_ms"] / 1000.0
     stages["milvus"] += timings["milvus_ms"] / 1000.0
-    report.added.extend(item.video_id for item, _ in loaded)
+    report.added.extend(write.row.video_id for write in prepared)

@@ -235,6 +235,11 @@ class VideoCollection:
             self._unflushed = True
         return len(entities)
 
+    def check_row(self, row: VideoRow) -> None:
+        """Raise ``InvalidInputError`` naming the video if ``upsert`` would refuse ``row``, so that a
+        writer can refuse a video before it writes anything else for it (its object)."""
+        row_to_entity(row, self.dim, self.model_set, now_ms())
+
     def delete(self, video_ids: Iterable[str]) -> None:
         """Delete the rows of ``video_ids`` (ids without a row are ignored)."""
         ids = _unique_ids(video_ids)

@@ -91,6 +91,7 @@ class SeaweedFSServer:
         endpoint_url: str,
         access_key: str,
         secret_key: str,
+        read_only_credentials: tuple[str, str] | None = None,
     ) -> None:
         #: The command line the server runs with (holds no credentials: those are in s3.json).
         self.command = command
@@ -99,6 +100,8 @@ class SeaweedFSServer:
         self.endpoint_url = endpoint_url
         self.access_key = access_key
         self.secret_key = secret_key
+        #: (access key, secret key) of a second identity that may read and list but not write or delete.
+        self.read_only_credentials = read_only_credentials
         self.workdir = workdir
         self._process = process
 
@@ -116,6 +119,13 @@ class SeaweedFSServer:
             **options,
         }
         return S3Store(bucket, **settings)
+
+    def open_read_only_store(self, bucket: str, **options: Any) -> S3Store:
+        """``open_store`` with the identity that may only read and list (writes are refused)."""
+        if self.read_only_credentials is None:
+            raise BackendUnavailableError(f"{self!r} was started without a read-only identity")
+        access_key, secret_key = self.read_only_credentials
+        return self.open_store(bucket, access_key=access_key, secret_key=secret_key, **options)
 
     def make_bucket(self, prefix: str = "dns") -> str:
         """Create a bucket with a fresh unique name and return the name."""
@@ -190,12 +200,20 @@ def _start_once(binary: Path, startup_timeout: float) -> SeaweedFSServer:
     access_key = "dns" + secrets.token_hex(8)
     secret_key = secrets.token_urlsafe(24)
     s3_config = workdir / "s3.json"
-    identity = {
-        "name": "dns-milvus",
-        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "Write", "List"],
-    }
-    s3_config.write_text(json.dumps({"identities": [identity]}))
+    reader = ("dnsro" + secrets.token_hex(8), secrets.token_urlsafe(24))
+    identities = [
+        {
+            "name": "dns-milvus",
+            "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+            "actions": ["Admin", "Read", "Write", "List"],
+        },
+        {
+            "name": "dns-milvus-reader",
+            "credentials": [{"accessKey": reader[0], "secretKey": reader[1]}],
+            "actions": ["Read", "List"],
+        },
+    ]
+    s3_config.write_text(json.dumps({"identities": identities}))
     s3_config.chmod(0o600)
 
     ports = _free_ports(len(_PORT_FLAGS))
@@ -212,7 +230,9 @@ def _start_once(binary: Path, startup_timeout: float) -> SeaweedFSServer:
             cwd=workdir,
             start_new_session=True,  # its own process group, so stop() reaches every child
         )
-    server = SeaweedFSServer(process, command, port_map, workdir, endpoint_url, access_key, secret_key)
+    server = SeaweedFSServer(
+        process, command, port_map, workdir, endpoint_url, access_key, secret_key, reader
+    )
     atexit.register(server.stop)  # a crashed caller must not leave the server running
     try:
         _wait_until_ready(server, process, log_path, startup_timeout)
