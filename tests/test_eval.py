@@ -193,8 +193,9 @@ def test_fivr_reader_tasks_and_hand_computed_map() -> None:
     assert results["DSVR"].value == approx(F(19, 36))
     # CSVR q1: (1 + 2/3 + 3/4)/4; q3: a@2 -> 1/2.
     assert results["CSVR"].value == approx((F(29, 48) + F(1, 2) + F(1, 2)) / 3)
-    # ISVR q1: (1 + 2/3 + 3/4 + 4/5)/5; q2 lists itself under IS, which is dropped: 1/2.
-    assert results["ISVR"].value == approx((F(193, 300) + F(1, 2) + F(1, 2)) / 3)
+    # ISVR q1: (1 + 2/3 + 3/4 + 4/5)/5; q2 lists itself under IS: it stays relevant (never ranked, a
+    # certain miss, as in the DnS release), so b@2 of 2 relevant -> 1/4.
+    assert results["ISVR"].value == approx((F(193, 300) + F(1, 4) + F(1, 2)) / 3)
 
 
 def test_fivr_subset_queries_and_available_restriction() -> None:

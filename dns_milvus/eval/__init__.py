@@ -34,6 +34,7 @@ from dns_milvus.eval.metrics import (
     micro_average_precision,
     micro_average_precision_from_pairs,
     rank_by_score,
+    tie_block_average_precision,
     trapezoidal_average_precision,
 )
 from dns_milvus.eval.tradeoff import PairScores, dns_tradeoff, milvus_protocol, write_table
@@ -68,6 +69,7 @@ __all__ = [
     "read_fivr_pickle",
     "read_svd",
     "read_vcdb",
+    "tie_block_average_precision",
     "trapezoidal_average_precision",
     "write_table",
 ]

@@ -8,12 +8,14 @@ videos, the AP measure). :meth:`EvalDataset.evaluate` scores ``{query: {video: s
 Formats read (each as published with its dataset):
 
 - **FIVR-200K** (``read_fivr``): ``annotation.json`` ``{query: {"ND": [...], "DS": [...], "CS": [...],
-  "IS": [...]}}`` (other keys, e.g. the audio "DA" entry, are ignored) and the database id list
+  "IS": [...], "DA": [...]}}`` (other keys are ignored) and the database id list
   ``youtube_ids.txt`` (one id a line). Queries: the annotation's keys. Tasks DSVR = ND+DS,
-  CSVR = ND+DS+CS, ISVR = ND+DS+CS+IS. **FIVR-5K** is the same annotation with a 50-query list
-  and a 5,000-video database list (``queries_path``). The query is dropped from its own ranking
-  and from its relevant set (the DnS release drops it from the ranking only, so a query listed in
-  its own ground truth - one FIVR query is, under IS - counts there as a certain miss).
+  CSVR = ND+DS+CS, ISVR = ND+DS+CS+IS, and the audio task DAVR = DA (duplicate audio) when the
+  annotation has DA videos in the database. **FIVR-5K** is the same annotation with a 50-query
+  list and a 5,000-video database list (``queries_path``). The query is dropped from its own
+  ranking but, as in the DnS release, not from its relevant set: a query listed in its own
+  ground truth (FIVR-200K's eCrhXArKE24 is, under IS) counts there as a certain miss.
+  ``drop_self_relevant=True`` drops it from the relevant set as well.
 - **CC_WEB_VIDEO** (``read_cc_web_video``): ``Video_List.txt`` (tab-separated, no header; fields
   serial ID, query/topic ID, source, video file name, ...), ``Seed.txt`` (query/topic ID and the
   seed's serial ID a line) and ``GT/GT_<topic>.rst`` (serial ID and label a line; labels E, S, V,
@@ -21,11 +23,13 @@ Formats read (each as published with its dataset):
   key the DnS release uses. Protocols: ``cc_web`` ranks only the videos labelled for the query's
   topic, ``cc_web*`` the whole dataset; ``c_cc_web``/``c_cc_web*`` also drop the videos of the
   cleaned annotation (``excluded_path``: JSON ``{query: [video ids]}``). As in the DnS release,
-  the seed query stays in its own ranking (it is labelled E).
+  the seed query stays in its own ranking (it is labelled E). As in the release, every positive of
+  the ground truth counts in ``n``, also the videos without features (``available``) and the
+  release pickle's labelled videos its index lacks (``serial:<ID>`` placeholders): they are misses.
 - **SVD** (``read_svd``): ``test_groundtruth`` (``query candidate label`` a line, label 1 relevant,
   0 not) and optionally ``unlabeled-data-id`` (one id a line, all irrelevant). A query ranks its
-  labelled candidates plus the unlabelled videos, as in the DnS release (whose AP, scikit-learn's,
-  equals eq. 13 except that it scores tied similarities as one block).
+  labelled candidates plus the unlabelled videos, and AP is scikit-learn's (tied similarities form
+  one block; a candidate without a score ranks below every scored one), both as in the DnS release.
 - **EVVE** (``read_evve``): the ``annots/<event>.dat`` files (``video gt split`` a line; split
   ``query`` or ``database``; gt > 0 positive, 0 null, < 0 negative). Null videos are ignored (dropped
   from ranking and count) and AP is EVVE's trapezoidal measure, both as in EVVE's own evaluation.
@@ -54,7 +58,14 @@ import numpy as np
 
 from dns_milvus.errors import InvalidInputError
 from dns_milvus.eval.errors import DatasetFormatError
-from dns_milvus.eval.metrics import MeanAP, Measure, ap_from_hit_ranks, hit_ranks_from_order, score_order
+from dns_milvus.eval.metrics import (
+    MeanAP,
+    Measure,
+    ap_from_hit_ranks,
+    hit_ranks_from_order,
+    score_order,
+    tie_block_average_precision,
+)
 from dns_milvus.ids import validate_video_id
 
 PathLike = str | os.PathLike[str]
@@ -63,8 +74,12 @@ FIVR_TASKS: dict[str, tuple[str, ...]] = {
     "DSVR": ("ND", "DS"),
     "CSVR": ("ND", "DS", "CS"),
     "ISVR": ("ND", "DS", "CS", "IS"),
+    "DAVR": ("DA",),  # duplicate audio: the audio task, where the annotation has it
 }
+#: The visual labels (near-duplicate, duplicate scene, complementary scene, incident scene).
 FIVR_LABELS = ("ND", "DS", "CS", "IS")
+#: The audio label (duplicate audio) of the DAVR task.
+FIVR_AUDIO_LABELS = ("DA",)
 CC_WEB_POSITIVE_LABELS = frozenset("ESVML")
 CC_WEB_LABELS = frozenset({"E", "S", "V", "M", "L", "X", "-1"})
 #: Placeholder id of a video the release's CC_WEB_VIDEO ground truth names but its index lacks.
@@ -133,12 +148,25 @@ class DenseGroundTruth:
     measure: Measure
     missing: tuple[str, ...] = ()
 
-    def average_precision(self, row: int, order: np.ndarray) -> float | None:
-        """AP of query ``row`` given its column order (:func:`score_order`); None when undefined."""
-        if self.n_relevant[row] == 0:
+    def average_precision(
+        self, row: int, order: np.ndarray, scores: np.ndarray | None = None
+    ) -> float | None:
+        """AP of query ``row`` given its column order (:func:`score_order`); None when undefined.
+
+        The ``ap_ties`` measure also wants the score row (ties form blocks); given only the order,
+        scored columns count as strictly ordered and unscored valid columns as one last block.
+        """
+        n = int(self.n_relevant[row])
+        if n == 0:
             return None
+        if self.measure == "ap_ties":
+            if scores is None:  # strictly decreasing along ``order``, NaN elsewhere
+                scores = np.full(self.valid.shape[1], np.nan)
+                scores[order] = -np.arange(len(order), dtype=np.float64)
+            ranked = np.flatnonzero(self.valid[row])
+            return tie_block_average_precision(scores[ranked], self.relevant[row][ranked], n)
         ranks = hit_ranks_from_order(order, self.relevant[row], self.valid[row])
-        return ap_from_hit_ranks(ranks, int(self.n_relevant[row]), self.measure)
+        return ap_from_hit_ranks(ranks, n, self.measure)
 
     def mean_average_precision(self, scores: np.ndarray) -> MeanAP:
         """mAP of a score matrix [Q, N] (NaN = not scored) whose rows follow ``queries``."""
@@ -148,7 +176,7 @@ class DenseGroundTruth:
         per_query: dict[str, float] = {}
         skipped = []
         for row, query in enumerate(self.queries):
-            ap = self.average_precision(row, score_order(scores[row]))
+            ap = self.average_precision(row, score_order(scores[row]), scores[row])
             if ap is None:
                 skipped.append(query)
             else:
@@ -164,9 +192,15 @@ class EvalDataset:
     queries: tuple[str, ...]
     database: tuple[str, ...]
     tasks: Mapping[str, Task]
-    #: Drop the query from its own ranking (and from its relevant set).
+    #: Drop the query from its own ranking (and from its relevant set, unless ``query_stays_relevant``).
     exclude_query: bool = True
     measure: Measure = "ap"
+    #: A query listed in its own ground truth stays in its relevant count though it cannot be
+    #: ranked: a certain miss (the FIVR release evaluation).
+    query_stays_relevant: bool = False
+    #: Relevant videos outside ``available`` (no features) stay in the relevant count as misses (the
+    #: CC_WEB_VIDEO release evaluation); otherwise they leave the ground truth (FIVR, SVD, EVVE).
+    unavailable_relevant_are_misses: bool = False
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -212,27 +246,30 @@ class EvalDataset:
         """The task's ground truth on ``columns`` for the listed queries (rows in that order).
 
         ``available`` restricts the database further (e.g. to the videos whose features exist, as
-        the DnS release does); otherwise relevant videos without a score are misses.
+        the DnS release does): only those are ranked, and relevant videos outside it leave the
+        ground truth, except where ``unavailable_relevant_are_misses``. Without it, relevant videos
+        without a score are misses.
         """
         spec = self.task(task)
         universe = self._database_set if available is None else self._database_set & set(available)
+        counted_universe = self._database_set if self.unavailable_relevant_are_misses else universe
         in_universe = columns.mask(universe)
         shared = columns.mask(spec.shared_candidates & universe) if spec.candidates is not None else None
         valid = np.zeros((len(queries), len(columns)), dtype=bool)
         relevant = np.zeros_like(valid)
         n_relevant = np.zeros(len(queries), dtype=np.int64)
         for row, query in enumerate(queries):
-            dropped = set(spec.ignore.get(query, _EMPTY))
-            if self.exclude_query:
-                dropped.add(query)
+            ignored = spec.ignore.get(query, _EMPTY)
+            unranked = {*ignored, query} if self.exclude_query else set(ignored)
+            uncounted = unranked - {query} if self.query_stays_relevant else unranked
             if spec.candidates is None:
                 allowed_mask = in_universe.copy()
-                counted = {v for v in spec.relevant.get(query, _EMPTY) if v in universe and v not in dropped}
+                countable = counted_universe
             else:
-                allowed = (spec.candidates.get(query, _EMPTY) | spec.shared_candidates) & universe
                 allowed_mask = columns.mask(spec.candidates.get(query, _EMPTY) & universe) | shared
-                counted = {v for v in spec.relevant.get(query, _EMPTY) if v in allowed and v not in dropped}
-            allowed_mask[columns.mask(dropped)] = False
+                countable = (spec.candidates.get(query, _EMPTY) | spec.shared_candidates) & counted_universe
+            counted = {v for v in spec.relevant.get(query, _EMPTY) if v in countable and v not in uncounted}
+            allowed_mask[columns.mask(unranked)] = False
             valid[row] = allowed_mask
             relevant[row] = columns.mask(counted)
             n_relevant[row] = len(counted)
@@ -255,9 +292,10 @@ class EvalDataset:
         per_query: dict[str, dict[str, float]] = {name: {} for name in names}
         skipped: dict[str, list[str]] = {name: [] for name in names}
         for row, query in enumerate(evaluated):
-            order = score_order(columns.row(similarities[query]))
+            scores = columns.row(similarities[query])
+            order = score_order(scores)
             for name, truth in truths.items():
-                ap = truth.average_precision(row, order)
+                ap = truth.average_precision(row, order, scores)
                 if ap is None:
                     skipped[name].append(query)
                 else:
@@ -277,8 +315,13 @@ def read_fivr(
     *,
     queries_path: PathLike | None = None,
     name: str = "FIVR-200K",
+    drop_self_relevant: bool = False,
 ) -> EvalDataset:
-    """FIVR from its public files; ``queries_path`` (one id a line) selects a subset such as FIVR-5K's."""
+    """FIVR from its public files; ``queries_path`` (one id a line) selects a subset such as FIVR-5K's.
+
+    ``drop_self_relevant``: a query listed in its own ground truth leaves it (by default it stays,
+    a certain miss, as in the DnS release's evaluation).
+    """
     annotation_file = Path(annotation_path)
     annotation = _load_json(annotation_file)
     database = _read_id_list(Path(database_path))
@@ -286,11 +329,14 @@ def read_fivr(
         queries = sorted(annotation) if isinstance(annotation, dict) else []
     else:
         queries = _read_id_list(Path(queries_path))
-    return _fivr_dataset(name, annotation, queries, database, annotation_file)
+    return _fivr_dataset(name, annotation, queries, database, annotation_file, drop_self_relevant)
 
 
-def read_fivr_pickle(path: PathLike, version: str = "200k") -> EvalDataset:
-    """FIVR-200K or FIVR-5K from the DnS release's ``fivr.pickle`` (``annotation`` plus ``200k``/``5k``)."""
+def read_fivr_pickle(
+    path: PathLike, version: str = "200k", *, drop_self_relevant: bool = False
+) -> EvalDataset:
+    """FIVR-200K or FIVR-5K from the DnS release's ``fivr.pickle`` (``annotation`` plus ``200k``/``5k``);
+    ``drop_self_relevant`` as for :func:`read_fivr`."""
     path = Path(path)
     data = _load_safe_pickle(path)
     _expect(
@@ -305,20 +351,26 @@ def read_fivr_pickle(path: PathLike, version: str = "200k") -> EvalDataset:
     )
     queries = sorted(_ids(subset["queries"], path, f"{version} queries"))
     database = _ids(subset["database"], path, f"{version} database")
-    return _fivr_dataset(f"FIVR-{version.upper()}", data["annotation"], queries, database, path)
+    return _fivr_dataset(
+        f"FIVR-{version.upper()}", data["annotation"], queries, database, path, drop_self_relevant
+    )
 
 
 def _fivr_dataset(
-    name: str, annotation: Any, queries: Sequence[str], database: Sequence[str], source: Path
+    name: str,
+    annotation: Any,
+    queries: Sequence[str],
+    database: Sequence[str],
+    source: Path,
+    drop_self_relevant: bool,
 ) -> EvalDataset:
     _expect(isinstance(annotation, dict), source, "an object mapping each query id to its labels")
     labelled: dict[str, dict[str, frozenset[str]]] = {}
     for query, labels in annotation.items():
-        _expect(
-            isinstance(labels, dict), source, f"query {query!r} to map labels (ND, DS, CS, IS) to id lists"
-        )
+        names = ", ".join((*FIVR_LABELS, *FIVR_AUDIO_LABELS))
+        _expect(isinstance(labels, dict), source, f"query {query!r} to map labels ({names}) to id lists")
         per_label = {}
-        for label in FIVR_LABELS:
+        for label in (*FIVR_LABELS, *FIVR_AUDIO_LABELS):
             ids = labels.get(label, [])
             _expect(
                 isinstance(ids, list) and all(isinstance(v, str) for v in ids),
@@ -333,7 +385,12 @@ def _fivr_dataset(
         task: Task(task, {q: frozenset().union(*(labelled[q][lb] for lb in labels)) for q in queries})
         for task, labels in FIVR_TASKS.items()
     }
-    return EvalDataset(name, tuple(queries), tuple(database), tasks, exclude_query=True)
+    if not any(tasks["DAVR"].relevant[q] & set(database) for q in queries):
+        del tasks["DAVR"]  # an annotation without audio labels (or none in this database)
+    return EvalDataset(
+        name, tuple(queries), tuple(database), tasks,
+        exclude_query=True, query_stays_relevant=not drop_self_relevant,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------- CC_WEB_VIDEO
@@ -461,7 +518,10 @@ def _cc_web_dataset(
     if excluded is not None:
         tasks["c_cc_web"] = Task("c_cc_web", relevant, candidates=labelled, ignore=excluded)
         tasks["c_cc_web*"] = Task("c_cc_web*", relevant, ignore=excluded)
-    return EvalDataset("CC_WEB_VIDEO", tuple(queries), tuple(database), tasks, exclude_query=False)
+    return EvalDataset(
+        "CC_WEB_VIDEO", tuple(queries), tuple(database), tasks, exclude_query=False,
+        unavailable_relevant_are_misses=True,
+    )  # fmt: skip
 
 
 def _read_excluded(path: Path, queries: Sequence[str], database: set[str]) -> dict[str, frozenset[str]]:
@@ -506,7 +566,9 @@ def read_svd(groundtruth_path: PathLike, unlabeled_path: PathLike | None = None)
         candidates={q: frozenset(labelled[q]) for q in queries},
         shared_candidates=unlabeled,
     )
-    return EvalDataset("SVD", tuple(queries), tuple(database), {"mAP": task}, exclude_query=True)
+    return EvalDataset(
+        "SVD", tuple(queries), tuple(database), {"mAP": task}, exclude_query=True, measure="ap_ties"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- EVVE

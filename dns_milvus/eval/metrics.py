@@ -37,9 +37,11 @@ import numpy as np
 from dns_milvus.errors import InvalidInputError
 from dns_milvus.eval.errors import UndefinedMetricError
 
-#: ``ap``: eq. 13 (FIVR, CC_WEB_VIDEO, SVD, VCDB). ``trapezoid``: EVVE's official measure, the area of
-#: trapezoids between the precision just before and just after each relevant hit.
-Measure = Literal["ap", "trapezoid"]
+#: ``ap``: eq. 13 (FIVR, CC_WEB_VIDEO, VCDB). ``trapezoid``: EVVE's official measure, the area of
+#: trapezoids between the precision just before and just after each relevant hit. ``ap_ties``:
+#: scikit-learn's ``average_precision_score`` (the SVD release evaluation): equal scores form one
+#: block, see :func:`tie_block_average_precision`; it needs the scores, not only their order.
+Measure = Literal["ap", "trapezoid", "ap_ties"]
 
 #: The FIVR evaluation's interpolated PR curve: precision at recall 0, 0.05, ..., 1.
 FIVR_RECALL_LEVELS = 21
@@ -170,7 +172,46 @@ def ap_from_hit_ranks(ranks: np.ndarray, n_relevant: int, measure: Measure = "ap
         later = ranks > 1
         before[later] = (found[later] - 1) / (ranks[later] - 1)
         return float(((before + after) / 2).sum() / n_relevant)
-    raise InvalidInputError(f"unknown AP measure {measure!r}; expected 'ap' or 'trapezoid'")
+    if measure == "ap_ties":
+        raise InvalidInputError("the 'ap_ties' measure needs the scores: use tie_block_average_precision")
+    raise InvalidInputError(f"unknown AP measure {measure!r}; expected 'ap', 'trapezoid' or 'ap_ties'")
+
+
+def tie_block_average_precision(
+    scores: np.ndarray, relevant: np.ndarray, n_relevant: int | None = None
+) -> float:
+    """AP as scikit-learn's ``average_precision_score`` computes it (the SVD release evaluation).
+
+    ``scores`` float [M] and ``relevant`` bool [M] over every video the query ranks. Videos are
+    taken by score descending in blocks of equal score; each block adds its recall gain times the
+    precision at its end: ``AP = sum_k (R_k - R_{k-1}) * P_k``. Inside a block the order does not
+    matter, unlike eq. 13 with a tie rule. Videos without a finite score (not scored) form one
+    last block, below every scored video. ``n_relevant`` (default: the relevant videos given)
+    may be larger, for relevant videos that cannot be ranked at all: they are misses.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    relevant = np.asarray(relevant, dtype=bool)
+    if scores.ndim != 1 or relevant.shape != scores.shape:
+        raise InvalidInputError(
+            f"expected 1-D scores and relevant flags of equal length, got {scores.shape} and {relevant.shape}"
+        )
+    n = int(relevant.sum()) if n_relevant is None else int(n_relevant)
+    if n <= 0:
+        raise UndefinedMetricError(
+            "average precision is undefined for a query with no relevant video in the database"
+        )
+    if n < relevant.sum():
+        raise InvalidInputError(f"{int(relevant.sum())} relevant videos given but n_relevant={n}")
+    if len(scores) == 0:
+        return 0.0
+    scores = np.where(np.isfinite(scores), scores, -np.inf)
+    order = np.argsort(-scores, kind="stable")
+    ordered = scores[order]
+    block_ends = np.flatnonzero(np.r_[ordered[1:] != ordered[:-1], True])
+    true_positives = np.cumsum(relevant[order])[block_ends]
+    precision = true_positives / (block_ends + 1)
+    gained = np.diff(true_positives, prepend=0)
+    return float((gained * precision).sum() / n)
 
 
 def average_precision(
