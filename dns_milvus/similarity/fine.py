@@ -118,12 +118,12 @@ def _score_targets(
     clock = _StageClock(device if timings is not None else None)
     done = 0
     for start, stop in _groups(sorted_lengths, floats_per_frame, GROUP_ELEMENTS):
-        _check_deadline(deadline, done, len(order))
+        _check_deadline(deadline, done, len(order), device)
         f2f = frame_matrices(order[start:stop], sorted_lengths[stop - 1])
         stage_seconds["frame_matrices"] += clock.lap()
         first = start
         while first < stop:
-            _check_deadline(deadline, done, len(order))
+            _check_deadline(deadline, done, len(order), device)
             last = _batch_end(sorted_lengths, first, min(first + batch_size, stop), query_length, max_cells)
             longest = sorted_lengths[last - 1]
             ql = torch.full((last - first,), query_length, dtype=torch.long, device=device)
@@ -151,8 +151,12 @@ def _batch_end(sorted_lengths: list[int], first: int, limit: int, query_length: 
     return last
 
 
-def _check_deadline(deadline: float | None, done: int, total: int) -> None:
-    if deadline is not None and time.monotonic() > deadline:
+def _check_deadline(deadline: float | None, done: int, total: int, device: torch.device) -> None:
+    if deadline is None:
+        return
+    if device.type == "cuda":  # launches are asynchronous: wait for the work queued so far
+        torch.cuda.synchronize(device)
+    if time.monotonic() > deadline:
         raise DeadlineExceededError(
             f"deadline exceeded during fine-grained scoring ({done} of {total} targets scored); "
             "the rest was dropped"
