@@ -16,7 +16,7 @@ import torch
 
 from dns_milvus.config import DEFAULT_MODEL_SET
 from dns_milvus.engine import DnSIndex, ModelSet
-from dns_milvus.errors import DnSError
+from dns_milvus.errors import DnSError, InvalidInputError
 from dns_milvus.eval import EvalDataset, H5Features, read_fivr
 from dns_milvus.eval.baselines import (
     mean_vector_scores,
@@ -622,3 +622,33 @@ def test_copy_benchmark_run_reports_policies_baselines_teacher_and_edits(
     with H5Features(out / "features.hdf5") as features:
         copy = features["street_s01_copy1"]
     np.testing.assert_allclose(copy, models.extract_video(bench.video_path("street_s01_copy1")), atol=1e-5)
+
+
+def test_copy_benchmark_shares_unwhitened_features_between_model_sets(
+    tiny_bench: CopyBench, model_set_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models_dir = tmp_path / "models"
+    shutil.copytree(model_set_dir, models_dir)
+    shutil.copy(DEFAULT_MODEL_SET / "pca.pth", models_dir / "pca.pth")
+    manifest = json.loads((models_dir / "manifest.json").read_text())
+    manifest.update(backbone="efficientnet-lite0", pca="pca.pth", extractor_options={"image_size": 64})
+    (models_dir / "manifest.json").write_text(json.dumps(manifest))
+    models = ModelSet.load(models_dir, device="cpu")
+    raw = tmp_path / "raw.hdf5"
+    vid = tiny_bench.video_ids[0]
+    direct = models.extract_video(tiny_bench.video_path(vid))
+    first = run_copy_benchmark(tiny_bench.root, models, tmp_path / "a", raw_features=raw, progress=False)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the backbone ran again")
+
+    monkeypatch.setattr(models.extractor, "extract_video", no_decoding)
+    second = run_copy_benchmark(tiny_bench.root, models, tmp_path / "b", raw_features=raw, progress=False)
+    assert not first["extraction"]["reused"] and not second["extraction"]["reused"]
+    with H5Features(tmp_path / "b" / "features.hdf5") as features:
+        np.testing.assert_allclose(features[vid], direct, atol=2e-3)
+    other = tmp_path / "other.hdf5"
+    with h5py.File(other, "w") as f:
+        f.attrs["identity"] = "another backbone"
+    with pytest.raises(InvalidInputError, match="another backbone"):
+        run_copy_benchmark(tiny_bench.root, models, tmp_path / "c", raw_features=other, progress=False)

@@ -20,7 +20,7 @@ from dns_milvus.features import (
     region_pool,
 )
 from dns_milvus.features.region_pooling import region_kernel
-from dns_milvus.video import read_frames
+from dns_milvus.video import read_frames, write_video
 
 # -- ResNet-50 --------------------------------------------------------------------------------------
 
@@ -369,6 +369,12 @@ def test_extractor_applies_pca_from_a_file(
     features = extractor(clips["carphone_pristine"])
     assert features.shape == (5, 9, 32)
     torch.testing.assert_close(features, lite0_pca(clip_features["carphone_pristine"]), rtol=0, atol=1e-5)
+    # unwhitened vectors (a cache shared by model sets with the same backbone) whiten to the same features
+    video = tmp_path / "clip.mp4"
+    write_video(clips["carphone_pristine"], video, fps=1.0)
+    raw = extractor.extract_video(video, fps=1.0, whiten=False)
+    assert raw.shape == (5, 9, 1456)
+    torch.testing.assert_close(extractor.pca(raw), extractor.extract_video(video, fps=1.0), rtol=0, atol=1e-6)
     with pytest.raises(InvalidInputError, match="expects 3840-d vectors but backbone"):
         FeatureExtractor(
             "efficientnet-lite0", pca=PCAWhitening(torch.zeros(3840), torch.ones(4), torch.eye(3840, 4))

@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--teacher", help="teacher checkpoint to report too (default: the model set manifest's 'teacher')"
     )
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--raw-features",
+        help="HDF5 cache of the backbone's features before PCA-whitening, shared by model sets with the "
+        "same backbone (each set whitens them with its own PCA)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_copybench_run, command="copybench run")
     return parser
@@ -198,7 +203,9 @@ def cmd_copybench_run(args: argparse.Namespace) -> int:
     models = _load_models(args)
     teacher = args.teacher or manifest_teacher(args.models or DEFAULT_MODEL_SET)
     started = time.perf_counter()
-    summary = run_copy_benchmark(args.bench, models, args.out, teacher=teacher, progress=not args.json)
+    summary = run_copy_benchmark(
+        args.bench, models, args.out, teacher=teacher, raw_features=args.raw_features, progress=not args.json
+    )
     summary["seconds"] = time.perf_counter() - started
 
     def text() -> str:

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from dns_milvus.engine.modelset import ModelSet
 from dns_milvus.errors import InvalidInputError
@@ -850,9 +851,13 @@ def run_copy_benchmark(
     *,
     percentages: Sequence[float] = DEFAULT_PERCENTAGES,
     teacher: str | os.PathLike[str] | None = None,
+    raw_features: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Extract features of every benchmark video with the model set, score, write the evaluation.
+
+    ``raw_features``: an HDF5 cache of the backbone's vectors before PCA-whitening, filled on first
+    use and shared by every model set with the same backbone (each whitens them with its own PCA).
 
     Features are cached in ``out_dir/features.hdf5`` (reused when made by the same networks for the
     same benchmark). Writes what :func:`dns_milvus.eval.run.write_evaluation` writes (plots of the
@@ -871,7 +876,8 @@ def run_copy_benchmark(
     teacher_net = load_checkpoint(teacher, expected="teacher").to(models.device) if teacher else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    features_path, extraction = _extract_features(bench, models, out / "features.hdf5", progress)
+    raw = Path(raw_features) if raw_features is not None else None
+    features_path, extraction = _extract_features(bench, models, out / "features.hdf5", progress, raw)
     with H5Features(features_path, regions=None, dim=models.feature_dim) as features:
         scores, cost = score_dataset(models, features, bench.dataset, progress=progress)
         # Every FIVR task is evaluated; copy detection (DSVR, and ND alone) is plotted.
@@ -1058,13 +1064,43 @@ def copy_report_markdown(report: Mapping[str, Any]) -> str:
     )
 
 
+def _raw_extractor(bench: CopyBench, models: ModelSet, cache: Path) -> Any:
+    """``video id -> features`` that whitens the backbone vectors cached in ``cache`` (filled as needed)."""
+    import h5py
+
+    extractor = models.extractor
+    assert extractor is not None
+    backbone = type(extractor.backbone).__name__
+    identity = json.dumps(
+        {"backbone": backbone, "dim": extractor.backbone.output_dim, "image_size": extractor.image_size,
+         "fps": float(models.fps), "bench_sha256": bench.digest()}, sort_keys=True,
+    )  # fmt: skip
+    if cache.is_file():
+        with h5py.File(cache, "r") as f:
+            if f.attrs.get("identity") != identity:
+                raise InvalidInputError(f"{cache} caches features of another backbone or benchmark")
+
+    def extract(vid: str) -> torch.Tensor:
+        with h5py.File(cache, "a") as f:
+            f.attrs["identity"] = identity
+            if vid not in f:  # float16: these vectors are L2-normalised, the rounding is far below 1e-3
+                raw = extractor.extract_video(bench.video_path(vid), fps=models.fps, whiten=False)
+                f.create_dataset(vid, data=raw.numpy().astype(np.float16))
+            raw = torch.from_numpy(f[vid][()].astype(np.float32))
+        with torch.inference_mode():
+            return extractor.pca(raw) if extractor.pca is not None else raw
+
+    return extract
+
+
 def _extract_features(
-    bench: CopyBench, models: ModelSet, path: Path, progress: bool
+    bench: CopyBench, models: ModelSet, path: Path, progress: bool, raw_cache: Path | None = None
 ) -> tuple[Path, dict[str, Any]]:
     """Region features of every video in ``path`` (DnS layout), reused when already made alike."""
     import h5py
     from tqdm.auto import tqdm
 
+    extract = _raw_extractor(bench, models, raw_cache) if raw_cache is not None else models.extract_video
     identity = {"model_tag": models.tag, "fps": float(models.fps), "bench_sha256": bench.digest()}
     if path.is_file():
         with h5py.File(path, "r") as f:
@@ -1078,7 +1114,7 @@ def _extract_features(
     with h5py.File(tmp, "w") as f:
         for vid in tqdm(bench.video_ids, desc="features", unit="video", disable=not progress, leave=False):
             started = time.perf_counter()
-            x = models.extract_video(bench.video_path(vid))
+            x = extract(vid) if raw_cache is not None else extract(bench.video_path(vid))
             seconds += time.perf_counter() - started
             frames += int(x.shape[0])
             f.create_dataset(vid, data=np.asarray(x, dtype=np.float32))

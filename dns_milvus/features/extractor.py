@@ -126,10 +126,11 @@ class FeatureExtractor(nn.Module):
 
     # -- extraction ----------------------------------------------------------------------------------
 
-    def region_vectors(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised input ``[N, 3, S, S]`` -> region vectors ``[N, R, D]`` (on the extractor's device)."""
+    def region_vectors(self, x: torch.Tensor, *, whiten: bool = True) -> torch.Tensor:
+        """Normalised input ``[N, 3, S, S]`` -> region vectors ``[N, R, D]`` (on the extractor's device);
+        ``whiten=False`` keeps the backbone's L2-normalised vectors (before PCA-whitening)."""
         regions = self.pooling(self.backbone(x))
-        return self.pca(regions) if self.pca is not None else regions
+        return self.pca(regions) if self.pca is not None and whiten else regions
 
     def forward(self, frames: np.ndarray) -> torch.Tensor:
         """RGB frames ``uint8 [T, H, W, 3]`` -> region features ``float32 [T, R, D]`` on the CPU."""
@@ -139,13 +140,15 @@ class FeatureExtractor(nn.Module):
         )
 
     def extract_video(
-        self, path: VideoSource, fps: float = 1.0, max_frames: int | None = None
+        self, path: VideoSource, fps: float = 1.0, max_frames: int | None = None, *, whiten: bool = True
     ) -> torch.Tensor:
         """Decode a video at ``fps`` (streaming, ``chunk_size`` frames in memory) and extract ``[T, R, D]``.
 
-        Gives the same features as ``self(read_frames(path, fps, max_frames))``.
+        Gives the same features as ``self(read_frames(path, fps, max_frames))``. ``whiten=False``
+        returns the vectors before PCA-whitening (``self.pca`` applied to them gives the same result).
         """
-        return self._extract_chunks(self._chunked(iter_frames(path, fps=fps, max_frames=max_frames)))
+        chunks = self._chunked(iter_frames(path, fps=fps, max_frames=max_frames))
+        return self._extract_chunks(chunks, whiten=whiten)
 
     def _chunked(self, frames: Iterable[np.ndarray]) -> Iterable[np.ndarray]:
         buffer: list[np.ndarray] = []
@@ -157,11 +160,11 @@ class FeatureExtractor(nn.Module):
         if buffer:
             yield np.stack(buffer)
 
-    def _extract_chunks(self, chunks: Iterable[np.ndarray]) -> torch.Tensor:
+    def _extract_chunks(self, chunks: Iterable[np.ndarray], *, whiten: bool = True) -> torch.Tensor:
         outputs = []
         with torch.inference_mode():
             for chunk in chunks:
-                outputs.append(self.region_vectors(self.preprocess(chunk)).float().cpu())
+                outputs.append(self.region_vectors(self.preprocess(chunk), whiten=whiten).float().cpu())
         if not outputs:
             raise InvalidInputError("no frames to extract features from")
         return torch.cat(outputs)
