@@ -5,7 +5,7 @@ Videos are indexed for real (release-size networks, Milvus Lite + a local object
 - object bytes are measured from the store's files (``os.stat``: logical size and the blocks the
   file system allocated), and compared with the limit of the packed codes alone, ``T * 9 * 512 / 8``
   bytes (target: object <= limit + 1%), for T drawn from 30-120 and for every T in 1..10, where
-  the fixed 32-byte header weighs most;
+  the fixed 48-byte header weighs most;
 - Milvus row bytes are estimated from the schema (1024 x 4 B vector, scalars, strings at their
   UTF-8 length, JSON metadata as serialised, plus Milvus's two 8-byte system fields) and checked
   against what Milvus Lite wrote to disk (its data files and index files, per row);

