@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 
 import numpy as np
@@ -284,6 +285,21 @@ def test_repair_refuses_to_delete_most_of_the_store(dns_index: DnSIndex) -> None
         dns_index.repair(fix=True, grace_period_s=0)
     assert "nothing was deleted" in str(info.value)
     assert sum(dns_index.store.exists(keys[f"v{i:02d}"]) for i in range(3, 10)) == 7
+
+
+def test_opening_a_lost_collection_whose_objects_remain_warns(
+    dns_index: DnSIndex, caplog: pytest.LogCaptureFixture
+) -> None:
+    _fill(dns_index, n=2)
+    dns_index.collection.drop()  # as a database that lost the collection
+    with caplog.at_level(logging.WARNING, logger="dns_milvus.engine.index"):
+        reopened = DnSIndex(
+            dns_index.uri, models=dns_index.models, store=dns_index.store, collection=dns_index.name
+        )
+    assert reopened.count() == 0
+    reopened.client.close()  # not reopened.close(): the store is the fixture's
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "dns_milvus.engine.index"]
+    assert "was created empty" in warning and "repair" in warning
 
 
 def test_repair_keeps_one_orphan_among_many_rows_deletable(dns_index: DnSIndex) -> None:
