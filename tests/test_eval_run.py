@@ -652,3 +652,20 @@ def test_copy_benchmark_shares_unwhitened_features_between_model_sets(
         f.attrs["identity"] = "another backbone"
     with pytest.raises(InvalidInputError, match="another backbone"):
         run_copy_benchmark(tiny_bench.root, models, tmp_path / "c", raw_features=other, progress=False)
+
+
+def test_compare_plots_runs_side_by_side_and_refuses_bad_inputs(tmp_path: Path) -> None:
+    for name, base in (("a", 0.5), ("b", 0.7)):
+        rows = [
+            {"method": m, "percentage": p, "task": t, "mAP": base + p / 1e3, "queries": 1}
+            for m in ("selector", "random") for p in (0, 50, 100) for t in ("ND", "DSVR")
+        ]  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tradeoff.json").write_text(json.dumps(rows))
+    out = tmp_path / "plots"
+    assert eval_main(["compare", f"old={tmp_path / 'a'}", f"new={tmp_path / 'b'}", "--out", str(out)]) == 0
+    for task in ("ND", "DSVR"):
+        assert (out / f"compare_{task}.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert eval_main(["compare", str(tmp_path / "a"), "--out", str(out)]) == 2  # no label
+    assert eval_main(["compare", f"x={tmp_path / 'missing'}", "--out", str(out)]) == 2
+    assert eval_main(["compare", f"x={tmp_path / 'a'}", "--method", "oracle", "--out", str(out)]) == 2

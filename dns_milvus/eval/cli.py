@@ -3,6 +3,7 @@
 dns-milvus eval tradeoff --dataset NAME <dataset files> --features F.hdf5 [--models DIR] --out DIR
 dns-milvus eval copybench build --out DIR [--footage-dir DIR] [--seed N] [--tiny] [--sources NAME ...]
 dns-milvus eval copybench run --bench DIR [--models DIR] [--teacher CKPT] --out DIR
+dns-milvus eval compare LABEL=RESULTS_DIR ... --out DIR [--method selector]
 
 Errors the user can fix are printed as one line (exit code 2), without a traceback.
 """
@@ -115,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_copybench_run, command="copybench run")
+
+    p = sub.add_parser("compare", help="plot the trade-off curves of several result directories together")
+    p.add_argument("runs", nargs="+", help="LABEL=DIR: a directory written by 'tradeoff' or 'copybench run'")
+    p.add_argument("--method", default="selector", help="the selection method to compare (default: selector)")
+    p.add_argument("--out", required=True, help="output directory for one PNG a task")
+    p.set_defaults(func=cmd_compare, command="compare")
     return parser
 
 
@@ -124,6 +131,31 @@ def _models_option(parser: argparse.ArgumentParser) -> None:
 
 
 # -- commands --------------------------------------------------------------------------------------
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dns_milvus.eval.plots import plot_tradeoff
+
+    rows = []
+    for run in args.runs:
+        label, sep, directory = run.partition("=")
+        if not sep or not label or not directory:
+            raise InvalidInputError(f"expected LABEL=DIR, got {run!r}")
+        path = Path(directory) / "tradeoff.json"
+        try:
+            found = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InvalidInputError(f"cannot read {path}: {exc}") from exc
+        picked = [{**r, "method": label} for r in found if r.get("method") == args.method]
+        if not picked:
+            raise InvalidInputError(f"{path} has no rows of the method {args.method!r}")
+        rows += picked
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for task in sorted({r["task"] for r in rows}):
+        written = plot_tradeoff(rows, out / f"compare_{task}.png", task=task, title=f"{task}: {args.method}")
+        print(written)
+    return 0
 
 
 def cmd_tradeoff(args: argparse.Namespace) -> int:
