@@ -91,7 +91,8 @@ start_dockerd() {
   fi
   mkdir -p "$ROOT/data" "$RUN/exec"
   say "starting dockerd (data root $ROOT/data, no bridge, no iptables, host networking only)"
-  # setsid: the daemon outlives this script and gets no signal meant for the caller's terminal.
+  # setsid: the daemon outlives this script and gets no signal meant for the caller's terminal;
+  # 9>&-: it must not inherit the lock of `up` (it would hold it for as long as it runs).
   setsid dockerd \
     --data-root "$ROOT/data" \
     --exec-root "$RUN/exec" \
@@ -99,7 +100,7 @@ start_dockerd() {
     --host "unix://$SOCKET" \
     --bridge=none --iptables=false --ip-masq=false \
     --log-level=warn \
-    </dev/null >"$LOG" 2>&1 &
+    </dev/null >"$LOG" 2>&1 9>&- &
   local pid=$! waited=0
   until engine_answers; do
     if ! kill -0 "$pid" 2>/dev/null; then
@@ -175,9 +176,11 @@ make_base_image() {
 cmd_up() {
   local started
   started=$(date +%s)
-  mkdir -p "$RUN"
-  exec 9>"$RUN/lock"
-  flock -w 600 9 || unavailable "another dev-engine.sh holds $RUN/lock"
+  mkdir -p "$RUN" 2>/dev/null || true
+  if [ -w "$RUN" ]; then # one `up` at a time (others wait); no lock where we may not write
+    exec 9>"$RUN/lock"
+    flock -w 600 9 || unavailable "another dev-engine.sh holds $RUN/lock"
+  fi
   install_packages
   if engine_answers; then
     if pid=$(our_dockerd); then say "dockerd already running (pid $pid, started by this script)"; else

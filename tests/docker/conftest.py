@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pytest_docker.plugin import DockerComposeExecutor
+from pytest_docker.plugin import DockerComposeExecutor, Services, get_docker_services
 
 from dns_milvus.testing.milvus_server import free_ports
 from dns_milvus.testing.synthetic import write_model_set
@@ -79,6 +81,35 @@ def engine_problem() -> str | None:
     if _run(["docker", "image", "inspect", BASE_IMAGE]).returncode != 0:
         return f"no base image {BASE_IMAGE}"
     return None
+
+
+def stack_ports(count: int) -> list[int]:
+    """``count`` free ports below the kernel's ephemeral range: the containers pick their
+    internal ports (and the kernel its outgoing ones) from that range when they start, after
+    these were chosen, so they cannot take one of them in between."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    if low < 12_000:
+        return free_ports(count)
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = rng.randrange(10_000, low)
+        if port not in ports and all(_bindable(host, port) for host in ("127.0.0.1", "0.0.0.0")):
+            ports.append(port)
+    return ports
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass
@@ -179,7 +210,7 @@ def stack_environment(stack_model_set: Path) -> Iterator[dict[str, str]]:
     problem = engine_problem()
     if problem:
         pytest.skip(f"no usable Docker engine: {problem} (bash docker/dev-engine.sh up starts one)")
-    milvus, milvus_health, s3, grpc_port, http = free_ports(5)
+    milvus, milvus_health, s3, grpc_port, http = stack_ports(5)
     settings = {
         "DNS_LOCAL_TAG": IMAGE_TAG,
         "DNS_MODEL_SET_DIR": str(stack_model_set),
@@ -243,7 +274,23 @@ def docker_cleanup() -> list[str]:
     return ["down -v --remove-orphans -t 10"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
+def docker_services(
+    docker_compose_command: str,
+    docker_compose_file: str,
+    docker_compose_project_name: str,
+    docker_setup: list[str],
+    docker_cleanup: list[str],
+) -> Iterator[Services]:
+    """pytest-docker's fixture, for the module that uses it rather than the whole session: the
+    stack stops after its tests instead of idling through the rest of the suite."""
+    with get_docker_services(
+        docker_compose_command, docker_compose_file, docker_compose_project_name, docker_setup, docker_cleanup
+    ) as services:
+        yield services
+
+
+@pytest.fixture(scope="module")
 def stack(
     request: pytest.FixtureRequest,
     stack_environment: dict[str, str],

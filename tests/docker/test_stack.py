@@ -67,12 +67,12 @@ def _reranks_served(stack: Stack) -> float:
     return _metric(stack, "dns_reranker_requests_total", protocol="grpc", method="Rerank", status="ok")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def models(stack_model_set: Path) -> ModelSet:
     return ModelSet.load(stack_model_set, device="cpu")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def indexed(stack: Stack, models: ModelSet) -> Iterator[DnSIndex]:
     """``N_VIDEOS`` random videos indexed through the SDK into the stack's Milvus and S3."""
     store = open_store(stack.store_uri, access_key=stack.access_key, secret_key=stack.secret_key)
