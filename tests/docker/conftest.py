@@ -258,14 +258,31 @@ def docker_compose_file() -> str:
     return str(COMPOSE_FILE)
 
 
+PROJECT_PREFIX = "dns-milvus-test-"
+
+
 @pytest.fixture(scope="session")
 def docker_compose_project_name() -> str:
-    return f"dns-milvus-test-{os.getpid()}"
+    return f"{PROJECT_PREFIX}{os.getpid()}"
+
+
+def remove_abandoned_stacks(compose: str) -> None:
+    """Remove the containers and volumes of test stacks whose session died without its clean-up
+    (a killed run): their project names end in the pid of a process that is gone."""
+    listed = _run(["docker", "ps", "-a", "--format", '{{.Label "com.docker.compose.project"}}'])
+    for project in sorted(set(listed.stdout.split())):
+        pid = project.removeprefix(PROJECT_PREFIX)
+        if project.startswith(PROJECT_PREFIX) and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            subprocess.run(
+                [*compose.split(), "-f", str(COMPOSE_FILE), "-p", project, "down", "-v", "-t", "1"],
+                capture_output=True, timeout=120, check=False,
+            )  # fmt: skip
 
 
 @pytest.fixture(scope="session")
-def docker_setup(stack_images: None) -> list[str]:
-    """Start from nothing: remove whatever a killed earlier session of this name left."""
+def docker_setup(stack_images: None, docker_compose_command: str) -> list[str]:
+    """Start from nothing: remove what killed earlier sessions left, then start the stack."""
+    remove_abandoned_stacks(docker_compose_command)
     return ["down -v --remove-orphans", "up -d"]
 
 
