@@ -260,9 +260,22 @@ class StudentsConfig(StageConfig):
     netvlad_clusters: int = 64
     netvlad_outdims: int | None = 1024  # None: no reduction layer (clusters x dims outputs)
     validation: ValidationConfig | None = None
+    # Dual learning (DL-DKD): label_weight > 0 adds an exploration loss on the copy groups' labels
+    # and decays the distillation weight from 1 to distill_floor over the epochs.
+    groups: str | None = None  # copy groups (as the teacher's `groups`): group mates are copies
+    label_weight: float = 0.0  # 0: pure distillation
+    label_negative: float = 0.0  # non-copies are pushed below this similarity (teacher's [-1, 1] scale)
+    label_mates: bool = True  # each triplet's anchor also meets a group mate (a labelled copy)
+    distill_decay: Literal["linear", "cosine"] = "linear"
+    distill_floor: float = 0.05  # distillation weight of the last epoch
 
-    _input_paths = ("features", "pairs", "itq")
-    _path_keys = ("output", "features", "pairs", "itq")
+    _input_paths = ("features", "pairs", "itq", "groups")
+    _path_keys = ("output", "features", "pairs", "itq", "groups")
+
+    @property
+    def dual(self) -> bool:
+        """Whether the students learn the copy labels besides the teacher (dual learning)."""
+        return self.label_weight > 0
 
     def validate(self) -> None:
         super().validate()
@@ -297,7 +310,21 @@ class StudentsConfig(StageConfig):
             "netvlad_clusters",
             "netvlad_outdims",
         )
-        self._positive("weight_decay", "reg_weight", allow_zero=True)
+        self._positive("weight_decay", "reg_weight", "label_weight", allow_zero=True)
+        if self.dual and not self.groups:
+            raise ConfigError("students.label_weight > 0 needs students.groups (the copy groups' labels)")
+        if self.groups and not self.dual:
+            raise ConfigError(
+                "students.groups is only read by dual learning: set students.label_weight > 0 or drop groups"
+            )
+        if not 0 <= self.distill_floor <= 1:
+            raise ConfigError(
+                f"students.distill_floor: expected a weight in [0, 1], got {self.distill_floor}"
+            )
+        if not -1 <= self.label_negative < 1:
+            raise ConfigError(
+                f"students.label_negative: expected a similarity in [-1, 1), got {self.label_negative}"
+            )
         if not 0 <= self.augmentation_p <= 1 / 3:
             raise ConfigError(
                 f"students.augmentation_p: expected 0..1/3 (three augmentations), got {self.augmentation_p}"

@@ -1,4 +1,5 @@
-"""Training losses of the DnS paper: triplet (teacher), similarity regularisation, L1 distillation.
+"""Training losses of the DnS paper: triplet (teacher), similarity regularisation, L1 distillation,
+and the copy-label loss of dual learning (the students' exploration branch).
 
 The similarity regularisation loss (ViSiL) is computed by the fine-grained networks' ``forward``
 on the comparator output it constrains; it is re-exported here so every loss has one home.
@@ -10,7 +11,13 @@ import torch
 
 from dns_milvus.models import similarity_regularization
 
-__all__ = ["TRIPLET_MARGIN", "distillation_loss", "similarity_regularization", "triplet_loss"]
+__all__ = [
+    "TRIPLET_MARGIN",
+    "copy_label_loss",
+    "distillation_loss",
+    "similarity_regularization",
+    "triplet_loss",
+]
 
 #: Margin of the teacher's triplet loss (paper, section 4.3).
 TRIPLET_MARGIN = 0.5
@@ -26,3 +33,15 @@ def triplet_loss(
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """L1 distance between the student's and the teacher's similarities of the same pairs."""
     return torch.nn.functional.l1_loss(student, teacher.to(student.dtype))
+
+
+def copy_label_loss(student: torch.Tensor, copies: torch.Tensor, negative: float) -> torch.Tensor:
+    """Mean loss of similarities ``student`` against copy labels ``copies`` (bool, same shape).
+
+    A copy's target is 1, the top of every student's scale (L1 to it); another pair is only
+    penalised above ``negative`` (hinge): unrelated videos may keep whatever lower similarity
+    the teacher's knowledge gives them, so the labels do not flatten its graded scale.
+    """
+    copies = copies.to(device=student.device, dtype=torch.bool)
+    per_pair = torch.where(copies, (1.0 - student).abs(), torch.relu(student - negative))
+    return per_pair.mean()
