@@ -142,6 +142,8 @@ def test_label_loss_pulls_copies_to_one_and_pushes_others_below_the_margin():
     assert float(copy_label_loss(sims, copies, 0.0)) == pytest.approx((0 + 0.5 + 0 + 0.3) / 4)
     # a margin of -1 on the fine scale is an L1 target of -1 for non-copies
     assert float(copy_label_loss(sims, copies, -1.0)) == pytest.approx((0 + 0.5 + 0.8 + 1.3) / 4)
+    # a copy margin below 1: copies above it are left alone (no drive into the Hardtanh ceiling)
+    assert float(copy_label_loss(sims, copies, 0.0, positive=0.6)) == pytest.approx((0 + 0.1 + 0 + 0.3) / 4)
     s = torch.tensor([0.2, 0.4], requires_grad=True)
     copy_label_loss(s, torch.tensor([True, False]), 0.0).backward()
     assert s.grad.tolist() == [-0.5, 0.5]  # up for the copy, down for the other
@@ -167,8 +169,8 @@ def test_dual_learning_configs_are_checked(data):
         load_config("students", {**dual, "distill_floor": 1.5})
     with pytest.raises(ConfigError, match=r"students\.label_weight: expected a non-negative"):
         load_config("students", {**base, "label_weight": -1.0})
-    with pytest.raises(ConfigError, match=r"students\.label_negative"):
-        load_config("students", {**dual, "label_negative": 1.0})
+    with pytest.raises(ConfigError, match=r"students\.label_negative < students\.label_positive"):
+        load_config("students", {**dual, "label_negative": 0.5, "label_positive": 0.5})
     assert load_config("students", {**dual, "distill_decay": "cosine"}).dual
 
 

@@ -264,8 +264,9 @@ class StudentsConfig(StageConfig):
     # and decays the distillation weight from 1 to distill_floor over the epochs.
     groups: str | None = None  # copy groups (as the teacher's `groups`): group mates are copies
     label_weight: float = 0.0  # 0: pure distillation
+    label_positive: float = 0.5  # copies are pulled above this similarity (teacher's [-1, 1] scale)
     label_negative: float = 0.0  # non-copies are pushed below this similarity (teacher's [-1, 1] scale)
-    label_mates: bool = True  # each triplet's anchor also meets a group mate (a labelled copy)
+    label_mates: bool = False  # each triplet's anchor also meets a group mate (a labelled copy)
     distill_decay: Literal["linear", "cosine"] = "linear"
     distill_floor: float = 0.05  # distillation weight of the last epoch
 
@@ -321,9 +322,10 @@ class StudentsConfig(StageConfig):
             raise ConfigError(
                 f"students.distill_floor: expected a weight in [0, 1], got {self.distill_floor}"
             )
-        if not -1 <= self.label_negative < 1:
+        if not -1 <= self.label_negative < self.label_positive <= 1:
             raise ConfigError(
-                f"students.label_negative: expected a similarity in [-1, 1), got {self.label_negative}"
+                "students.label_negative < students.label_positive: expected two similarities "
+                f"-1 <= negative < positive <= 1, got {self.label_negative} and {self.label_positive}"
             )
         if not 0 <= self.augmentation_p <= 1 / 3:
             raise ConfigError(

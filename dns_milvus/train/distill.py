@@ -15,11 +15,10 @@ next round.
 Dual learning (``label_weight`` > 0), after DL-DKD (Dong et al., dual learning with dynamic
 knowledge distillation): a teacher trained on little data is only moderately good, so besides the
 *inheritance* loss (L1 to the teacher, as above) the student gets an *exploration* loss on the
-copy groups' labels (group mates are copies: target 1 on the student's scale; other pairs are
-pushed below ``label_negative``, see :func:`copy_label_loss`). It labels the mined pairs and,
-with ``label_mates``, pairs of its own: each triplet's anchor with a random group mate, because
-the mined pairs hold what the teacher thinks alike (with a weak teacher, clusters chain into
-other videos and true copies are rare among them), not every copy. The distillation
+copy groups' labels of the mined pairs: group mates are copies, pulled above ``label_positive``,
+other pairs are pushed below ``label_negative`` (see :func:`copy_label_loss`). With
+``label_mates`` it also gets pairs of its own, each triplet's anchor with a random group mate,
+since the mined pairs hold what the teacher finds alike rather than every copy. The distillation
 weight decays from 1 in the first epoch to ``distill_floor`` in the last (linear or cosine) while
 the label weight stays: the teacher shapes the similarity scale early, the labels correct its
 mistakes late. Per batch: ``w(epoch) * L1 + label_weight * L_label`` (+ the regularisation of
@@ -33,7 +32,8 @@ Hardtanh and Chamfer pooling, none of them linear in the head. A second head wou
 dropped at export, taking what the exploration branch learned with it, or the release layout
 would change. With shared parameters, DL-DKD's objective (inheritance branch: labels + decaying
 distillation; exploration branch: labels) is this combined loss, so the checkpoint is the
-unchanged ``{'model', 'args'}`` release layout; training costs one video more a triplet (the mate).
+unchanged ``{'model', 'args'}`` release layout and training costs no more (one video a triplet
+more with ``label_mates``).
 """
 
 from __future__ import annotations
@@ -101,7 +101,15 @@ def init_binarization_from_itq(student: FineGrainedStudent, proj: torch.Tensor) 
 
 #: Settings of dual learning; left out of a pure-distillation run's stored settings, so checkpoints
 #: trained before the option existed still resume.
-DUAL_SETTINGS = ("groups", "label_weight", "label_negative", "label_mates", "distill_decay", "distill_floor")
+DUAL_SETTINGS = (
+    "groups",
+    "label_weight",
+    "label_positive",
+    "label_negative",
+    "label_mates",
+    "distill_decay",
+    "distill_floor",
+)
 
 
 def distill_weight(epoch: int, epochs: int, *, decay: str = "linear", floor: float = 0.05) -> float:
@@ -159,6 +167,7 @@ class DualLearning:
     decay: str = "linear"
     floor: float = 0.05
     mates: list[np.ndarray] | None = None  # per video of the pairs: positions of its copies
+    positive: float = 1.0  # copies are pulled above this (teacher's scale)
 
     @classmethod
     def from_config(
@@ -172,6 +181,7 @@ class DualLearning:
             config.distill_decay,
             config.distill_floor,
             group_mates(pairs.ids, groups) if config.label_mates else None,
+            config.label_positive,
         )
 
     def distill_weight(self, epoch: int) -> float:
@@ -301,7 +311,12 @@ class DistillationTask(TrainingTask):
                 student = torch.cat([student, sim_mate])
                 copies = torch.cat([copies, torch.ones_like(sim_mate, dtype=torch.bool)])
                 reg = None if reg is None or reg_mate is None else reg + reg_mate
-            label = copy_label_loss(student, copies, self._student_scale(self.dual.negative))
+            label = copy_label_loss(
+                student,
+                copies,
+                self._student_scale(self.dual.negative),
+                self._student_scale(self.dual.positive),
+            )
             loss = batch.distill_weight * distill + self.dual.label_weight * label
             parts.update(label=label.detach(), distill_weight=torch.tensor(batch.distill_weight))
         if reg is not None:

@@ -35,13 +35,16 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return torch.nn.functional.l1_loss(student, teacher.to(student.dtype))
 
 
-def copy_label_loss(student: torch.Tensor, copies: torch.Tensor, negative: float) -> torch.Tensor:
+def copy_label_loss(
+    student: torch.Tensor, copies: torch.Tensor, negative: float, positive: float = 1.0
+) -> torch.Tensor:
     """Mean loss of similarities ``student`` against copy labels ``copies`` (bool, same shape).
 
-    A copy's target is 1, the top of every student's scale (L1 to it); another pair is only
-    penalised above ``negative`` (hinge): unrelated videos may keep whatever lower similarity
-    the teacher's knowledge gives them, so the labels do not flatten its graded scale.
+    Two hinges: a copy is penalised below ``positive``, another pair above ``negative``. With
+    ``positive`` 1, the top of every student's scale, the copies' part is the L1 distance to 1.
+    Between the two margins the teacher's graded similarities are left alone, and a ``positive``
+    below 1 does not drive copies into the fine students' Hardtanh ceiling, where they would tie.
     """
     copies = copies.to(device=student.device, dtype=torch.bool)
-    per_pair = torch.where(copies, (1.0 - student).abs(), torch.relu(student - negative))
+    per_pair = torch.where(copies, torch.relu(positive - student), torch.relu(student - negative))
     return per_pair.mean()
