@@ -37,13 +37,7 @@ SMALL_COARSE = {"transformer_heads": 4, "transformer_feedforward_dims": 128, "ne
                 "netvlad_outdims": None}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The networks here are tiny: one thread spends no time synchronising workers."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass
