@@ -89,9 +89,9 @@ def ingest(
         # The next batch loads (decodes, reads) in the pool while this one goes through the
         # networks: at most two batches are in memory at a time.
         loading: list[tuple[SourceItem, Future]] | None = None
-        for batch in _batches(_valid_items(items, seen, report), batch_size):
+        for batch in _batches(valid_items(items, seen, report), batch_size):
             if skip_existing:
-                batch = _unindexed(index, batch, report)
+                batch = unindexed(index, batch, report)
             submitted = [(it, pool.submit(it.load)) for it in batch]
             if loading is not None:
                 _index_loaded(index, loading, report, stages, bar)
@@ -104,7 +104,8 @@ def ingest(
     return report
 
 
-def _valid_items(items: Iterable[SourceItem], seen: set[str], report: IngestReport) -> Iterator[SourceItem]:
+def valid_items(items: Iterable[SourceItem], seen: set[str], report: IngestReport) -> Iterator[SourceItem]:
+    """The items whose id is valid and not ``seen`` before; the others go to ``report.failed``."""
     for item in items:
         try:
             validate_video_id(item.video_id)
@@ -118,7 +119,7 @@ def _valid_items(items: Iterable[SourceItem], seen: set[str], report: IngestRepo
         yield item
 
 
-def _unindexed(index: DnSIndex, batch: list[SourceItem], report: IngestReport) -> list[SourceItem]:
+def unindexed(index: DnSIndex, batch: list[SourceItem], report: IngestReport) -> list[SourceItem]:
     """The items of ``batch`` to index: those without a row, and those whose row's object is
     missing or does not verify (a row alone does not make a video searchable)."""
     rows = index.collection.get([it.video_id for it in batch])
@@ -126,6 +127,16 @@ def _unindexed(index: DnSIndex, batch: list[SourceItem], report: IngestReport) -
     report.damaged.update(damaged)
     report.skipped.extend(vid for vid in rows if vid not in damaged)
     return [it for it in batch if it.video_id not in rows or it.video_id in damaged]
+
+
+#: What loading one video (decoding, reading, extracting) may raise for that video alone:
+#: decoders raise the built-in ones on damaged input. Anything else stops the run.
+LOAD_ERRORS = (DnSError, OSError, ValueError, RuntimeError)
+
+
+def load_failure(exc: BaseException) -> str:
+    """How the report words a video's ``LOAD_ERRORS`` failure."""
+    return str(exc) if isinstance(exc, DnSError) else f"{type(exc).__name__}: {exc}"
 
 
 def _batches(items: Iterator[SourceItem], size: int) -> Iterator[list[SourceItem]]:
@@ -146,7 +157,7 @@ def _index_loaded(
     stages: dict[str, float],
     bar: tqdm,
 ) -> None:
-    _index_batch(index, _collect(futures, report, stages), report, stages)
+    index_batch(index, _collect(futures, report, stages), report, stages)
     bar.update(len(futures))
     bar.set_postfix(ok=len(report.added), failed=len(report.failed), refresh=False)
 
@@ -160,17 +171,17 @@ def _collect(
     for item, fut in futures:
         try:
             loaded.append((item, fut.result()))
-        except DnSError as exc:
-            report.failed[item.video_id] = str(exc)
-        except (OSError, ValueError, RuntimeError) as exc:  # decoders raise these on damaged input
-            report.failed[item.video_id] = f"{type(exc).__name__}: {exc}"
+        except LOAD_ERRORS as exc:
+            report.failed[item.video_id] = load_failure(exc)
     stages["load"] += time.perf_counter() - t0
     return loaded
 
 
-def _index_batch(
+def index_batch(
     index: DnSIndex, loaded: list[tuple[SourceItem, Any]], report: IngestReport, stages: dict[str, float]
 ) -> None:
+    """Index a batch of loaded videos (item, features) and store them (objects, then rows),
+    recording each video in ``report`` and the time spent in ``stages``."""
     t0 = time.perf_counter()
     checked = []
     for item, features in loaded:  # one bad video must not fail the batch's networks
