@@ -282,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--models", help="model-set directory (default: the bundled model set)")
     common.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default)")
     common.add_argument(
-        "--reranker", help="host:port of a re-ranker sidecar for stage 2 (default: in-process)"
+        "--reranker",
+        help="re-ranker sidecar for stage 2 (default: in-process): host:port; replicas as "
+        "host:port,host:port or one DNS name that resolves to all of them",
     )
     common.add_argument("--config", help=f"TOML config file (default: ./{'dns-milvus.toml'} if present)")
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")

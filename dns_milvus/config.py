@@ -2,7 +2,8 @@
 
 Environment variables: ``DNS_MILVUS_URI``, ``DNS_MILVUS_TOKEN``, ``DNS_MILVUS_STORE``,
 ``DNS_MILVUS_COLLECTION``, ``DNS_MILVUS_MODELS``, ``DNS_MILVUS_DEVICE``, ``DNS_MILVUS_RERANKER``
-(host:port of a re-ranker sidecar), ``DNS_MILVUS_RERANKER_TOKEN``. The config file is
+(host:port of a re-ranker sidecar; replicas as host:port,host:port or one DNS name that
+resolves to all of them), ``DNS_MILVUS_RERANKER_TOKEN``. The config file is
 TOML (``--config`` or ``./dns-milvus.toml``) with the same keys in lower case at top level.
 """
 
@@ -30,7 +31,9 @@ class Settings:
     collection: str = "videos"
     models: str = str(DEFAULT_MODEL_SET)
     device: str = "auto"
-    reranker: str | None = None  # host:port of a re-ranker sidecar; None runs stage 2 in-process
+    # host:port of a re-ranker sidecar, or its replicas ("h1:p,h2:p", or a list in the config
+    # file); None runs stage 2 in-process
+    reranker: str | list[str] | None = None
     reranker_token: str | None = None
 
     def __repr__(self) -> str:  # never print the token

@@ -43,6 +43,7 @@ class ServerConfig:
     query_ttl_s: float = 600.0
     query_store_bytes: int = 256 << 20
     grace_s: float = 20.0
+    max_connection_age_s: float = 0.0
     torch_threads: int = 0
     log_level: str = "INFO"
     port_file: str = ""
@@ -87,7 +88,8 @@ class ServerConfig:
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in (
-            "max_wait_ms", "http_timeout_s", "cache_bytes", "query_store_bytes", "grace_s", "torch_threads"
+            "max_wait_ms", "http_timeout_s", "cache_bytes", "query_store_bytes", "grace_s",
+            "max_connection_age_s", "torch_threads",
         ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -124,6 +126,8 @@ _HELP = {
     "query_ttl_s": "lifetime of a query uploaded over HTTP (POST /v1/queries)",
     "query_store_bytes": "byte budget of uploaded queries (oldest evicted first)",
     "grace_s": "on SIGTERM, how long in-flight requests may finish",
+    "max_connection_age_s": "close each client connection after this long (in-flight calls finish "
+    "first; 0 = never): clients of a DNS name resolve it again and reach replicas added since",
     "torch_threads": "torch intra-op threads (0 = torch's default)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "port_file": "write the bound ports here as JSON once serving (for supervisors and tests)",

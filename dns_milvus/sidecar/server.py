@@ -61,6 +61,11 @@ class SidecarServer:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
         ]
+        if cfg.max_connection_age_s > 0:  # clients reconnect, resolving the replicas' name again
+            options += [
+                ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(cfg.grace_s * 1000)),
+            ]
         interceptors = [BearerTokenInterceptor(self.token)] if self.token else []
         self._grpc = grpc.aio.server(interceptors=interceptors, options=options)
         self._health = add_services(self._grpc, self.core)
