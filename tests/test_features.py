@@ -312,6 +312,25 @@ def test_lite0_uses_its_own_normalisation_and_block_resolutions(lite0: FeatureEx
     assert float(grey.abs().max()) < 1e-6
 
 
+@pytest.mark.parametrize(
+    ("name", "channels"),
+    [("efficientnet-lite1", (24, 40, 112, 1280)), ("efficientnet-lite2", (24, 48, 120, 1280))],
+)
+def test_larger_lite_variants_tap_the_last_block_of_each_stride(name: str, channels: tuple[int, ...]) -> None:
+    backbone = build_backbone(name)
+    assert backbone.block_channels == channels
+    with torch.inference_mode():
+        maps = backbone(torch.zeros(1, 3, 224, 224))
+        native = backbone(torch.zeros(1, 3, backbone.native_size, backbone.native_size))
+    assert [tuple(m.shape[1:]) for m in maps] == [(c, 224 // s, 224 // s) for c, s in zip(channels, (4, 8, 16, 32))]
+    # Tapped blocks are the deepest at their resolution: the next block downsamples.
+    blocks = backbone.net._blocks
+    for index in backbone.tapped_blocks:
+        assert blocks[index + 1]._block_args.stride in ([2], 2)
+        assert blocks[index]._block_args.output_filters in channels
+    assert native[-1].shape[-1] > maps[-1].shape[-1]  # the native input is larger than 224
+
+
 def test_lite0_features_are_l2_normalised_regions(clip_features: dict[str, torch.Tensor]) -> None:
     features = clip_features["bikes"]
     assert features.shape == (5, 9, 1456) and features.dtype == torch.float32

