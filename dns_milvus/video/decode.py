@@ -10,15 +10,24 @@ increase, are placed one nominal frame period after the previous frame.
 Decoding is streamed: only the sampled frames are converted to RGB arrays and kept, so memory
 is bounded by the output, never by the file's native frame rate or length (``iter_frames``
 holds one frame at a time).
+
+Sampling also skips work in the decoder: the sampled frames are known from the packets'
+timestamps before anything is decoded (one demuxing pass), so a packet whose frame is neither
+sampled nor a reference for other frames (most B-frames) is dropped by the decoder
+(``skip_frame = NONREF``) instead of being decoded. Reference frames and sampled frames are
+decoded as always, so the sampled frames are exactly those of a full decode. Where the
+packets do not tell (a packet without a timestamp, two with the same one) or the decoder
+outputs frames other than the packets announced, the video is decoded in full instead.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import BinaryIO
@@ -188,11 +197,128 @@ def _frames_on_screen(
         target += step
 
 
+class _PlanMismatch(Exception):
+    """The decoder gave other frames than the packets announced: decode the video in full."""
+
+
+def _sample_plan(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    step: Fraction,
+    period: Fraction,
+) -> list[int] | None:
+    """The timestamps of the sampled frames in sampling order (a frame on screen at several
+    sampling times repeats), from the packets alone: one demuxing pass, nothing decoded.
+
+    None when the packets cannot tell: no time base, a packet without a timestamp, two packets
+    with the same one, or a demuxing error (the full decode then reports it as it always has).
+    Packets the demuxer marks as discarded (cut by an edit list) give no frame and are left out.
+    """
+    if stream.time_base is None:
+        return None
+    time_base = Fraction(stream.time_base)
+    stamps: list[int] = []
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0 or packet.is_discard:  # the final flush packet; trimmed frames
+                continue
+            if packet.pts is None:
+                return None
+            stamps.append(int(packet.pts))
+    except av.error.FFmpegError:
+        return None
+    if not stamps or len(set(stamps)) != len(stamps):
+        return None
+    stamps.sort()
+    return list(_frames_on_screen(((stamp * time_base, stamp) for stamp in stamps), step, period))
+
+
+def _decode_planned(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, plan: list[int]
+) -> Iterator[av.VideoFrame]:
+    """The frames of ``plan`` (timestamps from ``_sample_plan``), in order, decoding every other
+    packet with ``skip_frame = NONREF``: the decoder drops it unless it is a reference frame.
+
+    Each frame is yielded once the decoder has output a later one, after checking that the output
+    timestamps increase and that no planned frame was missed (what the full decode's choice of
+    the frame on screen relies on); otherwise ``_PlanMismatch``.
+    """
+    wanted = set(plan)
+    context = stream.codec_context
+    position = 0  # index in ``plan`` of the next frame to find
+    held: av.VideoFrame | None = None
+    held_repeats = 0
+    last_pts: int | None = None
+    for packet in container.demux(stream):
+        # The flush packet (size 0) drains delayed frames: never skip anything there.
+        context.skip_frame = "DEFAULT" if packet.size == 0 or packet.pts in wanted else "NONREF"
+        for frame in packet.decode():
+            if frame.pts is None or (last_pts is not None and frame.pts <= last_pts):
+                raise _PlanMismatch
+            last_pts = frame.pts
+            for _ in range(held_repeats):
+                yield held
+            held, held_repeats = None, 0
+            if frame.pts not in wanted:
+                continue
+            if position >= len(plan) or frame.pts != plan[position]:
+                raise _PlanMismatch  # a planned frame never came out
+            held = frame
+            while position < len(plan) and plan[position] == frame.pts:
+                held_repeats += 1
+                position += 1
+    if position != len(plan):
+        raise _PlanMismatch
+    for _ in range(held_repeats):
+        yield held
+
+
+def _sampled_frames(
+    path: VideoSource,
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    step: Fraction,
+    period: Fraction,
+    skip_unsampled: bool,
+) -> Iterator[av.VideoFrame]:
+    """The frame on screen every ``step`` seconds (``_frames_on_screen`` over every decoded frame),
+    decoding only what those frames need when ``skip_unsampled`` and the packets allow it."""
+    if not skip_unsampled:
+        yield from _frames_on_screen(_timed_frames(container, stream, period), step, period)
+        return
+    plan = _sample_plan(container, stream, step, period)  # consumes ``container``
+    emitted = 0
+    if plan is not None:
+        try:
+            for frame in _reopened(path, lambda c, s: _decode_planned(c, s, plan)):
+                yield frame
+                emitted += 1
+            return
+        except _PlanMismatch:
+            pass
+    # Decode in full; after a mismatch, the frames yielded so far are the first ones of it.
+    full = _reopened(path, lambda c, s: _frames_on_screen(_timed_frames(c, s, period), step, period))
+    yield from itertools.islice(full, emitted, None)
+
+
+def _reopened(
+    path: VideoSource,
+    decode: Callable[[av.container.InputContainer, av.video.stream.VideoStream], Iterator[av.VideoFrame]],
+) -> Iterator[av.VideoFrame]:
+    """``decode`` on a fresh container of ``path`` (closed when the iteration ends)."""
+    container, stream = _open(path)
+    with container:
+        stream.thread_type = "AUTO"
+        yield from decode(container, stream)
+
+
 def iter_frames(
     path: VideoSource,
     fps: float | None = 1.0,
     max_frames: int | None = None,
     max_side: int | None = None,
+    *,
+    skip_unsampled: bool = True,
 ) -> Iterator[np.ndarray]:
     """Yield RGB frames ``uint8 [H, W, 3]`` sampled every ``1 / fps`` seconds of presentation time.
 
@@ -202,7 +328,9 @@ def iter_frames(
     known, the sampling interval is stretched so that exactly ``max_frames`` samples spread
     uniformly over the whole video (a copied segment may sit anywhere in it); when the duration
     is unknown, sampling stops after ``max_frames``. Both cases emit a ``FrameLimitWarning``.
-    Every yielded frame has the size of the first one.
+    Every yielded frame has the size of the first one. ``skip_unsampled`` (default) lets the
+    decoder drop frames that are neither sampled nor referenced by other frames (see the module
+    docstring): the same frames, less decoding; False decodes every frame.
 
     Errors surface when iteration starts (and while it runs): ``VideoDecodeError`` naming the
     file for a missing, empty, corrupt or non-video file, or a stream that yields no frame.
@@ -226,8 +354,10 @@ def iter_frames(
                     stacklevel=2,
                 )
                 step = duration / max_frames
-        timed = _timed_frames(container, stream, period)
-        sampled = (frame for _, frame in timed) if step is None else _frames_on_screen(timed, step, period)
+        if step is None:
+            sampled = (frame for _, frame in _timed_frames(container, stream, period))
+        else:
+            sampled = _sampled_frames(path, container, stream, step, period, skip_unsampled)
         size: tuple[int, int] | None = None
         emitted = 0
         try:
@@ -258,9 +388,13 @@ def read_frames(
     fps: float | None = 1.0,
     max_frames: int | None = None,
     max_side: int | None = None,
+    *,
+    skip_unsampled: bool = True,
 ) -> np.ndarray:
     """Decode a video into RGB frames ``uint8 [T, H, W, 3]`` sampled at ``fps`` (see ``iter_frames``)."""
-    frames = list(iter_frames(path, fps=fps, max_frames=max_frames, max_side=max_side))
+    frames = list(
+        iter_frames(path, fps=fps, max_frames=max_frames, max_side=max_side, skip_unsampled=skip_unsampled)
+    )
     return np.stack(frames)
 
 
