@@ -79,7 +79,7 @@ def test_policies_select_what_they_promise(dns_index: DnSIndex, policy: str, exp
 
 def test_threshold_policy(dns_index: DnSIndex) -> None:
     _fill(dns_index)
-    full = dns_index.search("v01", top_k=11, candidates=11, policy="none")
+    full = dns_index.search("v01", top_k=11, candidates=11, policy="all")  # every confidence
     confidences = sorted(h.selector_confidence for h in full.hits)
     threshold = float(np.median(confidences))
     resp = dns_index.search("v01", top_k=11, candidates=11, policy=SelectionPolicy("threshold", threshold))

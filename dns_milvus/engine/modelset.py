@@ -7,7 +7,9 @@ A model set is a directory with ``manifest.json`` naming its files::
      "fps": 1.0, "regions": 9, "merge": {"kind": "calibrated", ...}}
 
 ``backbone``/``pca`` are optional: without them the set indexes region features given
-directly (e.g. the DnS release's HDF5 features) but cannot decode video files. ``regions``
+directly (e.g. the DnS release's HDF5 features) but cannot decode video files. The feature
+extractor they make is built on first use (``ModelSet.extractor``): a search by indexed id or
+by features never pays for the backbone. ``regions``
 (default 9, the 3x3 grid of the release and of ``dns_milvus.features``) is the number of
 regions a frame the networks were trained on; features with another count are refused.
 ``merge`` (default ``release``, the DnS release's rule) says how coarse and fine scores mix
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,13 +62,15 @@ class VideoRecord:
 
 @dataclass
 class ModelSet:
-    """The coarse student, the fine student and the selector (plus an optional feature extractor)."""
+    """The coarse student, the fine student and the selector (plus an optional feature extractor,
+    made by ``extractor_factory`` when first used)."""
 
     coarse: torch.nn.Module
     fine: torch.nn.Module
     selector: torch.nn.Module
     name: str = "custom"
-    extractor: Any | None = None  # dns_milvus.features.FeatureExtractor
+    #: Builds the feature extractor (``dns_milvus.features.FeatureExtractor``); None: the set has none.
+    extractor_factory: Callable[[], Any] | None = field(default=None, repr=False)
     fps: float = 1.0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tag: str = ""
@@ -73,6 +78,10 @@ class ModelSet:
     regions: int | None = DEFAULT_REGIONS
     #: How coarse and fine scores mix into one ranking.
     merge: ScoreMerge = RELEASE_MERGE
+    _extractor: Any | None = field(default=None, init=False, repr=False, compare=False)
+    _extractor_lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         for net in (self.coarse, self.fine, self.selector):
@@ -92,19 +101,24 @@ class ModelSet:
         *,
         name: str = "custom",
         extractor: Any | None = None,
+        extractor_factory: Callable[[], Any] | None = None,
         fps: float = 1.0,
         device: str | torch.device | None = None,
         regions: int | None = DEFAULT_REGIONS,
         merge: ScoreMerge = RELEASE_MERGE,
     ) -> ModelSet:
-        """Load the three networks from release-layout checkpoint files."""
+        """Load the three networks from release-layout checkpoint files; the feature extractor is
+        ``extractor`` (built) or what ``extractor_factory`` builds when a video is first given."""
+        if extractor is not None and extractor_factory is not None:
+            raise InvalidInputError("give extractor or extractor_factory, not both")
         dev = resolve_device(device)
+        factory = extractor_factory if extractor is None else lambda: extractor
         return cls(
             coarse=load_checkpoint(coarse, expected="cg_student"),
             fine=load_checkpoint(fine, expected=("fg_bin_student", "fg_att_student")),
             selector=load_checkpoint(selector, expected="selector"),
             name=name,
-            extractor=extractor,
+            extractor_factory=factory,
             fps=fps,
             device=dev,
             regions=regions,
@@ -126,25 +140,12 @@ class ModelSet:
         if missing:
             raise CheckpointError(f"{manifest_path} lacks the entries {missing}")
         dev = resolve_device(device)
-        extractor = None
-        if manifest.get("backbone"):
-            from dns_milvus.features import FeatureExtractor
-
-            pca = directory / manifest["pca"] if manifest.get("pca") else None
-            weights = directory / manifest["backbone_weights"] if manifest.get("backbone_weights") else None
-            extractor = FeatureExtractor(
-                backbone=manifest["backbone"],
-                weights=weights,
-                pca=pca,
-                device=dev,
-                **manifest.get("extractor_options", {}),
-            )
         return cls.from_checkpoints(
             directory / manifest["coarse"],
             directory / manifest["fine"],
             directory / manifest["selector"],
             name=manifest.get("name", directory.name),
-            extractor=extractor,
+            extractor_factory=_manifest_extractor(manifest, directory, dev),
             fps=float(manifest.get("fps", 1.0)),
             device=dev,
             regions=_manifest_regions(manifest, manifest_path),
@@ -152,6 +153,16 @@ class ModelSet:
         )
 
     # -- properties ----------------------------------------------------------------------------
+
+    @property
+    def extractor(self) -> Any | None:
+        """The feature extractor (``dns_milvus.features.FeatureExtractor``), built on first use;
+        None for a set without one."""
+        if self._extractor is None and self.extractor_factory is not None:
+            with self._extractor_lock:  # two threads' first videos build it once
+                if self._extractor is None:
+                    self._extractor = self.extractor_factory()
+        return self._extractor
 
     @property
     def payload_kind(self) -> str:
@@ -240,12 +251,41 @@ class ModelSet:
 
     def extract_video(self, path: str | Path, *, max_frames: int | None = None) -> torch.Tensor:
         """Decode a video file and extract its region features [T, R, D]."""
-        if self.extractor is None:
+        if self.extractor_factory is None:
             raise InvalidInputError(
                 f"model set {self.name!r} has no feature extractor (no backbone in its manifest); "
                 "give region features instead of a video file"
             )
         return self.extractor.extract_video(path, fps=self.fps, max_frames=max_frames)
+
+
+def _manifest_extractor(
+    manifest: dict[str, Any], directory: Path, device: torch.device
+) -> Callable[[], Any] | None:
+    """What builds the manifest's feature extractor (None without a backbone). Its files are
+    checked now, so a broken set fails at load, not at its first video."""
+    if not manifest.get("backbone"):
+        return None
+    files = {key: directory / manifest[key] for key in ("pca", "backbone_weights") if manifest.get(key)}
+    for key, path in files.items():
+        if not path.is_file():
+            raise CheckpointError(f"{directory / 'manifest.json'}: its {key!r} file {path} is missing")
+    options = manifest.get("extractor_options", {})
+    if not isinstance(options, dict):
+        raise CheckpointError(f"{directory / 'manifest.json'}: 'extractor_options' must be an object")
+
+    def build() -> Any:
+        from dns_milvus.features import FeatureExtractor
+
+        return FeatureExtractor(
+            backbone=manifest["backbone"],
+            weights=files.get("backbone_weights"),
+            pca=files.get("pca"),
+            device=device,
+            **options,
+        )
+
+    return build
 
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)

@@ -58,6 +58,12 @@ class SelectionPolicy:
             )
         return cls(kind, _number(value, text))  # type: ignore[arg-type]
 
+    @property
+    def uses_selector(self) -> bool:
+        """Whether the selection depends on the selector's confidences (``none`` keeps the coarse
+        ranking: stage 2 then runs no network)."""
+        return self.kind != "none"
+
     def select(self, confidences: np.ndarray) -> np.ndarray:
         """Indices of the selected candidates, highest confidence first (ties: lower index first)."""
         n = len(confidences)

@@ -164,8 +164,11 @@ class LocalReranker:
             )
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        confidence = self.selector_confidence(query.self_sim, candidates)
-        selected = policy.select(confidence)
+        confidence: np.ndarray | None = None
+        selected = np.zeros(0, dtype=np.int64)
+        if policy.uses_selector:  # policy none: no hit would show a confidence worth computing
+            confidence = self.selector_confidence(query.self_sim, candidates)
+            selected = policy.select(confidence)
         timings["selector_ms"] = _ms_since(t0)
 
         t1 = time.perf_counter()
@@ -198,7 +201,7 @@ class LocalReranker:
                     video_id=c.video_id,
                     score=float(scores[i]),
                     coarse_score=float(c.coarse_score),
-                    selector_confidence=float(confidence[i]),
+                    selector_confidence=None if confidence is None else float(confidence[i]),
                     fine_score=fine,
                     stage=stage,
                     metadata=c.metadata,

@@ -50,9 +50,10 @@ class L2Attention(nn.Module):
     def __init__(self, dims: int) -> None:
         super().__init__()
         self.context_vector = nn.Linear(dims, 1, bias=False)
-        nn.init.normal_(self.context_vector.weight)
-        with torch.no_grad():
-            self.context_vector.weight.copy_(F.normalize(self.context_vector.weight, dim=-1))
+        if not self.context_vector.weight.is_meta:  # a random start (see NetVLAD)
+            nn.init.normal_(self.context_vector.weight)
+            with torch.no_grad():
+                self.context_vector.weight.copy_(F.normalize(self.context_vector.weight, dim=-1))
 
     def weights(self, x: Tensor) -> Tensor:
         """Attention weights ``[..., 1]``."""
@@ -107,14 +108,22 @@ class NetVLAD(nn.Module):
         super().__init__()
         self.dims = dims
         self.num_clusters = num_clusters
-        self.centroids = nn.Parameter(torch.randn(num_clusters, dims) / math.sqrt(dims))
+        self.centroids = nn.Parameter(torch.empty(num_clusters, dims))
+        # A network built on the meta device receives a checkpoint's weights: it skips the random
+        # starts, whose meta kernels (randn, normal_, normalize ...) are torch's Python references,
+        # and their first call imports torch's compiler stack and sympy (~1 s).
+        starts = not self.centroids.is_meta
+        if starts:
+            with torch.no_grad():  # the draws of torch.randn(...) / sqrt(dims)
+                self.centroids.normal_().div_(math.sqrt(dims))
         self.conv = nn.Conv2d(dims, num_clusters, kernel_size=1, bias=False)
         with torch.no_grad():  # start with assignments by similarity to the centroids
             self.conv.weight.copy_(self.centroids[:, :, None, None])
         vlad_dims = num_clusters * dims
         if outdims is not None:
             self.reduction_layer = nn.Linear(vlad_dims, outdims, bias=False)
-            nn.init.normal_(self.reduction_layer.weight, std=1.0 / math.sqrt(vlad_dims))
+            if starts:
+                nn.init.normal_(self.reduction_layer.weight, std=1.0 / math.sqrt(vlad_dims))
         self.outdims = outdims if outdims is not None else vlad_dims
         self.norm = nn.LayerNorm(self.outdims)
 
