@@ -27,30 +27,13 @@ from dns_milvus.rpc.client import channel_target
 from dns_milvus.sidecar.grpc_service import set_serving
 from dns_milvus.sidecar.server import BackgroundServer
 from dns_milvus.testing.sidecar import SidecarProcess, launch_sidecar
-from tests.test_rerank_service import Stage2, build_stage2, hits_of, wait_until
+from tests import test_rerank_service
+from tests.test_rerank_service import Stage2, hits_of, wait_until
 
 POLICY = SelectionPolicy.parse("50%")
-
-
-@pytest.fixture(scope="module")
-def stage2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage2]:
-    built = build_stage2(tmp_path_factory.mktemp("replicas"))
-    yield built
-    built.store.close()
-
-
-@pytest.fixture
-def start_server(stage2: Stage2) -> Iterator[Callable[..., BackgroundServer]]:
-    started: list[BackgroundServer] = []
-
-    def start(**overrides: object) -> BackgroundServer:
-        server = BackgroundServer(stage2.config(**overrides), stage2.models, stage2.store).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop(grace_s=1.0)
+# The sidecar tests' fixtures: their corpus (module-scoped here too) and in-process servers.
+stage2 = test_rerank_service.stage2
+start_server = test_rerank_service.start_server
 
 
 def work_items(stage2: Stage2, n: int) -> list[tuple[str, list[Candidate]]]:
