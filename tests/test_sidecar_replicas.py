@@ -148,6 +148,8 @@ def test_calls_are_balanced_over_the_replicas_that_report_serving(
 ) -> None:
     first, second = start_server(), start_server()
     query, candidates = stage2.query, stage2.candidates()
+    with RemoteReranker([first.grpc_target, second.grpc_target], max_attempts=1) as no_retries:
+        assert len(no_retries.rerank(query, candidates, POLICY, 8).hits) == 8  # a valid config
     with RemoteReranker([first.grpc_target, second.grpc_target], timeout_s=30) as remote:
         for _ in range(10):
             remote.rerank(query, candidates, POLICY, 8)

@@ -187,25 +187,21 @@ def _count_listed(uri: str) -> int | None:
 def service_config(max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> str:
     """The channel's service config: round robin over the replicas that pass the health check,
     and retries of UNAVAILABLE calls (only calls whose replica sent no response yet are retried)."""
-    return json.dumps(
-        {
-            "loadBalancingConfig": [{"round_robin": {}}],
-            # The sidecar reports its Reranker service SERVING while up and NOT_SERVING as it drains.
-            "healthCheckConfig": {"serviceName": SERVICE_NAME},
-            "methodConfig": [
-                {
-                    "name": [{"service": SERVICE_NAME}],
-                    "retryPolicy": {
-                        "maxAttempts": max_attempts,
-                        "initialBackoff": "0.05s",
-                        "maxBackoff": "0.5s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }
-            ],
+    config: dict[str, Any] = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        # The sidecar reports its Reranker service SERVING while up and NOT_SERVING as it drains.
+        "healthCheckConfig": {"serviceName": SERVICE_NAME},
+    }
+    if max_attempts > 1:  # gRPC refuses a retry policy of one attempt
+        retry = {
+            "maxAttempts": max_attempts,
+            "initialBackoff": "0.05s",
+            "maxBackoff": "0.5s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
         }
-    )
+        config["methodConfig"] = [{"name": [{"service": SERVICE_NAME}], "retryPolicy": retry}]
+    return json.dumps(config)
 
 
 class RemoteReranker:
