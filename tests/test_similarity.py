@@ -27,6 +27,7 @@ from dns_milvus.similarity import (
     unpack_codes,
 )
 from dns_milvus.similarity._native import NativeKernel, load_native_kernel
+from dns_milvus.similarity.comparator import comparator_student
 from dns_milvus.similarity.hamming import _dot_sums_gemm, gemm_dtype
 
 REGIONS, BITS = 9, 512
@@ -249,8 +250,10 @@ def test_batching_does_not_change_scores(bin_student: FineGrainedStudent) -> Non
 
 
 def _comparator_spy(student: FineGrainedStudent, monkeypatch: pytest.MonkeyPatch, before=None) -> list:
-    """Record the frame-matrix shape of each comparator call (``before`` runs first)."""
+    """Record the frame-matrix shape of each comparator call (``before`` runs first), on the
+    student the float32 scorers call (the cached copy with the fused first layer)."""
     calls: list[tuple[int, ...]] = []
+    student = comparator_student(student, torch.float32)
     real = student.similarity_from_frame_matrix
 
     def spy(f2f: torch.Tensor, *args: object) -> torch.Tensor:

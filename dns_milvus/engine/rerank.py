@@ -23,7 +23,12 @@ from dns_milvus.engine.modelset import ModelSet, VideoRecord
 from dns_milvus.engine.policy import SelectionPolicy
 from dns_milvus.errors import CorruptObjectError, InvalidInputError
 from dns_milvus.scoring import fine_unit
-from dns_milvus.similarity import fine_similarity_float, fine_similarity_packed
+from dns_milvus.similarity import (
+    fine_similarity_float,
+    fine_similarity_packed,
+    resolve_precision,
+    resolve_threads,
+)
 from dns_milvus.store import ObjectStore, decode_fine_tensor
 
 STAGE_FINE = "fine"
@@ -82,12 +87,30 @@ class Reranker(Protocol):
 
 
 class LocalReranker:
-    """Runs the selector and the fine student in this process (CPU or CUDA)."""
+    """Runs the selector and the fine student in this process (CPU or CUDA).
 
-    def __init__(self, models: ModelSet, store: ObjectStore, *, cache_bytes: int = 256 << 20) -> None:
+    ``fine_precision`` (``float32``, ``bfloat16``, ``auto``) and ``fine_threads`` (None: as many
+    as other processes leave idle) are the fine scorers' ``precision`` and ``threads``
+    (``dns_milvus.similarity``); an unknown precision, or bfloat16 where the hardware has no
+    native bfloat16 arithmetic, is refused here, before any request.
+    """
+
+    def __init__(
+        self,
+        models: ModelSet,
+        store: ObjectStore,
+        *,
+        cache_bytes: int = 256 << 20,
+        fine_precision: str = "float32",
+        fine_threads: int | None = None,
+    ) -> None:
         self.models = models
         self.store = store
         self.cache = ByteLRUCache(cache_bytes)
+        resolve_precision(fine_precision, models.device)
+        resolve_threads(fine_threads)
+        self.fine_precision = fine_precision
+        self.fine_threads = fine_threads
 
     @torch.inference_mode()
     def selector_confidence(self, query_self_sim: float, candidates: Sequence[Candidate]) -> np.ndarray:
@@ -147,7 +170,11 @@ class LocalReranker:
         fn = fine_similarity_packed if query.payload_kind == "packed_bits" else fine_similarity_float
         q = torch.from_numpy(np.require(query.fine, requirements=["C", "W"]))
         ts = [torch.from_numpy(np.require(t, requirements=["C", "W"])) for t in targets]
-        return fn(self.models.fine, q, ts, device=self.models.device, deadline=deadline).float().cpu().numpy()
+        scores = fn(
+            self.models.fine, q, ts, device=self.models.device, deadline=deadline,
+            precision=self.fine_precision, threads=self.fine_threads,
+        )  # fmt: skip
+        return scores.float().cpu().numpy()
 
     def rerank(
         self, query: VideoRecord, candidates: Sequence[Candidate], policy: SelectionPolicy, top_k: int

@@ -249,18 +249,28 @@ class VideoComparator(nn.Module):
         )
         return self.compare(sim, query_lengths, target_lengths)
 
+    def first_block(self, sim: Tensor, query_lengths: Tensor, target_lengths: Tensor) -> Tensor:
+        """The first layer on ``sim`` [N, Tq, Tt] (lengths of at least 4): conv1 over the real
+        cells, 2x2 max-pool, then zero outside the halved lengths and ReLU -> [N, 32, Tq/2, Tt/2].
+
+        One step, so that an inference kernel can replace it with a fused loop that never writes
+        conv1's full-resolution output (``dns_milvus.similarity`` does on CPU).
+        """
+        x = _zero_outside(sim.unsqueeze(1), query_lengths, target_lengths)  # the caller's tensor is kept
+        # ReLU is monotonic, so pooling first and rectifying the pooled map equals pooling the
+        # rectified one, on a quarter of the cells. Intermediates are zeroed and rectified in
+        # place (no copies of the largest tensors); autograd needs none of the overwritten values.
+        x = F.max_pool2d(self.conv1(x), 2)
+        return _rectify_inside_(x, query_lengths // 2, target_lengths // 2)
+
     def compare(
         self, sim: Tensor, query_lengths: Tensor, target_lengths: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`forward` without input validation, for callers that built the inputs themselves."""
         sim, ql, tl = upsample_short_videos(sim, query_lengths, target_lengths)
-        x = _zero_outside(sim.unsqueeze(1), ql, tl)  # the caller's tensor is left as it is
-        # ReLU is monotonic, so pooling first and rectifying the pooled map equals pooling the
-        # rectified one, on a quarter of the cells. Intermediates are zeroed and rectified in
-        # place (no copies of the largest tensors); autograd needs none of the overwritten values.
-        x = F.max_pool2d(self.conv1(x), 2)
+        x = self.first_block(sim, ql, tl)
         ql, tl = ql // 2, tl // 2
-        x = F.max_pool2d(self.conv2(_rectify_inside_(x, ql, tl)), 2)
+        x = F.max_pool2d(self.conv2(x), 2)
         ql, tl = ql // 2, tl // 2
         x = F.relu(self.conv3(_rectify_inside_(x, ql, tl)), inplace=True)
         x = _zero_outside_(self.fconv(x), ql, tl)

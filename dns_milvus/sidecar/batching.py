@@ -382,8 +382,12 @@ class BatchingReranker(LocalReranker):
         cache_bytes: int,
         max_frame_pairs: int,
         batcher_options: dict,
+        fine_precision: str = "float32",
+        fine_threads: int | None = None,
     ) -> None:
-        super().__init__(models, store, cache_bytes=cache_bytes)
+        super().__init__(
+            models, store, cache_bytes=cache_bytes, fine_precision=fine_precision, fine_threads=fine_threads
+        )
         self.max_frame_pairs = max_frame_pairs
         self.batcher = FineBatcher(self.score_slices, **batcher_options)
 

@@ -45,6 +45,8 @@ class ServerConfig:
     grace_s: float = 20.0
     max_connection_age_s: float = 0.0
     torch_threads: int = 0
+    fine_precision: str = "float32"
+    fine_threads: int = 0
     log_level: str = "INFO"
     port_file: str = ""
 
@@ -89,12 +91,18 @@ class ServerConfig:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in (
             "max_wait_ms", "http_timeout_s", "cache_bytes", "query_store_bytes", "grace_s",
-            "max_connection_age_s", "torch_threads",
+            "max_connection_age_s", "torch_threads", "fine_threads",
         ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.query_ttl_s <= 0:
             raise InvalidInputError(f"--query-ttl-s must be > 0, got {self.query_ttl_s}")
+        from dns_milvus.similarity.comparator import PRECISIONS  # imports torch: only once validating
+
+        if self.fine_precision not in PRECISIONS:
+            raise InvalidInputError(
+                f"--fine-precision must be one of {', '.join(PRECISIONS)}, got {self.fine_precision!r}"
+            )
         return self
 
 
@@ -129,6 +137,10 @@ _HELP = {
     "max_connection_age_s": "close each client connection after this long (in-flight calls finish "
     "first; 0 = never): clients of a DNS name resolve it again and reach replicas added since",
     "torch_threads": "torch intra-op threads (0 = torch's default)",
+    "fine_precision": "arithmetic of the fine student's comparator on CPU/CUDA: float32, bfloat16 (faster "
+    "where the hardware has native bfloat16, scores within ~1e-3; refused elsewhere) or auto",
+    "fine_threads": "CPU threads of one fine-scoring call (0 = as many as other processes leave idle, "
+    "at most torch's)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "port_file": "write the bound ports here as JSON once serving (for supervisors and tests)",
 }

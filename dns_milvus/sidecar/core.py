@@ -111,6 +111,8 @@ class RerankCore:
             store,
             cache_bytes=config.cache_bytes,
             max_frame_pairs=config.max_frame_pairs,
+            fine_precision=config.fine_precision,
+            fine_threads=config.fine_threads or None,
             batcher_options={
                 "max_batch_pairs": config.max_batch_pairs,
                 "max_batch_frame_pairs": config.max_batch_frame_pairs,

@@ -35,6 +35,7 @@ from dns_milvus.sidecar.grpc_service import BearerTokenInterceptor, add_services
 from dns_milvus.sidecar.http_api import build_app
 from dns_milvus.sidecar.jsonlog import configure_logging
 from dns_milvus.sidecar.metrics import Metrics
+from dns_milvus.similarity import resolve_precision
 from dns_milvus.store import ObjectStore, open_store
 
 log = logging.getLogger("dns_milvus.sidecar.server")
@@ -137,6 +138,7 @@ def load_resources(config: ServerConfig) -> tuple[ModelSet, ObjectStore]:
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     models = ModelSet.load(config.model_set, device=config.device)
+    resolve_precision(config.fine_precision, models.device)  # unsupported bfloat16: refused at start
     return models, open_store(config.store)
 
 

@@ -1,14 +1,19 @@
-"""A small C kernel for the packed Hamming + region-Chamfer stage on CPU.
+"""Small C kernels for the fine stage on CPU: packed Hamming + region Chamfer, and the video
+comparator's first layer fused (convolution, pooling, masking and ReLU in one pass).
 
 Why C: on CPU the exact alternatives available from torch and numpy are a float32 GEMM over
 unpacked ±1 codes (about 10x slower here, see docs/kernel.md) or numpy XOR + popcount with
 large temporaries (slower still). A fused XOR/popcount/min loop touches each packed word once.
+The comparator's first layer (1 -> 32 channels) does little arithmetic on a large output: torch
+writes that full-resolution output, pools it and masks it in separate passes over memory, the
+fused loop writes only the pooled quarter.
 
 The source is compiled on first use with the system C compiler (``$CC``, else ``cc``) into a
 per-user cache directory and loaded with ctypes; ctypes releases the GIL during the call, so
 Python threads split the targets between cores. When no compiler is available, or when
 ``DNS_MILVUS_NATIVE_KERNEL=0``, :func:`load_native_kernel` returns None and callers use the
-torch GEMM path, which gives the same numbers.
+torch GEMM path, which gives the same numbers, and torch's layers for the comparator (the same
+up to float32 rounding, ~1e-7).
 
 Inside the library the variant is chosen at run time from the CPU's features (AVX-512
 VPOPCNTDQ, else AVX2, else POPCNT, else portable C), so one build runs on any machine of the
@@ -26,10 +31,12 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,10 @@ ENV_CACHE_DIR = "DNS_MILVUS_CACHE_DIR"
 #: Below this many (query frame, target frame) pairs a call runs on one thread: starting
 #: threads would cost more than it saves.
 _MIN_PAIRS_PER_THREAD = 20_000
+#: The same for the comparator's first layer, in pooled output cells (32 channels each).
+_MIN_CELLS_PER_THREAD = 20_000
+#: Output channels of the comparator's first convolution, fixed in the C code.
+FIRST_BLOCK_CHANNELS = 32
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -212,6 +223,112 @@ int dns_kernel_variant(int64_t W, int highest) {
   return 0;
 }
 
+/* The video comparator's first layer, fused (VideoComparator.first_block): a 3x3 convolution
+   from 1 to 32 channels in which cells outside each item's real [ql, tl] block and beyond the
+   border read as zero, a 2x2 max-pool (floor), zero outside [ql/2, tl/2], ReLU. sim is float32
+   [N, H, W], w [32, 9], b [32]; out [N, H/2, W/2, 32] (channels last) is float32 or, with
+   out_bf16, bfloat16 rounded to nearest even. conv1's full-resolution output is never stored. */
+#define FB_CHANNELS 32
+
+static inline uint16_t fb_to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  u += 0x7fffu + ((u >> 16) & 1u); /* finite, non-negative inputs: no NaN handling needed */
+  return (uint16_t)(u >> 16);
+}
+
+static inline __attribute__((always_inline)) void first_block_body(
+    const float *sim, int64_t N, int64_t H, int64_t W, const int64_t *ql, const int64_t *tl,
+    const float *w, const float *b, void *out, int out_bf16) {
+  const int64_t Ho = H / 2, Wo = W / 2;
+  float wt[9][FB_CHANNELS];
+  for (int k = 0; k < 9; ++k)
+    for (int c = 0; c < FB_CHANNELS; ++c) wt[k][c] = w[c * 9 + k];
+  for (int64_t n = 0; n < N; ++n) {
+    const float *s = sim + n * H * W;
+    const int64_t qn = ql[n], tn = tl[n];
+    for (int64_t i = 0; i < Ho; ++i) {
+      for (int64_t j = 0; j < Wo; ++j) {
+        const int64_t cell = ((n * Ho + i) * Wo + j) * FB_CHANNELS;
+        float best[FB_CHANNELS];
+        if (i >= qn / 2 || j >= tn / 2) {
+          for (int c = 0; c < FB_CHANNELS; ++c) best[c] = 0.0f;
+        } else {
+          float patch[4][4]; /* the input cells the 2x2 window's four 3x3 neighbourhoods read */
+          for (int dy = 0; dy < 4; ++dy)
+            for (int dx = 0; dx < 4; ++dx) {
+              const int64_t r = 2 * i + dy - 1, col = 2 * j + dx - 1;
+              patch[dy][dx] = (r >= 0 && r < qn && col >= 0 && col < tn) ? s[r * W + col] : 0.0f;
+            }
+          for (int c = 0; c < FB_CHANNELS; ++c) best[c] = 0.0f; /* max with 0 is the ReLU */
+          for (int py = 0; py < 2; ++py)
+            for (int px = 0; px < 2; ++px) {
+              float acc[FB_CHANNELS];
+              for (int c = 0; c < FB_CHANNELS; ++c) acc[c] = b[c];
+              for (int ky = 0; ky < 3; ++ky)
+                for (int kx = 0; kx < 3; ++kx) {
+                  const float v = patch[py + ky][px + kx];
+                  for (int c = 0; c < FB_CHANNELS; ++c) acc[c] += v * wt[ky * 3 + kx][c];
+                }
+              for (int c = 0; c < FB_CHANNELS; ++c) best[c] = acc[c] > best[c] ? acc[c] : best[c];
+            }
+        }
+        if (out_bf16) {
+          uint16_t *dst = (uint16_t *)out + cell;
+          for (int c = 0; c < FB_CHANNELS; ++c) dst[c] = fb_to_bf16(best[c]);
+        } else {
+          float *dst = (float *)out + cell;
+          for (int c = 0; c < FB_CHANNELS; ++c) dst[c] = best[c];
+        }
+      }
+    }
+  }
+}
+
+static void first_block_portable(const float *sim, int64_t N, int64_t H, int64_t W, const int64_t *ql,
+                                 const int64_t *tl, const float *w, const float *b, void *out, int bf16) {
+  first_block_body(sim, N, H, W, ql, tl, w, b, out, bf16);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,fma")))
+static void first_block_avx2(const float *sim, int64_t N, int64_t H, int64_t W, const int64_t *ql,
+                             const int64_t *tl, const float *w, const float *b, void *out, int bf16) {
+  first_block_body(sim, N, H, W, ql, tl, w, b, out, bf16);
+}
+
+__attribute__((target("avx512f")))
+static void first_block_avx512(const float *sim, int64_t N, int64_t H, int64_t W, const int64_t *ql,
+                               const int64_t *tl, const float *w, const float *b, void *out, int bf16) {
+  first_block_body(sim, N, H, W, ql, tl, w, b, out, bf16);
+}
+#endif
+
+/* The first-block code path this CPU runs, at most `highest`: 3 = AVX-512, 2 = AVX2 + FMA,
+   0 = portable C (1, POPCNT, has no first-block code of its own). */
+int dns_first_block_variant(int highest) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (highest >= 3 && __builtin_cpu_supports("avx512f")) return 3;
+  if (highest >= 2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
+#endif
+  (void)highest;
+  return 0;
+}
+
+void dns_first_block(const float *sim, int64_t N, int64_t H, int64_t W, const int64_t *ql,
+                     const int64_t *tl, const float *w, const float *b, void *out, int out_bf16,
+                     int highest) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  switch (dns_first_block_variant(highest)) {
+    case 3: first_block_avx512(sim, N, H, W, ql, tl, w, b, out, out_bf16); return;
+    case 2: first_block_avx2(sim, N, H, W, ql, tl, w, b, out, out_bf16); return;
+    default: break;
+  }
+#endif
+  first_block_portable(sim, N, H, W, ql, tl, w, b, out, out_bf16);
+}
+
 int dns_chamfer_min_hamming(const uint64_t *q, int64_t nq, const uint64_t *t, int64_t nt,
                             int64_t R, int64_t W, int32_t *out, int64_t ld, int highest) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -232,7 +349,8 @@ _VARIANT_LEVELS = {name: level for level, name in _VARIANT_NAMES.items()}
 
 
 class NativeKernel:
-    """The loaded C library: Hamming distances + region Chamfer over packed 64-bit words."""
+    """The loaded C library: Hamming distances + region Chamfer over packed 64-bit words, and the
+    video comparator's fused first layer."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
@@ -243,6 +361,12 @@ class NativeKernel:
         self._variant = lib.dns_kernel_variant
         self._variant.restype = ctypes.c_int
         self._variant.argtypes = [i64, ctypes.c_int]
+        self._first_block = lib.dns_first_block
+        self._first_block.restype = None
+        self._first_block.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
+        self._first_block_variant = lib.dns_first_block_variant
+        self._first_block_variant.restype = ctypes.c_int
+        self._first_block_variant.argtypes = [ctypes.c_int]
 
     @staticmethod
     def variants() -> tuple[str, ...]:
@@ -270,35 +394,79 @@ class NativeKernel:
         nq, regions, words = query.shape
         n = targets.shape[0]
         out = np.empty((nq, n), dtype=np.int32)
-        threads = max(1, min(threads, (nq * n) // _MIN_PAIRS_PER_THREAD))
-        bounds = np.linspace(0, n, threads + 1).astype(np.int64)
 
-        def run(k: int) -> int:
-            start, stop = int(bounds[k]), int(bounds[k + 1])
-            if stop == start:
-                return 0
+        def run(start: int, stop: int) -> int:
             return int(
                 self._fn(
-                    query.ctypes.data,
-                    nq,
-                    targets[start:].ctypes.data,
-                    stop - start,
-                    regions,
-                    words,
-                    out[:, start:].ctypes.data,
-                    n,
-                    highest,
+                    query.ctypes.data, nq, targets[start:].ctypes.data, stop - start, regions, words,
+                    out[:, start:].ctypes.data, n, highest,
                 )
-            )
+            )  # fmt: skip
 
-        if threads == 1:
-            codes = [run(0)]
-        else:
-            with ThreadPoolExecutor(threads) as pool:
-                codes = list(pool.map(run, range(threads)))
-        if any(codes):
+        if any(_split(n, min(threads, (nq * n) // _MIN_PAIRS_PER_THREAD), run)):
             raise MemoryError("the packed Hamming kernel could not allocate its query buffer")
         return out
+
+    def first_block_variant(self, highest: str = "avx512") -> str:
+        """Which code path of :meth:`first_block` runs on this CPU."""
+        return _VARIANT_NAMES[int(self._first_block_variant(_VARIANT_LEVELS[highest]))]
+
+    def first_block(
+        self,
+        sim: torch.Tensor,
+        query_lengths: torch.Tensor,
+        target_lengths: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        out_dtype: torch.dtype = torch.float32,
+        threads: int = 1,
+        variant: str | None = None,
+    ) -> torch.Tensor:
+        """The video comparator's first layer in one pass (``VideoComparator.first_block``):
+        ``sim`` float32 [N, H, W] with real sizes ``query_lengths`` / ``target_lengths`` (int64
+        [N]), ``weight`` float32 [32, 9], ``bias`` [32] -> [N, 32, H/2, W/2] in channels-last
+        layout, float32 or bfloat16. All tensors on the CPU and contiguous."""
+        if out_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"out_dtype must be float32 or bfloat16, got {out_dtype}")
+        for name, tensor, dtype, shape in (
+            ("sim", sim, torch.float32, None),
+            ("query_lengths", query_lengths, torch.int64, (sim.shape[0],)),
+            ("target_lengths", target_lengths, torch.int64, (sim.shape[0],)),
+            ("weight", weight, torch.float32, (FIRST_BLOCK_CHANNELS, 9)),
+            ("bias", bias, torch.float32, (FIRST_BLOCK_CHANNELS,)),
+        ):
+            if tensor.dtype != dtype or tensor.device.type != "cpu" or not tensor.is_contiguous():
+                raise ValueError(f"{name} must be a contiguous {dtype} CPU tensor, got {tensor.dtype}")
+            if shape is not None and tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} must have the shape {shape}, got {tuple(tensor.shape)}")
+        if sim.ndim != 3:
+            raise ValueError(f"sim must be [N, H, W], got {tuple(sim.shape)}")
+        n, height, width = sim.shape
+        out = torch.empty(n, height // 2, width // 2, FIRST_BLOCK_CHANNELS, dtype=out_dtype)
+        highest = _VARIANT_LEVELS[variant or "avx512"]
+        cells = (height // 2) * (width // 2)
+
+        def run(start: int, stop: int) -> int:
+            self._first_block(
+                sim[start:].data_ptr(), stop - start, height, width, query_lengths[start:].data_ptr(),
+                target_lengths[start:].data_ptr(), weight.data_ptr(), bias.data_ptr(),
+                out[start:].data_ptr(), int(out_dtype == torch.bfloat16), highest,
+            )  # fmt: skip
+            return 0
+
+        _split(n, min(threads, (n * cells) // _MIN_CELLS_PER_THREAD), run)
+        return out.permute(0, 3, 1, 2)
+
+
+def _split(n: int, threads: int, run: Callable[[int, int], int]) -> list[int]:
+    """``run(start, stop)`` over ``threads`` (at least one) near-equal ranges of ``range(n)``, in
+    Python threads (ctypes releases the GIL during each call); the results in order."""
+    threads = max(1, min(threads, n))
+    bounds = np.linspace(0, n, threads + 1).astype(np.int64).tolist()
+    if threads == 1:
+        return [run(0, n)]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(run, bounds[:-1], bounds[1:]))
 
 
 def _cache_dir() -> Path:

@@ -12,10 +12,17 @@ Both entry points share one batching scheme (:func:`_score_targets`):
    the batching and equals ``student.calculate_video_similarity``. A batch also holds at most
    ``*_BATCH_CELLS`` frame-matrix cells (a long query gets fewer pairs a call), which bounds the
    comparator's memory, and the time between two checks of an optional ``deadline``.
+
+Two options tune the CPU work without changing what is computed: ``precision`` runs the
+comparator's convolutions in bfloat16 where the CPU has native bfloat16 arithmetic
+(:mod:`~dns_milvus.similarity.precision`, scores within about 1e-3 of float32), and ``threads``
+sets how many threads a call uses (default: as many as other processes leave idle,
+:mod:`~dns_milvus.similarity.threads`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 
@@ -25,7 +32,9 @@ from torch.nn.utils.rnn import pad_sequence
 
 from dns_milvus.errors import DeadlineExceededError, InvalidInputError
 from dns_milvus.models import FineSimilarityNetwork
+from dns_milvus.similarity.comparator import comparator_student, resolve_precision
 from dns_milvus.similarity.hamming import check_packed_video, packed_frame_similarity, scatter_frames
+from dns_milvus.similarity.threads import intra_op_threads, resolve_threads
 
 #: Pairs a comparator call on CPU: 16-64 measure alike, 32 is best with channels-last weights
 #: (docs/kernel.md); much larger batches spill the caches.
@@ -98,14 +107,19 @@ def _score_targets(
     timings: dict[str, float] | None,
     channels_last: bool,
     deadline: float | None,
+    precision: str,
+    threads: int | None,
 ) -> Tensor:
     """The shared driver: sort, group, build frame matrices, run the comparator in batches.
 
     ``deadline`` (a ``time.monotonic()`` value) is checked before each group and each comparator
     batch: past it, the remaining work is dropped and ``DeadlineExceededError`` raised.
     """
+    dtype = resolve_precision(precision, device)
+    thread_count = resolve_threads(threads)
     if channels_last and device.type == "cpu":
         prepare_for_inference(student)
+    comparator = comparator_student(student, dtype)
     if batch_size is None:
         batch_size = CUDA_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
     if batch_size < 1:
@@ -117,24 +131,27 @@ def _score_targets(
     stage_seconds = {"frame_matrices": 0.0, "comparator": 0.0}
     clock = _StageClock(device if timings is not None else None)
     done = 0
-    for start, stop in _groups(sorted_lengths, floats_per_frame, GROUP_ELEMENTS):
-        _check_deadline(deadline, done, len(order), device)
-        f2f = frame_matrices(order[start:stop], sorted_lengths[stop - 1])
-        stage_seconds["frame_matrices"] += clock.lap()
-        first = start
-        while first < stop:
+    # CUDA work is queued from this thread: torch's CPU thread count does not matter there
+    with intra_op_threads(thread_count) if device.type == "cpu" else contextlib.nullcontext():
+        for start, stop in _groups(sorted_lengths, floats_per_frame, GROUP_ELEMENTS):
             _check_deadline(deadline, done, len(order), device)
-            last = _batch_end(sorted_lengths, first, min(first + batch_size, stop), query_length, max_cells)
-            longest = sorted_lengths[last - 1]
-            ql = torch.full((last - first,), query_length, dtype=torch.long, device=device)
-            tl = torch.tensor(sorted_lengths[first:last], dtype=torch.long, device=device)
-            sims = student.similarity_from_frame_matrix(
-                f2f[first - start : last - start, :, :longest], ql, tl
-            )
-            out[torch.tensor(order[first:last], device=device)] = sims.to(torch.float32)
-            done += last - first
-            first = last
-        stage_seconds["comparator"] += clock.lap()
+            f2f = frame_matrices(order[start:stop], sorted_lengths[stop - 1])
+            stage_seconds["frame_matrices"] += clock.lap()
+            first = start
+            while first < stop:
+                _check_deadline(deadline, done, len(order), device)
+                limit = min(first + batch_size, stop)
+                last = _batch_end(sorted_lengths, first, limit, query_length, max_cells)
+                longest = sorted_lengths[last - 1]
+                ql = torch.full((last - first,), query_length, dtype=torch.long, device=device)
+                tl = torch.tensor(sorted_lengths[first:last], dtype=torch.long, device=device)
+                sims = comparator.similarity_from_frame_matrix(
+                    f2f[first - start : last - start, :, :longest], ql, tl
+                )
+                out[torch.tensor(order[first:last], device=device)] = sims.to(torch.float32)
+                done += last - first
+                first = last
+            stage_seconds["comparator"] += clock.lap()
     if timings is not None:
         for stage, seconds in stage_seconds.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
@@ -213,6 +230,8 @@ def fine_similarity_packed(
     timings: dict[str, float] | None = None,
     channels_last: bool = True,
     deadline: float | None = None,
+    precision: str = "float32",
+    threads: int | None = None,
 ) -> Tensor:
     """Fine-grained similarity of a query with each target, from packed binary codes.
 
@@ -226,7 +245,10 @@ def fine_similarity_packed(
     the student's comparator weights are first put in channels-last layout, in place (see
     :func:`prepare_for_inference`; values unchanged), unless ``channels_last=False``. Given a
     ``deadline`` (a ``time.monotonic()`` value), scoring stops with ``DeadlineExceededError`` at
-    the first comparator batch that would start after it.
+    the first comparator batch that would start after it. ``precision`` (``float32``,
+    ``bfloat16``, ``auto``) is the comparator's arithmetic (see
+    :mod:`~dns_milvus.similarity.precision`); ``threads`` the CPU threads of the call (None: as
+    many as other processes leave idle, see :mod:`~dns_milvus.similarity.threads`).
     """
     fg_type = getattr(student, "fg_type", None)
     if fg_type != "bin":
@@ -255,7 +277,7 @@ def fine_similarity_packed(
         return _score_targets(
             student, query.shape[0], [t.shape[0] for t in targets], frame_matrices,
             floats_per_frame=2 * query.shape[0], device=device, batch_size=batch_size, timings=timings,
-            channels_last=channels_last, deadline=deadline,
+            channels_last=channels_last, deadline=deadline, precision=precision, threads=threads,
         )  # fmt: skip
 
 
@@ -280,14 +302,16 @@ def fine_similarity_float(
     timings: dict[str, float] | None = None,
     channels_last: bool = True,
     deadline: float | None = None,
+    precision: str = "float32",
+    threads: int | None = None,
 ) -> Tensor:
     """Fine-grained similarity of a query with each target, from float region tensors.
 
     ``query`` [Tq, R, D] and each target [Tt_i, R, D] (float16 as stored, or float32; D = the
     student's ``index_dims``) -> float32 [B] on the student's device, equal to
     ``student.calculate_video_similarity`` on the same tensors. Uses the same sorting, grouping
-    and comparator batching (and ``timings``, ``channels_last``, ``deadline``) as
-    :func:`fine_similarity_packed`.
+    and comparator batching (and ``timings``, ``channels_last``, ``deadline``, ``precision``,
+    ``threads``) as :func:`fine_similarity_packed`.
     """
     device = _resolve_device(student, device)
     compute_dtype = next(student.parameters()).dtype  # float16 storage is widened once, here
@@ -310,5 +334,6 @@ def fine_similarity_float(
         return _score_targets(
             student, query.shape[0], [t.shape[0] for t in target_list], frame_matrices,
             floats_per_frame=query.shape[0] * regions * regions, device=device, batch_size=batch_size,
-            timings=timings, channels_last=channels_last, deadline=deadline,
+            timings=timings, channels_last=channels_last, deadline=deadline, precision=precision,
+            threads=threads,
         )  # fmt: skip
