@@ -14,6 +14,7 @@ import os
 import platform
 import resource
 import secrets
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,6 +169,29 @@ def summarize(values: Sequence[float], digits: int = 2) -> dict[str, float]:
         "min": round(float(arr.min()), digits),
         "max": round(float(arr.max()), digits),
     }
+
+
+def runs_summary(runs: Sequence[dict[str, Any]], items: int) -> dict[str, Any]:
+    """Repeated runs (each with ``seconds`` and the ``load_1m`` it started at) of ``items`` items:
+    best and median seconds and items per second, the load averages, and the runs themselves."""
+    seconds = [r["seconds"] for r in runs]
+    return {
+        "per_s_best": round(items / min(seconds), 3),
+        "per_s_median": round(items / statistics.median(seconds), 3),
+        "seconds_min": round(min(seconds), 2),
+        "seconds_median": round(statistics.median(seconds), 2),
+        "load_1m": [round(r["load_1m"], 2) for r in runs],
+        "runs": list(runs),
+    }
+
+
+def summary_row(name: str, summary: dict[str, Any]) -> list[object]:
+    """``runs_summary`` as a row of ``print_table`` under ``SUMMARY_HEADERS``."""
+    return [name, summary["seconds_min"], summary["seconds_median"], summary["per_s_best"],
+            summary["per_s_median"], " ".join(f"{x:.1f}" for x in summary["load_1m"])]  # fmt: skip
+
+
+SUMMARY_HEADERS = ("setting", "s min", "s median", "per s best", "per s median", "load 1m")
 
 
 def ratio(numerator: float, denominator: float, digits: int = 2) -> float | None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 from dns_milvus.errors import DnSError
 
@@ -30,6 +31,34 @@ def quiet_milvus_logs() -> None:
         # pymilvus gives some of its child loggers a level of their own
         if name.startswith(children) and isinstance(logger, logging.Logger):
             logger.setLevel(logging.CRITICAL + 1)
+
+
+@contextlib.contextmanager
+def milvus_opening(uri: str, token: str | None) -> Iterator[None]:
+    """Connect to Milvus at ``uri`` in a thread while the body runs (importing torch takes a second
+    or more); leaving waits for it, and raises its error if it failed.
+
+    Milvus Lite reads a whole collection when it opens it (seconds at 100k videos) and keeps it
+    open in this process, so the index's own ``connect`` afterwards finds it ready.
+    """
+    from dns_milvus.milvus import connect
+
+    failure: list[Exception] = []
+
+    def open_database() -> None:
+        try:
+            connect(uri, token=token).close()  # the database stays open in this process
+        except Exception as exc:  # raised in the caller's thread, as the index would raise it
+            failure.append(exc)
+
+    thread = threading.Thread(target=open_database, name="milvus-open", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+    if failure:
+        raise failure[0]
 
 
 def run_command(prog: str, body: Callable[[], int | None]) -> int:

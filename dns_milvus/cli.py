@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dns_milvus._cli import quiet_milvus_logs, run_command
+from dns_milvus._cli import milvus_opening, quiet_milvus_logs, run_command
 from dns_milvus.config import DEFAULT_REPAIR_GRACE_S, Settings
 from dns_milvus.errors import DnSError, InvalidInputError
 
@@ -39,8 +39,6 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
 
 def _open_index(args: argparse.Namespace) -> Any:
-    from dns_milvus.engine import DnSIndex
-
     settings = Settings.resolve(vars(args), args.config)
     models = Path(settings.models)
     if not (models / "manifest.json").is_file():
@@ -48,6 +46,9 @@ def _open_index(args: argparse.Namespace) -> Any:
             f"no model set at {models}: pass --models DIR (a directory with manifest.json), "
             "or build the default one with 'dns-milvus train default'"
         )
+    quiet_milvus_logs()
+    with milvus_opening(settings.uri, settings.token):  # while torch is imported
+        from dns_milvus.engine import DnSIndex
     reranker = None
     if settings.reranker:
         from dns_milvus.rpc.client import RemoteReranker
@@ -79,7 +80,17 @@ def _emit(args: argparse.Namespace, payload: Any, text: Callable[[], str]) -> No
 def cmd_ingest(args: argparse.Namespace) -> int:
     from dns_milvus.ingest import file_source, hdf5_source, ingest, video_files
 
+    if args.ray and args.hdf5:
+        raise InvalidInputError("--ray decodes and indexes video files; ingest --hdf5 features without it")
     index = _open_index(args)
+    if args.ray:  # Ray is imported only here: `ingest --ray` is the one command that needs it
+        with index:
+            report = index.ingest_on_ray(
+                args.inputs, address=args.ray, id_from=args.id_from, max_frames=args.max_frames,
+                batch_size=args.batch_size, skip_existing=not args.overwrite, progress=not args.json,
+            )  # fmt: skip
+        _emit(args, report.to_dict(), report.summary)
+        return 1 if report.failed and not report.added else 0
     with index:
         if args.hdf5:
             items = hdf5_source(args.hdf5)
@@ -238,6 +249,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dns_milvus.demo import run_demo
 
+    quiet_milvus_logs()
     return run_demo(workdir=Path(args.workdir), json_output=args.json)
 
 
@@ -301,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, default=None, help="cap on sampled frames per video")
     p.add_argument("--id-from", choices=["stem", "name", "path"], default="stem")
     p.add_argument("--overwrite", action="store_true", help="re-index videos that are already indexed")
+    p.add_argument(
+        "--ray", metavar="ADDRESS", help="run on a Ray cluster (its head's host:port, or auto); needs a "
+        "Milvus server and a store every node reaches (docs/ingestion.md)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("search", parents=[common], help="two-stage DnS search")
@@ -383,7 +399,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = argparse.Namespace(command=argv[0], rest=argv[1:], func=PASSTHROUGH[argv[0]])
     else:
         args = parser.parse_args(argv)
-        quiet_milvus_logs()
     return run_command(f"dns-milvus {args.command}", lambda: args.func(args))
 
 

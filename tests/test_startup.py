@@ -4,6 +4,7 @@ and for loading a model set, and that the coarse-only policy runs no selector.""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dns_milvus.cli import main
 from dns_milvus.config import DEFAULT_MODEL_SET
 from dns_milvus.engine import DnSIndex, ModelSet
 from tests.fixtures.engine import random_video
@@ -124,3 +126,55 @@ def test_policy_none_runs_no_selector(lite_index: DnSIndex) -> None:
     # the same candidates, scores and ranking as the policy that ran the selector (it chose none)
     assert selected.n_reranked == 0
     assert [(h.video_id, h.score) for h in coarse.hits] == [(h.video_id, h.score) for h in selected.hits]
+
+
+# -- the command line opens Milvus while torch loads ------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("{tmp}/index.txt", "a Milvus Lite database path must end in .db"),
+        ("http://127.0.0.1:{port}", "cannot reach Milvus at http://127.0.0.1:{port}"),
+    ],
+)
+def test_milvus_errors_from_the_background_open_are_the_commands_error(
+    uri: str, message: str, tmp_path: Path, model_set_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = _free_port()
+    uri, message = (text.format(tmp=tmp_path, port=port) for text in (uri, message))
+    code = main(["stats", "--uri", uri, "--models", str(model_set_dir), "--store", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("dns-milvus stats: error: ") and message in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_search_by_id_on_the_command_line(
+    lite_index: DnSIndex, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command opens the database in a thread while torch loads; its index then connects to
+    the same Milvus Lite database and searches it."""
+    lite_index.close()
+    release_lite(tmp_path / "startup.db")
+    argv = ["--uri", str(tmp_path / "startup.db"), "--store", str(tmp_path / "objects")]
+    code = main(
+        [
+            "search",
+            "--id",
+            "v03",
+            "--collection",
+            "startup",
+            "--models",
+            str(DEFAULT_MODEL_SET),
+            *argv,
+            "--json",
+        ]
+    )
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert code == 0 and len(hits) == 10 and "v03" not in {h["video_id"] for h in hits}

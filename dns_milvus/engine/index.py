@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ from dns_milvus.errors import (
 )
 from dns_milvus.ids import validate_video_id
 from dns_milvus.milvus import IndexConfig, VideoCollection, VideoRow, connect, display_uri
+from dns_milvus.milvus.bulk import import_rows, require_import_api
 from dns_milvus.milvus.rows import now_ms
 from dns_milvus.store import (
     ObjectInfo,
@@ -61,6 +62,9 @@ from dns_milvus.store import (
     open_store,
     put_verified,
 )
+
+if TYPE_CHECKING:
+    from dns_milvus.ingest.pipeline import IngestReport
 
 Query = VideoRecord | np.ndarray | torch.Tensor | os.PathLike | str
 
@@ -168,6 +172,10 @@ class DnSIndex:
         self.store = store if not isinstance(store, str) else open_store(store)
         self.client = connect(uri, token=token)
         self.uri = uri
+        # What another process needs to open this index itself (``ingest_on_ray``'s workers).
+        self.models_dir = None if isinstance(models, ModelSet) else Path(models)
+        self.store_uri = store if isinstance(store, str) else None
+        self.token = token
         existed = VideoCollection.exists(self.client, collection)
         self.collection = VideoCollection.create(
             self.client,
@@ -216,8 +224,14 @@ class DnSIndex:
         video_ids: Sequence[str],
         features: Sequence[np.ndarray | torch.Tensor],
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        *,
+        import_dir: str | Path | None = None,
+        server_dir: str | None = None,
     ) -> list[VideoRecord]:
-        """Index a batch of videos: networks, then objects (verified), then Milvus rows."""
+        """Index a batch of videos: networks, then objects (verified), then Milvus rows.
+
+        ``import_dir``: write the rows through Milvus's bulk import (``write_prepared``) instead
+        of upserts: for loading many videos at once into a Milvus server."""
         if len(video_ids) != len(features):
             raise InvalidInputError(f"{len(video_ids)} ids but {len(features)} feature tensors")
         metadata = list(metadata) if metadata is not None else [None] * len(video_ids)
@@ -230,11 +244,16 @@ class DnSIndex:
         records = self.models.index_features(features)
         for vid, rec in zip(video_ids, records):
             rec.video_id = vid
-        self.write_records(records, metadata)
+        self.write_records(records, metadata, import_dir=import_dir, server_dir=server_dir)
         return records
 
     def write_records(
-        self, records: Sequence[VideoRecord], metadata: Sequence[Mapping[str, Any] | None] | None = None
+        self,
+        records: Sequence[VideoRecord],
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        *,
+        import_dir: str | Path | None = None,
+        server_dir: str | None = None,
     ) -> dict[str, float]:
         """Persist indexed videos: each object is written and verified before its row is upserted.
 
@@ -247,7 +266,7 @@ class DnSIndex:
             raise InvalidInputError(
                 f"{len(failed)} of {len(records)} videos cannot be stored, so nothing was written: {shown}"
             )
-        return self.write_prepared(prepared)
+        return self.write_prepared(prepared, import_dir=import_dir, server_dir=server_dir)
 
     def prepare_writes(
         self, records: Sequence[VideoRecord], metadata: Sequence[Mapping[str, Any] | None] | None = None
@@ -286,20 +305,49 @@ class DnSIndex:
             prepared.append(PreparedWrite(row, blob))
         return prepared, failed
 
-    def write_prepared(self, prepared: Sequence[PreparedWrite]) -> dict[str, float]:
+    def write_prepared(
+        self,
+        prepared: Sequence[PreparedWrite],
+        *,
+        import_dir: str | Path | None = None,
+        server_dir: str | None = None,
+    ) -> dict[str, float]:
         """Write checked videos: every object (verified), then the rows. Returns the time spent
-        on the object store and on Milvus, in milliseconds."""
+        on the object store and on Milvus, in milliseconds.
+
+        With ``import_dir`` the rows go through Milvus's bulk import: Parquet files written
+        there, imported by the server (which must read that directory, as ``server_dir`` if it
+        sees it under another path), each id then read back (``dns_milvus.milvus.bulk``). Rows
+        whose id is already indexed are upserted. Milvus Lite has no import
+        (``BulkImportUnsupportedError``, raised before any object is written)."""
         if not prepared:
             return {"store_ms": 0.0, "milvus_ms": 0.0}
+        if import_dir is not None:
+            require_import_api(self.collection)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=min(8, len(prepared))) as pool:
             list(pool.map(lambda p: put_verified(self.store, p.row.fine_key, p.blob), prepared))
         store_ms = _ms(t0)
         t1 = time.perf_counter()
-        self.collection.upsert([p.row for p in prepared])
+        if import_dir is None:
+            self.collection.upsert([p.row for p in prepared])
+        else:
+            import_rows(self.collection, [p.row for p in prepared], import_dir, server_dir=server_dir)
         for p in prepared:  # a re-written video must not be re-ranked with its old tensor
             self.local_reranker.cache.discard(p.row.fine_key)
         return {"store_ms": store_ms, "milvus_ms": _ms(t1)}
+
+    def ingest_on_ray(
+        self, inputs: Iterable[str | os.PathLike], *, address: str | None = None, **options: Any
+    ) -> IngestReport:
+        """Index video files on a Ray cluster: decoding, feature extraction and indexing run as
+        Ray Data stages on its workers, each of which opens this index itself (so it must have
+        been opened with a model-set directory, a store URI and a Milvus server URI). Resumable
+        and idempotent like ``dns_milvus.ingest.ingest``, whose report it returns; ``options``:
+        see ``dns_milvus.ingest.distributed.ingest_on_ray``. Needs the ``ray`` extra."""
+        from dns_milvus.ingest.distributed import ingest_on_ray
+
+        return ingest_on_ray(self, inputs, address=address, **options)
 
     def delete(self, video_ids: Iterable[str]) -> int:
         """Delete videos: rows first, then objects. Unknown ids are ignored; returns how many existed.

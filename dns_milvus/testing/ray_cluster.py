@@ -1,0 +1,160 @@
+"""A throwaway Ray cluster on loopback for tests and benchmarks: a head and worker nodes, each a
+real ``ray start --block`` process (with its raylet and worker processes) in a process group of
+its own, so that a node can be killed for real (``kill_worker``) and every node stopped cleanly.
+
+Nodes listen on ``127.0.0.2`` (Ray resolves ``127.0.0.1`` to the machine's outward address,
+while other loopback addresses are used as given), on free ports, with their files in a short
+temporary directory (Ray's socket paths must stay under 108 bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dns_milvus.errors import BackendUnavailableError
+from dns_milvus.testing.milvus_server import free_ports
+
+#: The loopback address the nodes use.
+NODE_IP = "127.0.0.2"
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+#: Small object stores: the test videos are a few MB, and /dev/shm is shared with everything else.
+OBJECT_STORE_BYTES = 256 * 2**20
+# Node deaths are noticed within ~2 s instead of the default ~30 s.
+_HEAD_SYSTEM_CONFIG = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
+
+
+@dataclass
+class LocalRayCluster:
+    """Nodes started by ``local_ray_cluster``; ``address`` is the head's ``host:port``."""
+
+    address: str
+    temp_dir: Path
+    head: subprocess.Popen
+    workers: list[subprocess.Popen] = field(default_factory=list)
+    cpus_per_node: int = 1
+
+    def add_worker(self, *, cpus: int | None = None, timeout: float = START_TIMEOUT_S) -> subprocess.Popen:
+        """Start a worker node and wait until the cluster counts it."""
+        expected = self.alive_nodes() + 1
+        proc = _start_node(
+            ["--address", self.address, "--num-cpus", _num(cpus or self.cpus_per_node)],
+            self.temp_dir / f"worker-{len(self.workers)}.log",
+        )
+        self.workers.append(proc)
+        self.wait_for_nodes(expected, timeout=timeout, watch=proc)
+        return proc
+
+    def kill_worker(self, proc: subprocess.Popen) -> None:
+        """SIGKILL a worker node: its ``ray start`` process, raylet and every worker process on it."""
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=STOP_TIMEOUT_S)
+
+    def alive_nodes(self) -> int:
+        return len(self._nodes())
+
+    def wait_for_nodes(self, count: int, *, timeout: float = START_TIMEOUT_S,
+                       watch: subprocess.Popen | None = None) -> None:
+        """Wait until exactly ``count`` nodes are alive."""
+        deadline = time.monotonic() + timeout
+        while self.alive_nodes() != count:
+            for proc in (self.head, watch):
+                if proc is not None and proc.poll() is not None:
+                    raise BackendUnavailableError(f"a Ray node exited with code {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise BackendUnavailableError(f"the Ray cluster lacks {count} live nodes after {timeout:g} s")
+            time.sleep(0.3)
+
+    def _nodes(self) -> list[dict]:
+        """Alive nodes, asked of the head by a short-lived process (the caller may be a driver)."""
+        script = (
+            f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR', "
+            "log_to_driver=False); print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"
+        )
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                             env=_ray_env())
+        if out.returncode != 0:
+            return []
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def stop(self) -> None:
+        """Stop every node started here (SIGTERM lets ``ray start --block`` stop its processes)."""
+        for proc in [*self.workers, self.head]:
+            _stop_group(proc)
+
+
+@contextmanager
+def local_ray_cluster(
+    workers: int = 1, *, cpus_per_node: int = 1, head_cpus: int | None = None
+) -> Iterator[LocalRayCluster]:
+    """A head node (``head_cpus``, default ``cpus_per_node``; 0 keeps work off it) and ``workers``
+    worker nodes of ``cpus_per_node`` CPUs each; stopped on exit."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="dnsray-", dir="/tmp"))
+    port, client_port = free_ports(2)
+    head = _start_node(
+        ["--head", "--port", str(port), "--num-cpus", _num(cpus_per_node if head_cpus is None else head_cpus),
+         "--temp-dir", str(temp_dir),
+         "--include-dashboard=false", "--ray-client-server-port", str(client_port),
+         "--system-config", json.dumps(_HEAD_SYSTEM_CONFIG)],
+        temp_dir / "head.log",
+    )  # fmt: skip
+    cluster = LocalRayCluster(f"{NODE_IP}:{port}", temp_dir, head, cpus_per_node=cpus_per_node)
+    try:
+        cluster.wait_for_nodes(1)
+        for _ in range(workers):
+            cluster.add_worker()
+        yield cluster
+    except BackendUnavailableError as exc:
+        raise BackendUnavailableError(f"{exc}\n{_log_tail(temp_dir)}") from exc
+    finally:
+        cluster.stop()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _start_node(args: list[str], log: Path) -> subprocess.Popen:
+    ray = Path(sys.executable).with_name("ray")
+    command = [str(ray), "start", "--block", "--node-ip-address", NODE_IP, "--disable-usage-stats",
+               "--object-store-memory", str(OBJECT_STORE_BYTES), *args]  # fmt: skip
+    with open(log, "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_ray_env(),
+                                start_new_session=True)  # fmt: skip
+
+
+def _ray_env() -> dict[str, str]:
+    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):  # what the node left running goes with its group
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=STOP_TIMEOUT_S)
+
+
+def _num(value: int) -> str:
+    return str(int(value))
+
+
+def _log_tail(temp_dir: Path, lines: int = 20) -> str:
+    tails = []
+    for log in sorted(temp_dir.glob("*.log")):
+        text = log.read_text(errors="replace").splitlines()[-lines:]
+        tails.append(f"--- {log.name} ---\n" + "\n".join(text))
+    return "\n".join(tails)
