@@ -511,9 +511,11 @@ def test_concurrent_requests_are_batched_and_each_equals_its_local_result(
         responses = [f.result() for f in futures]
     for query, response in zip(queries, responses, strict=True):
         expected = stage2.local.rerank(query, candidates_for(query, stage2.corpus, COLLECTION), policy, 5)
-        assert [(h.video_id, h.score) for h in response.hits] == [
-            (h.video_id, h.score) for h in expected.hits
-        ]
+        # pooled into shared comparator calls: equal to float rounding of the batch shapes
+        assert [h.video_id for h in response.hits] == [h.video_id for h in expected.hits]
+        np.testing.assert_allclose(
+            [h.score for h in response.hits], [h.score for h in expected.hits], rtol=0, atol=1e-5
+        )
     stats = batching.server.core.reranker.batcher.stats
     assert stats.jobs == len(queries) and stats.batches < len(queries)
 
@@ -581,7 +583,9 @@ def test_a_request_past_its_deadline_stops_its_fine_scoring(
     stage2: Stage2, start_server: Callable[..., BackgroundServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """2000 query frames against 100 videos of 500 frames in one slice: ~50 comparator calls of
-    2 pairs. The 1 s deadline passes during the first calls; the rest must never run."""
+    2 pairs, far more than 1 s of work. The 1 s deadline passes early (before or during the first
+    calls, depending on the machine's load); the rest must never run. That the kernels stop
+    between two comparator calls is checked without a clock in tests/test_similarity*.py."""
     busy = start_server(max_frame_pairs=10**9, max_batch_frame_pairs=10**9)
     candidates = long_candidates(stage2, 100, 500, prefix="long")
     everything = pb.SelectionPolicy(kind=pb.POLICY_KIND_ALL)
@@ -593,7 +597,7 @@ def test_a_request_past_its_deadline_stops_its_fine_scoring(
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     core = busy.server.core
     wait_until(lambda: core.inflight == 0 and core.reranker.batcher.admitted_pairs == 0, timeout_s=60)
-    assert 0 < len(calls) < 25, len(calls)
+    assert len(calls) < 25, len(calls)
     assert len(call(busy.grpc_target, inline_request(stage2)).hits) == 10  # and it serves on
 
 
@@ -618,9 +622,10 @@ def test_small_requests_flow_while_a_big_one_is_scored_in_slices(
         response = big.result()
     assert batcher.stats.slices >= 48 + 1
     expected = stage2.local.rerank(big_query, candidates, policy, 48)
-    assert [(h.video_id, h.fine_score) for h in response.hits] == [
-        (h.video_id, h.fine_score) for h in expected.hits
-    ]
+    assert [h.video_id for h in response.hits] == [h.video_id for h in expected.hits]
+    np.testing.assert_allclose(
+        [h.fine_score for h in response.hits], [h.fine_score for h in expected.hits], rtol=0, atol=1e-5
+    )
 
 
 # -- degradation through the SDK ------------------------------------------------------------------

@@ -12,6 +12,11 @@ the batch in ONE dedicated thread, so
   (jobs that already waited their ``max_wait_ms`` are not held back again);
 - the event loop never blocks on torch.
 
+A batch is scored in shared comparator calls: the pairs of every request in it, whatever their
+query and lengths, are pooled and packed into comparator batches of similar query and target
+lengths (``dns_milvus.similarity.many``), so concurrent requests fill each other's calls
+instead of each padding its own to its longest candidate.
+
 Work is measured in pairs (query/target) and in frame pairs (query frames x target frames,
 what the comparator's cost grows with). A batch holds at most ``max_batch_pairs`` and
 ``max_batch_frame_pairs``; a bigger job is cut into slices of that size, and after each slice
@@ -19,10 +24,13 @@ its rest goes behind the jobs that arrived meanwhile (round robin), so small req
 flowing while a big one runs. One request may ask for at most ``max_frame_pairs`` frame pairs
 (``WorkLimitError``, INVALID_ARGUMENT, before any fine-grained work).
 
-Admission is bounded in pairs (``max_queue_pairs``, queued + running): past it a submission
-fails at once with ``OverloadedError`` instead of growing memory. A job whose request was
-cancelled or whose deadline passed is dropped before its next slice; inside a slice the kernels
-stop at the deadline between comparator batches.
+Admission is bounded in pairs (``max_queue_pairs``) and in frame pairs
+(``max_queue_frame_pairs``), queued + running: past either a submission fails at once with
+``OverloadedError`` instead of growing memory and queueing time. The frame matrices of one
+batch (4 bytes a frame pair) are what scoring holds in memory, so ``max_batch_frame_pairs``
+bounds it. A job whose request was cancelled or whose deadline passed is dropped before its
+next slice; inside a batch each request's deadline is checked before every comparator call,
+and a late request's remaining pairs leave the batch while the others are scored on.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from dns_milvus.errors import (
     ShuttingDownError,
     WorkLimitError,
 )
+from dns_milvus.similarity.many import fine_similarity_float_many, fine_similarity_packed_many
 from dns_milvus.store import ObjectStore
 
 
@@ -165,6 +174,7 @@ class FineBatcher:
         max_batch_frame_pairs: ... or this many frame pairs; a bigger job is cut into slices.
         max_wait_ms: the longest the oldest job of a forming batch waits for company.
         max_queue_pairs: pairs admitted (queued + running) before submissions are refused.
+        max_queue_frame_pairs: ... and frame pairs (a single job bigger than it is admitted alone).
         on_batch: called in the event loop after each batch with (jobs, pairs, seconds, queue waits).
     """
 
@@ -173,24 +183,29 @@ class FineBatcher:
         score_slices: Callable[[Sequence[FineSlice]], list[np.ndarray | Exception]],
         *,
         max_batch_pairs: int = 4096,
-        max_batch_frame_pairs: int = 1 << 25,
+        max_batch_frame_pairs: int = 1 << 22,
         max_wait_ms: float = 2.0,
         max_queue_pairs: int = 65536,
+        max_queue_frame_pairs: int = 1 << 28,
         on_batch: Callable[[int, int, float, list[float]], None] | None = None,
     ) -> None:
-        if min(max_batch_pairs, max_batch_frame_pairs, max_queue_pairs) < 1 or max_wait_ms < 0:
+        limits = (max_batch_pairs, max_batch_frame_pairs, max_queue_pairs, max_queue_frame_pairs)
+        if min(limits) < 1 or max_wait_ms < 0:
             raise ValueError(
-                "max_batch_pairs, max_batch_frame_pairs and max_queue_pairs must be >= 1, max_wait_ms >= 0"
+                "max_batch_pairs, max_batch_frame_pairs, max_queue_pairs and max_queue_frame_pairs must be "
+                ">= 1, max_wait_ms >= 0"
             )
         self.score_slices = score_slices
         self.max_batch_pairs = max_batch_pairs
         self.max_batch_frame_pairs = max_batch_frame_pairs
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue_pairs = max_queue_pairs
+        self.max_queue_frame_pairs = max_queue_frame_pairs
         self.on_batch = on_batch
         self.stats = BatchStats()
         self._jobs: collections.deque[FineJob] = collections.deque()
         self._admitted_pairs = 0
+        self._admitted_frame_pairs = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
@@ -201,6 +216,10 @@ class FineBatcher:
     @property
     def admitted_pairs(self) -> int:
         return self._admitted_pairs
+
+    @property
+    def admitted_frame_pairs(self) -> int:
+        return self._admitted_frame_pairs
 
     def start(self) -> None:
         """Start the batching task on the running event loop."""
@@ -230,7 +249,17 @@ class FineBatcher:
                     f"re-ranker queue is full ({self._admitted_pairs} query/target pairs pending, limit "
                     f"{self.max_queue_pairs}); retry later"
                 )
+            work = job.frame_pairs()
+            if (
+                self._admitted_frame_pairs + work > self.max_queue_frame_pairs
+                and self._admitted_frame_pairs > 0
+            ):
+                raise OverloadedError(
+                    f"re-ranker queue is full ({self._admitted_frame_pairs} frame pairs of fine-grained work "
+                    f"pending, limit {self.max_queue_frame_pairs}; this request needs {work}); retry later"
+                )
             self._admitted_pairs += job.pairs
+            self._admitted_frame_pairs += work
         self._loop.call_soon_threadsafe(self._enqueue, job)
         return job.future
 
@@ -357,6 +386,7 @@ class FineBatcher:
         job.finished = True
         with self._lock:
             self._admitted_pairs -= job.pairs
+            self._admitted_frame_pairs -= job.frame_pairs()
         if error is not None and job.unscored > 0:
             self.stats.dropped_jobs += 1
         if job.future.done():
@@ -415,26 +445,21 @@ class BatchingReranker(LocalReranker):
         return super().fetch_fine(candidates)
 
     def score_slices(self, batch: Sequence[FineSlice]) -> list[np.ndarray | Exception]:
-        """Score a batch in the scoring thread. Slices whose query is the same tensor (an uploaded
-        query handle, or an indexed query read through the cache, used by concurrent requests)
-        share one kernel call, which stops at the latest of their deadlines; each call is itself
-        batched over its targets by the kernels."""
-        groups: dict[int, list[int]] = {}
-        for i, piece in enumerate(batch):
-            groups.setdefault(id(piece.query.fine), []).append(i)
-        out: list[np.ndarray | Exception] = [np.zeros(0, dtype=np.float32)] * len(batch)
-        for members in groups.values():
-            targets = [t for i in members for t in batch[i].targets]
-            deadlines = [batch[i].deadline for i in members]
-            deadline = None if None in deadlines else max(deadlines)  # type: ignore[type-var]
-            try:
-                scores = LocalReranker.fine_scores(self, batch[members[0]].query, targets, deadline=deadline)
-            except DeadlineExceededError as exc:  # late: these slices fail, the others still count
-                for i in members:
-                    out[i] = exc
-                continue
-            start = 0
-            for i in members:
-                out[i] = scores[start : start + batch[i].pairs]
-                start += batch[i].pairs
-        return out
+        """Score a batch in the scoring thread: the pairs of all its slices in shared comparator
+        calls, each slice stopping at its own request's deadline (a late slice gets the error,
+        the others their scores)."""
+        many = (
+            fine_similarity_packed_many
+            if self.models.payload_kind == "packed_bits"
+            else fine_similarity_float_many
+        )
+        queries = [torch.from_numpy(np.require(piece.query.fine, requirements=["C", "W"])) for piece in batch]
+        targets = [
+            [torch.from_numpy(np.require(t, requirements=["C", "W"])) for t in piece.targets]
+            for piece in batch
+        ]
+        results = many(
+            self.models.fine, queries, targets, deadlines=[piece.deadline for piece in batch],
+            device=self.models.device, precision=self.fine_precision, threads=self.fine_threads,
+        )  # fmt: skip
+        return [r if isinstance(r, Exception) else r.float().cpu().numpy() for r in results]

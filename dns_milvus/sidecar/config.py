@@ -35,8 +35,9 @@ class ServerConfig:
     max_frame_pairs: int = 100_000_000
     max_inflight: int = 64
     max_queue_pairs: int = 65_536
+    max_queue_frame_pairs: int = 1 << 28
     max_batch_pairs: int = 4096
-    max_batch_frame_pairs: int = 1 << 25
+    max_batch_frame_pairs: int = 1 << 22
     max_wait_ms: float = 2.0
     http_timeout_s: float = 30.0
     cache_bytes: int = 1 << 30
@@ -83,6 +84,7 @@ class ServerConfig:
             "max_frame_pairs",
             "max_inflight",
             "max_queue_pairs",
+            "max_queue_frame_pairs",
             "max_batch_pairs",
             "max_batch_frame_pairs",
         )
@@ -124,9 +126,11 @@ _HELP = {
     "every candidate it scores (more is refused with INVALID_ARGUMENT / 400)",
     "max_inflight": "most requests in flight; more are refused with RESOURCE_EXHAUSTED / 429",
     "max_queue_pairs": "most query/target pairs queued for the fine-grained student",
+    "max_queue_frame_pairs": "most fine-grained work queued, in query x target frame pairs; more is "
+    "refused with RESOURCE_EXHAUSTED / 429",
     "max_batch_pairs": "pairs that close a batch of fine-grained work",
-    "max_batch_frame_pairs": "query x target frame pairs that close a batch; a bigger request is scored "
-    "in slices of this size, interleaved with other requests' work",
+    "max_batch_frame_pairs": "query x target frame pairs that close a batch (its frame matrices take 4 "
+    "bytes each); a bigger request is scored in slices of this size, interleaved with other requests' work",
     "max_wait_ms": "longest a job waits for a batch to fill",
     "http_timeout_s": "deadline of an HTTP rerank request (0 = none); past it the answer is 504 and "
     "its remaining work is dropped",

@@ -118,6 +118,7 @@ class RerankCore:
                 "max_batch_frame_pairs": config.max_batch_frame_pairs,
                 "max_wait_ms": config.max_wait_ms,
                 "max_queue_pairs": config.max_queue_pairs,
+                "max_queue_frame_pairs": config.max_queue_frame_pairs,
                 "on_batch": metrics.observe_batch,
             },
         )

@@ -7,7 +7,8 @@
 - ``dns_reranker_scorer_busy_seconds_total``: time the scoring thread computed; its rate is
   the device's duty cycle (1.0 = never idle);
 - ``dns_reranker_cache_*``: the fine-tensor cache (hits, misses, hit ratio, bytes);
-- ``dns_reranker_inflight_requests``, ``dns_reranker_queued_pairs``: current load.
+- ``dns_reranker_inflight_requests``, ``dns_reranker_queued_pairs``,
+  ``dns_reranker_queued_frame_pairs``: current load.
 """
 
 from __future__ import annotations
@@ -53,11 +54,15 @@ class Metrics:
         )
         self.inflight = Gauge("dns_reranker_inflight_requests", "Requests being served.", registry=r)
         self.queued_pairs = Gauge("dns_reranker_queued_pairs", "Pairs admitted to the batcher.", registry=r)
+        self.queued_frame_pairs = Gauge(
+            "dns_reranker_queued_frame_pairs", "Frame pairs of the work admitted to the batcher.", registry=r
+        )
 
     def bind(self, core: RerankCore) -> None:
         """Read live values (load, cache) from the core at scrape time."""
         self.inflight.set_function(lambda: core.inflight)
         self.queued_pairs.set_function(lambda: core.reranker.batcher.admitted_pairs)
+        self.queued_frame_pairs.set_function(lambda: core.reranker.batcher.admitted_frame_pairs)
         self.registry.register(_CacheCollector(core))
 
     def observe_request(self, protocol: str, method: str, status: str, seconds: float) -> None:

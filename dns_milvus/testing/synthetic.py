@@ -76,10 +76,19 @@ def random_features(n: int, *, dims: int, seed: int, frames: tuple[int, int] = (
 
 
 def write_corpus(
-    models: ModelSet, store: ObjectStore, collection: str, n: int, *, seed: int = 0, prefix: str = "v"
+    models: ModelSet,
+    store: ObjectStore,
+    collection: str,
+    n: int,
+    *,
+    seed: int = 0,
+    prefix: str = "v",
+    frames: tuple[int, int] = (3, 12),
 ) -> dict[str, VideoRecord]:
-    """Index ``n`` random videos and store their fine tensors under the keys ingest would use."""
-    records = models.index_features(random_features(n, dims=models.feature_dim, seed=seed))
+    """Index ``n`` random videos (T drawn from ``frames``, inclusive) and store their fine
+    tensors under the keys ingest would use."""
+    features = random_features(n, dims=models.feature_dim, seed=seed, frames=frames)
+    records = models.index_features(features)
     out = {}
     for i, record in enumerate(records):
         record.video_id = f"{prefix}{i}"
