@@ -8,7 +8,9 @@ whose one name lists several loopback addresses, which gRPC's own resolver reads
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -185,6 +187,34 @@ def _reaches(remote: RemoteReranker, stage2: Stage2, replica: BackgroundServer, 
     for _ in range(calls):
         remote.rerank(stage2.query, stage2.candidates(), POLICY, 8)
     return served(replica) > before
+
+
+def test_tls_replicas_named_by_host_are_verified_under_that_name(
+    stage2: Stage2, start_server: Callable[..., BackgroundServer], tmp_path: Path
+) -> None:
+    """A list of host names is resolved to addresses here; the TLS name checked is still the host's
+    (the certificate names only 'localhost', not the address it resolves to)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    first, second = (start_server(tls_cert=str(cert), tls_key=str(key)) for _ in range(2))
+    ports = first.server.grpc_port, second.server.grpc_port
+    with RemoteReranker([f"localhost:{p}" for p in ports], tls=cert, timeout_s=30) as remote:
+        assert remote.replicas == 2
+        for _ in range(4):
+            assert len(remote.rerank(stage2.query, stage2.candidates(), POLICY, 8).hits) == 8
+    assert served(first) > 0 and served(second) > 0
+    # by address, the certificate does not match: no replica can be used
+    with (
+        RemoteReranker([f"127.0.0.1:{p}" for p in ports], tls=cert, timeout_s=10) as by_address,
+        pytest.raises(BackendUnavailableError, match="no re-ranker replica"),
+    ):
+        by_address.rerank(stage2.query, stage2.candidates(), POLICY, 8)
 
 
 def test_when_every_replica_is_down_the_error_says_so_at_once(
