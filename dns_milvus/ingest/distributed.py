@@ -184,6 +184,8 @@ def ingest_on_ray(
     """
     if batch_size < 1:
         raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+    if max_frames is not None and max_frames < 1:
+        raise InvalidInputError(f"max_frames must be >= 1, got {max_frames}")
     spec = IndexSpec.of(index)
     if index.models.extractor is None:
         raise InvalidInputError(

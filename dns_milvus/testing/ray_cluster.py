@@ -29,9 +29,11 @@ from dns_milvus.testing.milvus_server import free_ports
 #: The loopback address the nodes use.
 NODE_IP = "127.0.0.2"
 START_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 15.0
 #: Small object stores: the test videos are a few MB, and /dev/shm is shared with everything else.
 OBJECT_STORE_BYTES = 256 * 2**20
+# Marks the line of the node listing among whatever else Ray prints.
+_NODES_MARK = "dns-milvus-nodes="
 # Node deaths are noticed within ~2 s instead of the default ~30 s.
 _HEAD_SYSTEM_CONFIG = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
 
@@ -81,18 +83,30 @@ class LocalRayCluster:
         """Alive nodes, asked of the head by a short-lived process (the caller may be a driver)."""
         script = (
             f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR', "
-            "log_to_driver=False); print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"
+            "log_to_driver=False); "
+            f"print({_NODES_MARK!r} + json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"
         )
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                              env=_ray_env())
-        if out.returncode != 0:
+        found = [line for line in out.stdout.splitlines() if line.startswith(_NODES_MARK)]
+        if out.returncode != 0 or not found:  # the head is not answering (yet)
             return []
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return json.loads(found[-1][len(_NODES_MARK) :])
 
     def stop(self) -> None:
-        """Stop every node started here (SIGTERM lets ``ray start --block`` stop its processes)."""
-        for proc in [*self.workers, self.head]:
-            _stop_group(proc)
+        """Stop every node started here: SIGTERM to all (``ray start --block`` then stops its
+        processes), and after ``STOP_TIMEOUT_S`` SIGKILL to what is left of each node's group."""
+        nodes = [*self.workers, self.head]
+        for proc in nodes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for proc in nodes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError):  # what the node left running goes with its group
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=STOP_TIMEOUT_S)
 
 
 @contextmanager
@@ -134,18 +148,6 @@ def _start_node(args: list[str], log: Path) -> subprocess.Popen:
 
 def _ray_env() -> dict[str, str]:
     return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError):  # what the node left running goes with its group
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=STOP_TIMEOUT_S)
 
 
 def _num(value: int) -> str:
