@@ -232,3 +232,10 @@ def test_ray_ingest_refuses_an_index_of_instances(
     finally:
         index.collection.drop()
         index.close()
+
+
+def test_cli_refuses_ray_with_hdf5(capsys: pytest.CaptureFixture[str]) -> None:
+    from dns_milvus.cli import main
+
+    assert main(["ingest", "--hdf5", "features.hdf5", "--ray", "127.0.0.1:1"]) == 2
+    assert "--ray decodes and indexes video files" in capsys.readouterr().err
