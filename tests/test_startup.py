@@ -4,12 +4,14 @@ and for loading a model set, and that the coarse-only policy runs no selector.""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -178,3 +180,33 @@ def test_search_by_id_on_the_command_line(
     )
     hits = json.loads(capsys.readouterr().out)["hits"]
     assert code == 0 and len(hits) == 10 and "v03" not in {h["video_id"] for h in hits}
+
+
+def test_what_a_command_wrote_is_there_for_the_next_process(tmp_path: Path, model_set_dir: Path) -> None:
+    """A command's process ends through the exit handlers (Milvus Lite closes its database in
+    one) before its objects are frozen for the interpreter's last collections: rows one process
+    ingested and deleted are what the next process reads."""
+    rng = np.random.default_rng(5)
+    with h5py.File(tmp_path / "features.hdf5", "w") as f:
+        for i in range(4):
+            f.create_dataset(f"v{i}", data=random_video(rng, 5))
+    env = {
+        **os.environ,
+        "DNS_MILVUS_MODELS": str(model_set_dir),
+        "DNS_MILVUS_URI": str(tmp_path / "cli.db"),
+        "DNS_MILVUS_STORE": str(tmp_path / "objects"),
+        "DNS_MILVUS_DEVICE": "cpu",
+    }
+
+    def command(*argv: str) -> dict:
+        done = subprocess.run(
+            [sys.executable, "-m", "dns_milvus.cli", *argv, "--json"],
+            capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path, env=env,
+        )  # fmt: skip
+        assert done.returncode in (0, 1), done.stderr
+        return json.loads(done.stdout)
+
+    assert command("ingest", "--hdf5", "features.hdf5")["added"] == 4
+    assert command("delete", "v1") == {"deleted": 1, "requested": 1}
+    got = command("get", "v0", "v1", "v2", "v3")
+    assert sorted(got["found"]) == ["v0", "v2", "v3"] and got["missing"] == ["v1"]
