@@ -29,21 +29,19 @@ import os
 import statistics
 import sys
 import threading
-import time
 import urllib.request
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_sidecar_load as sidecar_load
 from _common import base_parser, print_table, ratio, scratch_dir, setup_torch, write_report
 
 from dns_milvus.engine import ModelSet, SelectionPolicy
 from dns_milvus.engine.modelset import VideoRecord
 from dns_milvus.engine.rerank import Candidate
-from dns_milvus.rpc import RemoteReranker
 from dns_milvus.store import LocalStore
 from dns_milvus.testing.sidecar import SidecarProcess, launch_sidecar
 from dns_milvus.testing.synthetic import candidates_for, write_corpus, write_model_set
@@ -53,62 +51,19 @@ WorkItem = tuple[VideoRecord, list[Candidate]]
 
 
 def run_load(
-    targets: list[str],
-    items: list[WorkItem],
-    clients: int,
-    policy: SelectionPolicy,
-    top_k: int,
-    on_progress: Any = None,
+    targets: list[str], items: list[WorkItem], clients: int, policy: SelectionPolicy, top_k: int
 ) -> dict[str, Any]:
-    """``clients`` threads, one channel each, take the next item until none are left."""
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
-    lock = threading.Lock()
-    next_item = iter(range(len(items)))
-
-    def client() -> None:
-        with RemoteReranker(targets, timeout_s=120.0) as remote:
-            while True:
-                with lock:
-                    index = next(next_item, None)
-                if index is None:
-                    return
-                query, candidates = items[index]
-                t0 = time.perf_counter()
-                try:
-                    remote.rerank(query, candidates, policy, top_k)
-                except Exception as exc:
-                    with lock:
-                        errors[getattr(exc, "status_code", type(exc).__name__)] += 1
-                    continue
-                with lock:
-                    latencies.append(time.perf_counter() - t0)
-                    done = len(latencies)
-                if on_progress is not None:
-                    on_progress(done)
-
+    """``clients`` threads, one channel each (to every target), take the next item until none are
+    left: the load benchmark's driver, with the load average around the run."""
     load_before = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - t0
-    ms = np.asarray(latencies) * 1000.0
+    result = sidecar_load.run_load(",".join(targets), items, clients, policy, top_k)
     return {
         "clients": clients,
-        "requests": len(items),
-        "ok": len(latencies),
-        "failed": sum(errors.values()),
-        "errors": dict(errors),
-        "wall_s": round(wall, 3),
-        "throughput_rps": round(len(latencies) / wall, 2) if wall else 0.0,
-        "latency_ms": {
-            p: round(float(np.percentile(ms, q)), 1) if ms.size else None
-            for p, q in (("p50", 50), ("p95", 95), ("p99", 99))
-        }
-        | {"max": round(float(ms.max()), 1) if ms.size else None},
+        **result,
+        "failed": sum(result["errors"].values()),
+        "wall_s": round(result["wall_s"], 3),
+        "throughput_rps": round(result["throughput_rps"], 2),
+        "latency_ms": {k: None if v is None else round(v, 1) for k, v in result["latency_ms"].items()},
         "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
     }
 
@@ -124,19 +79,27 @@ def served(process: SidecarProcess) -> float:
 
 
 class Killer:
-    """SIGKILLs ``replica`` once ``threshold`` requests are answered (called after each answer)."""
+    """SIGKILLs ``doomed`` once the replicas have answered ``threshold`` more calls, watching their
+    /metrics from a thread of its own (as a failure would strike: from outside the clients)."""
 
-    def __init__(self, replica: SidecarProcess, threshold: int) -> None:
-        self.replica = replica
-        self.threshold = threshold
+    def __init__(self, replicas: list[SidecarProcess], doomed: SidecarProcess, threshold: int) -> None:
         self.killed = False
-        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        start = sum(served(r) for r in replicas)
 
-    def __call__(self, done: int) -> None:
-        with self._lock:
-            if done >= self.threshold and not self.killed:
-                self.replica.kill()
-                self.killed = True
+        def watch() -> None:
+            while not self._stop.wait(0.02):
+                if sum(served(r) for r in replicas) - start >= threshold:
+                    doomed.kill()
+                    self.killed = True
+                    return
+
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def main() -> int:
@@ -180,8 +143,9 @@ def main() -> int:
             return query, [candidates[i] for i in picked]
 
         def launch(name: str, threads: int) -> SidecarProcess:
+            # the fine scorer's threads fixed too (by default it takes the cores others leave idle)
             return launch_sidecar(model_dir, work / "objects", work / name, torch_threads=threads,
-                                  settings=settings)  # fmt: skip
+                                  settings={**settings, "FINE_THREADS": str(threads)})  # fmt: skip
 
         single = launch("single", args.threads_single)
         pair = [launch(f"replica{i}", args.threads_per_replica) for i in range(2)]
@@ -219,9 +183,9 @@ def main() -> int:
 
                 # the kill run: one of the two replicas dies once kill_after of the work is answered
                 items = [item() for _ in range(args.requests)]
-                killer = Killer(pair[1], int(args.kill_after * len(items)))
-                targets = [p.grpc_target for p in pair]
-                result = run_load(targets, items, args.kill_clients, policy, args.top_k, on_progress=killer)
+                killer = Killer(pair, pair[1], int(args.kill_after * len(items)))
+                result = run_load([p.grpc_target for p in pair], items, args.kill_clients, policy, args.top_k)
+                killer.join()
                 runs.append({"config": "kill", "round": round_index, "killed": killer.killed, **result})
                 print(f"round {round_index} kill     {args.kill_clients:2d} clients: "
                       f"{result['ok']}/{result['requests']} ok, failed {result['failed']}, "

@@ -214,3 +214,11 @@ def test_the_milvus_values_describe_a_cluster_on_the_s3_bucket() -> None:
     # the release "milvus" in the namespace: its proxy Service is the URI the clients use
     uri = urlsplit(get("ConfigMap", "dns-milvus-settings")["data"]["DNS_MILVUS_URI"])
     assert (uri.hostname, uri.port) == ("milvus.dns-milvus.svc.cluster.local", 19530)
+
+
+def test_the_sidecar_uses_the_cores_it_requests() -> None:
+    """Torch's and the fine scorer's threads match the CPU request: left to their defaults they
+    would size themselves by the node's cores, not by this container's share of them."""
+    env = sidecar_environment()
+    cpus = int(container()["resources"]["requests"]["cpu"])
+    assert int(env["DNS_RERANKER_TORCH_THREADS"]) == int(env["DNS_RERANKER_FINE_THREADS"]) == cpus
