@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -43,15 +44,21 @@ import torch
 import torch.nn.functional as F
 
 from dns_milvus.models import FineGrainedStudent, load_checkpoint
+from dns_milvus.similarity import fine as fine_module
 from dns_milvus.similarity import (
     fine_similarity_float,
     fine_similarity_packed,
     pack_codes,
     packed_frame_similarity,
+    prepare_for_inference,
     resolve_backend,
 )
 from dns_milvus.similarity._native import load_native_kernel
-from dns_milvus.similarity.comparator import bfloat16_unsupported_reason, cpu_bfloat16_flags
+from dns_milvus.similarity.comparator import (
+    bfloat16_unsupported_reason,
+    comparator_student,
+    cpu_bfloat16_flags,
+)
 from dns_milvus.similarity.fine import CPU_BATCH_SIZE, CUDA_BATCH_SIZE
 from dns_milvus.similarity.threads import usable_cores
 
@@ -201,8 +208,14 @@ def hamming_candidates(
         methods["gemm_bfloat16"] = lambda: gemm(torch.bfloat16)
         methods["int8_int_mm"] = int8
         methods["numpy_xor_bitwise_count"] = numpy_popcount
-        if load_native_kernel() is not None:
+        kernel = load_native_kernel()
+        if kernel is not None:
             methods["native_c_kernel"] = lambda: packed_frame_similarity(packed_q, packed_t, backend="native")
+            q_words, t_words = packed_q.numpy().view("<u8"), packed_t.numpy().view("<u8")
+            for variant in {kernel.variant(BITS // 64, name) for name in kernel.variants()}:
+                methods[f"native_c_kernel_{variant}_1_thread"] = functools.partial(
+                    kernel.min_hamming_sums, q_words, t_words, 1, variant
+                )
     else:
         methods["gemm_float16"] = lambda: gemm(torch.float16)
     seconds = {}
@@ -334,6 +347,20 @@ def rounds_of(
     return {"methods": summary, "load_average": [r["load_average"] for r in runs]}
 
 
+def unfused(method: Callable[[slice], dict[str, Any]]) -> Callable[[slice], dict[str, Any]]:
+    """``method`` with the comparator's first layer in torch's layers instead of the fused C loop."""
+
+    def run(part: slice) -> dict[str, Any]:
+        real = fine_module.comparator_student
+        fine_module.comparator_student = functools.partial(real, native=False)
+        try:
+            return method(part)
+        finally:
+            fine_module.comparator_student = real
+
+    return run
+
+
 def show(title: str, summary: dict[str, Any]) -> None:
     print(f"\n{title}")
     print(
@@ -387,16 +414,36 @@ def threads_under_load(
         )
         for n in counts
     }
+    chosen: list[int] = []  # what the automatic choice picked, call by call
+
+    def recording(threads: int) -> Any:
+        chosen.append(threads)
+        return real_context(threads)
+
+    real_context = fine_module.intra_op_threads
+    automatic = methods["threads=auto"]
+
+    def auto(part: slice) -> dict[str, Any]:
+        fine_module.intra_op_threads = recording
+        try:
+            return automatic(part)
+        finally:
+            fine_module.intra_op_threads = real_context
+
+    methods["threads=auto"] = auto
     for method in methods.values():
         method(slice(0, 4))
     out = {}
     for label, count in (("as is", 0), (f"+{load_procs} busy processes", load_procs)):
         if label != "as is" and load_procs == 0:
             continue
+        chosen.clear()
         with CompetingProcesses(count):
             summary = rounds_of(methods, len(targets), slices, rounds)
         show(f"threads, machine {label} (speed-up relative to threads=1)", summary)
-        out[label] = strip(summary)
+        picks = {n: chosen.count(n) for n in sorted(set(chosen))}
+        print(f"  threads=auto chose (threads: calls) {picks}")
+        out[label] = {**strip(summary), "auto_choices": picks}
     return out
 
 
@@ -409,6 +456,42 @@ def strip(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def comparator_alone(
+    student: FineGrainedStudent, query_frames: int, target_lengths: list[int], calls: int = 7
+) -> dict[str, dict[str, float]]:
+    """CPU milliseconds of one comparator call on a batch of frame matrices (the first 32 target
+    lengths, sorted, padded to the longest), best of ``calls`` interleaved calls, per variant:
+    the student itself and the copies the scorers run (float32 / bfloat16, fused first layer or
+    torch's); with each one's largest score difference to the student."""
+    lengths = torch.tensor(sorted(target_lengths[:32]))
+    generator = torch.Generator().manual_seed(0)
+    f2f = torch.rand(len(lengths), query_frames, int(lengths.max()), generator=generator) * 2 - 1
+    query_lengths = torch.full((len(lengths),), query_frames)
+    variants: dict[str, Any] = {"student (float32, torch's first layer)": student}
+    variants["float32, fused first layer (default)"] = comparator_student(student, torch.float32)
+    if bfloat16_unsupported_reason(torch.device("cpu")) is None:
+        variants["bfloat16, torch's first layer"] = comparator_student(student, torch.bfloat16, native=False)
+        variants["bfloat16, fused first layer"] = comparator_student(student, torch.bfloat16)
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.inference_mode():
+        reference = student.similarity_from_frame_matrix(f2f, query_lengths, lengths)
+        for _ in range(calls + 1):  # the first round warms up
+            for name, model in variants.items():
+                started = time.process_time()
+                model.similarity_from_frame_matrix(f2f, query_lengths, lengths)
+                seconds[name].append(time.process_time() - started)
+        return {
+            name: {
+                "cpu_ms_min": 1e3 * min(seconds[name][1:]),
+                "cpu_ms_median": 1e3 * float(np.median(seconds[name][1:])),
+                "max_abs_diff": float(
+                    (model.similarity_from_frame_matrix(f2f, query_lengths, lengths) - reference).abs().max()
+                ),
+            }
+            for name, model in variants.items()
+        }
+
+
 # -- precision -------------------------------------------------------------------------------------
 
 
@@ -417,12 +500,19 @@ def score_agreement(reference: torch.Tensor, other: torch.Tensor, top: int) -> d
     diff = (other - reference).abs()
     ref_order = torch.argsort(reference, descending=True, stable=True)[:top]
     other_order = torch.argsort(other, descending=True, stable=True)[:top]
+    differing = (ref_order != other_order).nonzero().flatten()
+    first = int(differing[0]) if len(differing) else None
     return {
         "max_abs_diff": float(diff.max()),
         "mean_abs_diff": float(diff.mean()),
-        "top_identical": bool(torch.equal(ref_order, other_order)),
-        "top_positions_differing": int((ref_order != other_order).sum()),
+        "top_identical": first is None,
+        "top_positions_differing": len(differing),
         "top_same_set": set(ref_order.tolist()) == set(other_order.tolist()),
+        "first_differing_rank": None if first is None else first + 1,
+        # how close the first pair that changed places was in float32 (a near-tie or not)
+        "first_swap_gap": None
+        if first is None
+        else float((reference[ref_order[first]] - reference[other_order[first]]).abs()),
     }
 
 
@@ -479,6 +569,12 @@ def copybench_precision(bench_dir: Path, codes_cache: Path, top: int, threads: i
         f"queries_top{top}_identical": sum(r["top_identical"] for r in per_query),
         f"queries_top{top}_same_set": sum(r["top_same_set"] for r in per_query),
         "top_positions_differing": [r["top_positions_differing"] for r in per_query],
+        "first_differing_rank_min": min(
+            (r["first_differing_rank"] for r in per_query if r["first_differing_rank"]), default=None
+        ),
+        "first_swap_gap_max": max(
+            (r["first_swap_gap"] for r in per_query if r["first_swap_gap"] is not None), default=None
+        ),
         "map": maps,
         "cpu_seconds": seconds,
     }
@@ -593,6 +689,7 @@ def main() -> None:
     if bf16_reason is None:
         methods["(b) packed, bfloat16 comparator"] = packed(student, precision="bfloat16")
     if args.variants and device.type == "cpu":
+        methods["(b) packed, float32, torch first layer"] = unfused(packed(student))
         methods["(b) packed, NCHW comparator (channels_last=False)"] = packed(nchw, channels_last=False)
         methods["(b) packed, gemm back-end"] = packed(student, backend="gemm")
         for size in args.batch_sizes:
@@ -653,10 +750,21 @@ def main() -> None:
             f"{real['frames']} frames): max |diff| {real['max_abs_diff']:.2e}, "
             f"mean {real['mean_abs_diff']:.2e}; queries with an identical "
             f"top-{args.top}: {real[f'queries_top{args.top}_identical']}/{real['queries']} (same set: "
-            f"{real[f'queries_top{args.top}_same_set']}); mAP float32 {real['map']['float32']}, "
-            f"bfloat16 {real['map']['bfloat16']}"
+            f"{real[f'queries_top{args.top}_same_set']}, first change at rank "
+            f"{real['first_differing_rank_min']}, {real['first_swap_gap_max'] or 0:.1e} apart at most); "
+            f"mAP float32 {real['map']['float32']}, bfloat16 {real['map']['bfloat16']}"
         )
         report["precision_copybench"] = real
+
+    if device.type == "cpu":
+        prepare_for_inference(student)
+        alone = comparator_alone(student, QUERY_FRAMES, [t.shape[0] for t in targets])
+        base_ms = alone["student (float32, torch's first layer)"]["cpu_ms_min"]
+        print(f"\ncomparator alone, one batch of 32 ({args.threads} thread(s)), CPU ms best / median of 7:")
+        for name, r in alone.items():
+            print(f"  {name:<40} {r['cpu_ms_min']:6.1f} / {r['cpu_ms_median']:6.1f}  "
+                  f"({base_ms / r['cpu_ms_min']:.2f}x)  max |diff| {r['max_abs_diff']:.1e}")  # fmt: skip
+        report["comparator_alone"] = alone
 
     sample = targets[:30]
     candidates = hamming_candidates(query, sample, device)

@@ -151,8 +151,8 @@ def _fuses(conv: nn.Module) -> bool:
     )
 
 
-#: Copies of students: student -> (weights' state, dtype, native first layer, copy).
-_copies: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.dtype, bool, nn.Module]] = (
+#: Copies of students: student -> {(dtype, native first layer): (weights' state, copy)}.
+_copies: weakref.WeakKeyDictionary[nn.Module, dict[tuple[torch.dtype, bool], tuple[tuple, nn.Module]]] = (
     weakref.WeakKeyDictionary()
 )
 _copies_lock = threading.Lock()
@@ -176,9 +176,9 @@ def comparator_student(
         return student
     key = _state_key(student)
     with _copies_lock:
-        cached = _copies.get(student)
-        if cached is not None and cached[:3] == (key, dtype, fused):
-            return cached[3]  # type: ignore[return-value]
+        cached = _copies.get(student, {}).get((dtype, fused))
+        if cached is not None and cached[0] == key:
+            return cached[1]  # type: ignore[return-value]
     # copy the comparator only: the student's other weights are shared, never written
     shared = {
         id(t): t
@@ -200,5 +200,5 @@ def comparator_student(
         assert kernel is not None
         head.first_block = _NativeFirstBlock(head, dtype, kernel)
     with _copies_lock:
-        _copies[student] = (key, dtype, fused, clone)
+        _copies.setdefault(student, {})[(dtype, fused)] = (key, clone)
     return clone
