@@ -10,10 +10,10 @@ resident memory (peak over the run, ``VmHWM``, and after warm-up / at the end) a
 dynamic batcher did (from the server's /metrics).
 
 With ``--baseline-tree DIR`` (a git worktree of another commit, e.g. the parent) every run is
-repeated against a sidecar started from that tree (``PYTHONPATH=DIR``), interleaved with this
-tree's runs in alternating order, ``--rounds`` times; the summary gives min / median over the
-rounds for each side and their ratio, with the load average around each run (the machine may
-be shared).
+repeated against a sidecar started from that tree (``PYTHONPATH=DIR``), interleaved with the
+measured tree's runs (``--tree``, default this checkout) in alternating order, ``--rounds``
+times; the summary gives min / median over the rounds for each side and their ratio, with the
+load average around each run (the machine may be shared).
 
     git worktree add /tmp/sidecar-base HEAD~1
     python benchmarks/bench_sidecar_load.py --baseline-tree /tmp/sidecar-base
@@ -71,7 +71,9 @@ def scrape(http_port: int) -> dict[str, float]:
     return samples
 
 
-def server_env(tree: Path, model_dir: Path, store_dir: Path, port_file: Path, args: argparse.Namespace) -> dict:
+def server_env(
+    tree: Path, model_dir: Path, store_dir: Path, port_file: Path, args: argparse.Namespace
+) -> dict:
     env = {
         **os.environ,
         "PYTHONPATH": str(tree),  # the tree's dns_milvus wins over the installed one
@@ -262,7 +264,8 @@ def summarize(runs: list[dict], variants: list[str], client_counts: list[int]) -
                 if b["throughput_rps"]
             ]
             row["throughput_ratio_new_over_base"] = {
-                "of_medians": row["new"]["throughput_rps"]["median"] / row["base"]["throughput_rps"]["median"],
+                "of_medians": row["new"]["throughput_rps"]["median"]
+                / row["base"]["throughput_rps"]["median"],
                 "per_round": paired,
                 "min": min(paired),
                 "median": statistics.median(paired),
@@ -306,8 +309,12 @@ def main() -> int:
     parser.add_argument("--requests-per-client", type=int, default=10, help="measured requests a client")
     parser.add_argument("--min-requests", type=int, default=48, help="measured requests a run, at least")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up requests a client (at least 16 a run)")
-    parser.add_argument("--frames", type=parse_frames, default=REALISTIC_FRAMES, help="video lengths LOW-HIGH")
-    parser.add_argument("--short", action="store_true", help=f"videos of {SHORT_FRAMES[0]}-{SHORT_FRAMES[1]} frames")
+    parser.add_argument(
+        "--frames", type=parse_frames, default=REALISTIC_FRAMES, help="video lengths LOW-HIGH"
+    )
+    parser.add_argument(
+        "--short", action="store_true", help=f"videos of {SHORT_FRAMES[0]}-{SHORT_FRAMES[1]} frames"
+    )
     parser.add_argument("--corpus", type=int, default=400, help="videos in the store")
     parser.add_argument("--candidates", type=int, default=200, help="stage-1 candidates per request")
     parser.add_argument("--policy", default="10%", help="selection policy (e.g. 10%%, count:20, all)")
@@ -318,6 +325,7 @@ def main() -> int:
     parser.add_argument("--cache-mb", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
     parser.add_argument("--rounds", type=int, default=3, help="repetitions of every run")
+    parser.add_argument("--tree", type=Path, default=REPO_ROOT, help="the checkout whose sidecar is measured")
     parser.add_argument("--baseline-tree", type=Path, default=None, help="a checkout to compare against")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the model set and corpus here")
     parser.add_argument(
@@ -356,9 +364,9 @@ def main() -> int:
             )
             for clients in args.clients
         }
-        trees = {"new": REPO_ROOT}
+        trees = {"new": args.tree.resolve()}
         if args.baseline_tree is not None:
-            trees = {"base": args.baseline_tree.resolve(), "new": REPO_ROOT}
+            trees = {"base": args.baseline_tree.resolve(), "new": args.tree.resolve()}
         port_file = work / "ports.json"
         envs = {}
         for label, tree in trees.items():
@@ -372,7 +380,9 @@ def main() -> int:
                 order = variants if (round_index + args.clients.index(clients)) % 2 == 0 else variants[::-1]
                 for label in order:  # alternating order: both sides meet the same load drift
                     warmup, measured = loads[clients]
-                    run = one_run(label, trees[label], envs[label], port_file, clients, warmup, measured, args)
+                    run = one_run(
+                        label, trees[label], envs[label], port_file, clients, warmup, measured, args
+                    )
                     run["round"] = round_index
                     runs.append(run)
 

@@ -21,20 +21,12 @@ from dns_milvus.similarity.many import (
     fine_similarity_float_many,
     fine_similarity_packed_many,
 )
+from tests import test_similarity
+from tests.test_similarity import BITS, REGIONS
 
-REGIONS, BITS = 9, 512
-
-
-@pytest.fixture(scope="module")
-def bin_student() -> FineGrainedStudent:
-    torch.manual_seed(1)
-    return FineGrainedStudent(binarization=True, bits=BITS).eval()
-
-
-@pytest.fixture(scope="module")
-def att_student() -> FineGrainedStudent:
-    torch.manual_seed(2)
-    return FineGrainedStudent(attention=True).eval()
+# The kernel tests' students (module-scoped here too).
+bin_student = test_similarity.bin_student
+att_student = test_similarity.att_student
 
 
 def packed_video(frames: int, g: torch.Generator) -> torch.Tensor:

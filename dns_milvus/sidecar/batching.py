@@ -5,10 +5,11 @@ object fetches and the merge stay the engine's code). Only the fine-grained scor
 that wants the GPU, is handed over: ``BatchingReranker.fine_scores`` submits a job to the
 ``FineBatcher`` and waits on its future. The batcher is an asyncio task that collects jobs
 until the oldest has waited ``max_wait_ms`` or a batch's worth of work is pending, then runs
-the batch in ONE dedicated thread, so
+the batch in one of ``scorers`` dedicated threads (one on a GPU; on a CPU one a core, each
+batch then using its share of the cores), so
 
-- the device sees one stream of back-to-back batches instead of many threads contending;
-- while a batch runs, the next one accumulates; it starts as soon as the device is free
+- the device sees a few streams of back-to-back batches instead of many threads contending;
+- while the scorers are busy, the next batch accumulates; it starts as soon as one is free
   (jobs that already waited their ``max_wait_ms`` are not held back again);
 - the event loop never blocks on torch.
 
@@ -57,7 +58,9 @@ from dns_milvus.errors import (
     ShuttingDownError,
     WorkLimitError,
 )
+from dns_milvus.similarity import resolve_threads
 from dns_milvus.similarity.many import fine_similarity_float_many, fine_similarity_packed_many
+from dns_milvus.similarity.threads import usable_cores
 from dns_milvus.store import ObjectStore
 
 
@@ -175,6 +178,7 @@ class FineBatcher:
         max_wait_ms: the longest the oldest job of a forming batch waits for company.
         max_queue_pairs: pairs admitted (queued + running) before submissions are refused.
         max_queue_frame_pairs: ... and frame pairs (a single job bigger than it is admitted alone).
+        scorers: batches scored at the same time, each in its own thread.
         on_batch: called in the event loop after each batch with (jobs, pairs, seconds, queue waits).
     """
 
@@ -187,13 +191,14 @@ class FineBatcher:
         max_wait_ms: float = 2.0,
         max_queue_pairs: int = 65536,
         max_queue_frame_pairs: int = 1 << 28,
+        scorers: int = 1,
         on_batch: Callable[[int, int, float, list[float]], None] | None = None,
     ) -> None:
-        limits = (max_batch_pairs, max_batch_frame_pairs, max_queue_pairs, max_queue_frame_pairs)
+        limits = (max_batch_pairs, max_batch_frame_pairs, max_queue_pairs, max_queue_frame_pairs, scorers)
         if min(limits) < 1 or max_wait_ms < 0:
             raise ValueError(
-                "max_batch_pairs, max_batch_frame_pairs, max_queue_pairs and max_queue_frame_pairs must be "
-                ">= 1, max_wait_ms >= 0"
+                "max_batch_pairs, max_batch_frame_pairs, max_queue_pairs, max_queue_frame_pairs and scorers "
+                "must be >= 1, max_wait_ms >= 0"
             )
         self.score_slices = score_slices
         self.max_batch_pairs = max_batch_pairs
@@ -201,6 +206,7 @@ class FineBatcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue_pairs = max_queue_pairs
         self.max_queue_frame_pairs = max_queue_frame_pairs
+        self.scorers = scorers
         self.on_batch = on_batch
         self.stats = BatchStats()
         self._jobs: collections.deque[FineJob] = collections.deque()
@@ -209,9 +215,9 @@ class FineBatcher:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._closed = False
-        self._scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fine-scorer")
+        self._scorer = ThreadPoolExecutor(max_workers=scorers, thread_name_prefix="fine-scorer")
 
     @property
     def admitted_pairs(self) -> int:
@@ -222,17 +228,19 @@ class FineBatcher:
         return self._admitted_frame_pairs
 
     def start(self) -> None:
-        """Start the batching task on the running event loop."""
+        """Start the batching tasks (one a scorer) on the running event loop."""
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
-        self._task = self._loop.create_task(self._run(), name="fine-batcher")
+        self._tasks = [
+            self._loop.create_task(self._run(), name=f"fine-batcher-{i}") for i in range(self.scorers)
+        ]
 
     async def stop(self) -> None:
-        """Fail whatever is still queued with ``ShuttingDownError`` and stop the task and the thread."""
+        """Fail whatever is still queued with ``ShuttingDownError`` and stop the tasks and threads."""
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         while self._jobs:
             self._finish(self._jobs.popleft(), error=ShuttingDownError("re-ranker is shutting down"))
         self._scorer.shutdown(wait=True)
@@ -397,11 +405,19 @@ class FineBatcher:
             job.future.set_result(result)
 
 
+def default_scorers(device: torch.device) -> int:
+    """Concurrent scoring batches: one on a GPU (its own queue orders the work); on a CPU one a
+    usable core, at most 4, each batch with one thread (threads of one call meet at a barrier
+    after every operator; independent batches never wait for each other)."""
+    return 1 if device.type != "cpu" else min(4, usable_cores())
+
+
 class BatchingReranker(LocalReranker):
     """``LocalReranker`` whose fine-grained scoring goes through a shared ``FineBatcher``.
 
     Everything else (selector, fetch through the cache, merge) is the engine's code, so a
-    request's ranking equals ``LocalReranker.rerank`` on the same inputs.
+    request's ranking equals ``LocalReranker.rerank`` on the same inputs: bit for bit when it is
+    scored alone, to float rounding (~1e-9) when its pairs share comparator calls with others.
     """
 
     def __init__(
@@ -458,8 +474,11 @@ class BatchingReranker(LocalReranker):
             [torch.from_numpy(np.require(t, requirements=["C", "W"])) for t in piece.targets]
             for piece in batch
         ]
+        threads = self.fine_threads
+        if threads is None and self.models.device.type == "cpu":  # the idle cores, shared by the scorers
+            threads = max(1, resolve_threads(None) // self.batcher.scorers)
         results = many(
             self.models.fine, queries, targets, deadlines=[piece.deadline for piece in batch],
-            device=self.models.device, precision=self.fine_precision, threads=self.fine_threads,
+            device=self.models.device, precision=self.fine_precision, threads=threads,
         )  # fmt: skip
         return [r if isinstance(r, Exception) else r.float().cpu().numpy() for r in results]

@@ -17,7 +17,7 @@ to the longest target of that query alone. Here the pairs of every query are poo
 A lone query gets the batches :func:`fine_similarity_packed` would give it (sorted by target
 length, the same ``batch_size``, bounded in cells), hence the same scores bit for bit (up to
 several hundred targets; past that the one-query scorer cuts its batches at other places).
-Pooled pairs go 16 to a CPU call (``POOLED_CPU_BATCH_SIZE``). Each query may carry its own deadline:
+Pooled pairs go 8 to a CPU call (``POOLED_CPU_BATCH_SIZE``). Each query may carry its own deadline:
 a late query's remaining pairs are dropped from the next batches and it gets a
 ``DeadlineExceededError`` in place of scores, while the others are scored on. Memory: the
 matrices of at most ``GROUP_ELEMENTS / 2`` frame pairs are held at once (more pairs are scored
@@ -57,15 +57,16 @@ from dns_milvus.similarity.hamming import check_packed_video, packed_frame_simil
 from dns_milvus.similarity.threads import intra_op_threads, resolve_threads
 
 #: Comparator batches a band of similar query lengths holds; within a band pairs are ordered by
-#: target length. Fewer: bands span less Tq but their batches more Tt; 4 pads least in simulation
-#: of 30-120-frame videos (padded cells 1.17x the real ones at 16 pairs a batch, against 1.55x for
-#: one query's 20 targets padded to their longest).
-BAND_BATCHES = 4
+#: target length. Simulated on 16 requests of 20 pairs (queries and targets of 30-120 frames),
+#: the padded cells are 1.15x the real ones at 8 pairs a call in bands of 6 batches, 1.24x at 16
+#: in bands of 4, against 1.55x for each query's 20 targets padded to their longest.
+BAND_BATCHES = 6
 
 #: Pairs a comparator call on CPU when several queries are pooled. The comparator's cost a cell
-#: measured 150 ns at 16 pairs a call against 171 ns at 32 (1 thread, 76 x 76 frames, fused first
-#: layer, AVX-512 Xeon): the smaller intermediates stay in cache. The one-query scorers keep 32.
-POOLED_CPU_BATCH_SIZE = 16
+#: measured 153, 150, 171 ns at 8, 16, 32 pairs a call (1 thread, 76 x 76 frames, fused first
+#: layer, AVX-512 Xeon): small calls keep their intermediates in cache, and pad less. The
+#: one-query scorers keep 32.
+POOLED_CPU_BATCH_SIZE = 8
 
 #: Compact frame matrices [Tq, sum(Tt)] of one query against some of its targets (by index).
 CompactFrameMatrices = Callable[[list[int]], Tensor]
