@@ -207,6 +207,7 @@ class FineBatcher:
         self.max_queue_pairs = max_queue_pairs
         self.max_queue_frame_pairs = max_queue_frame_pairs
         self.scorers = scorers
+        self.busy_scorers = 0  # batches being scored now (read by the scorers to share the cores)
         self.on_batch = on_batch
         self.stats = BatchStats()
         self._jobs: collections.deque[FineJob] = collections.deque()
@@ -290,6 +291,7 @@ class FineBatcher:
             waits = [started - piece.job.queued_at for piece in batch]
             for piece, wait in zip(batch, waits, strict=True):
                 piece.job.ticket.queue_ms += wait * 1000.0
+            self.busy_scorers += 1
             try:
                 results = await self._loop.run_in_executor(self._scorer, self._score, batch)
             except BaseException as exc:  # a failed batch fails its jobs, never the batcher
@@ -299,6 +301,8 @@ class FineBatcher:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
+            finally:
+                self.busy_scorers -= 1
             busy = time.monotonic() - started
             pairs = sum(piece.pairs for piece in batch)
             self.stats.batches += 1
@@ -407,8 +411,9 @@ class FineBatcher:
 
 def default_scorers(device: torch.device) -> int:
     """Concurrent scoring batches: one on a GPU (its own queue orders the work); on a CPU one a
-    usable core, at most 4, each batch with one thread (threads of one call meet at a barrier
-    after every operator; independent batches never wait for each other)."""
+    usable core, at most 4. The idle cores are shared by the batches being scored (one thread
+    each when all are busy): threads of one call meet at a barrier after every operator, while
+    independent batches never wait for each other."""
     return 1 if device.type != "cpu" else min(4, usable_cores())
 
 
@@ -475,8 +480,8 @@ class BatchingReranker(LocalReranker):
             for piece in batch
         ]
         threads = self.fine_threads
-        if threads is None and self.models.device.type == "cpu":  # the idle cores, shared by the scorers
-            threads = max(1, resolve_threads(None) // self.batcher.scorers)
+        if threads is None and self.models.device.type == "cpu":  # the idle cores, shared by busy scorers
+            threads = max(1, resolve_threads(None) // max(1, self.batcher.busy_scorers))
         results = many(
             self.models.fine, queries, targets, deadlines=[piece.deadline for piece in batch],
             device=self.models.device, precision=self.fine_precision, threads=threads,

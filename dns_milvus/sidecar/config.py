@@ -147,7 +147,7 @@ _HELP = {
     "fine_threads": "CPU threads of one fine-scoring call (0 = as many as other processes leave idle, "
     "at most torch's)",
     "fine_scorers": "fine-grained batches scored at the same time, each in its own thread (0 = one on "
-    "a GPU, one a CPU core up to 4; the threads of a call are then the idle cores shared among them)",
+    "a GPU, one a CPU core up to 4; with --fine-threads 0 the idle cores are shared by the busy ones)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "port_file": "write the bound ports here as JSON once serving (for supervisors and tests)",
 }
