@@ -7,7 +7,8 @@ codes) and a corpus of videos of 30-120 frames, starts sidecar processes on loop
 calls retried on the next one), inline queries of the corpus's lengths, ``--candidates``
 candidates at policy ``--policy``. Configurations, interleaved in every round (``--rounds``):
 
-- ``single``: one replica with ``--threads-single`` torch threads (2: the whole box);
+- ``single``: one replica of ``--threads-single`` cores (2: the whole box): torch threads and
+  fine scorers of one thread each;
 - ``replicas``: two replicas with ``--threads-per-replica`` torch threads each (1 + 1), on the
   same cores: the split of one box, not two boxes;
 - ``single_1t``: one replica with ``--threads-per-replica`` threads, the control that tells what
@@ -142,10 +143,12 @@ def main() -> int:
             picked = rng.choice(len(candidates), size=min(args.candidates, len(candidates)), replace=False)
             return query, [candidates[i] for i in picked]
 
-        def launch(name: str, threads: int) -> SidecarProcess:
-            # the fine scorer's threads fixed too (by default it takes the cores others leave idle)
-            return launch_sidecar(model_dir, work / "objects", work / name, torch_threads=threads,
-                                  settings={**settings, "FINE_THREADS": str(threads)})  # fmt: skip
+        def launch(name: str, cores: int) -> SidecarProcess:
+            # a replica of `cores` cores: as many fine scorers of one thread each (their defaults
+            # would count the machine's cores and take the idle ones)
+            cores_settings = {"FINE_SCORERS": str(cores), "FINE_THREADS": "1"}
+            return launch_sidecar(model_dir, work / "objects", work / name, torch_threads=cores,
+                                  settings={**settings, **cores_settings})  # fmt: skip
 
         single = launch("single", args.threads_single)
         pair = [launch(f"replica{i}", args.threads_per_replica) for i in range(2)]

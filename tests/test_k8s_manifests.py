@@ -217,8 +217,9 @@ def test_the_milvus_values_describe_a_cluster_on_the_s3_bucket() -> None:
 
 
 def test_the_sidecar_uses_the_cores_it_requests() -> None:
-    """Torch's and the fine scorer's threads match the CPU request: left to their defaults they
+    """Torch's threads and the fine scorers' match the CPU request: left to their defaults they
     would size themselves by the node's cores, not by this container's share of them."""
     env = sidecar_environment()
     cpus = int(container()["resources"]["requests"]["cpu"])
-    assert int(env["DNS_RERANKER_TORCH_THREADS"]) == int(env["DNS_RERANKER_FINE_THREADS"]) == cpus
+    assert int(env["DNS_RERANKER_TORCH_THREADS"]) == cpus
+    assert int(env["DNS_RERANKER_FINE_SCORERS"]) * int(env["DNS_RERANKER_FINE_THREADS"]) == cpus
