@@ -187,6 +187,11 @@ def test_the_autoscaler_scales_the_sidecar_on_series_it_exports() -> None:
         series = re.match(r"([a-z_]+)\{", rule["seriesQuery"])[1]  # type: ignore[index]
         assert series in exported, series  # from a series the sidecar exports
         assert re.fullmatch(rule["name"]["matches"], series)
+    # the scorers' busy seconds are summed over the pod's scorers: the target is a share of them
+    (busy,) = [m for m in hpa["metrics"] if m["pods"]["metric"]["name"] == "dns_reranker_scorer_busy_ratio"]
+    target = float(busy["pods"]["target"]["averageValue"].removesuffix("m")) / 1000
+    duty_cycle = target / int(sidecar_environment()["DNS_RERANKER_FINE_SCORERS"])
+    assert 0.5 <= duty_cycle <= 0.9, duty_cycle
 
 
 def test_the_store_uri_opens_as_the_project_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
