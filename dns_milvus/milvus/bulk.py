@@ -92,7 +92,7 @@ def import_rows(
         raise InvalidInputError("duplicate video ids in one import")
     report = ImportReport()
     t0 = time.perf_counter()
-    existing = present_ids(collection, ids)
+    existing = present_ids(collection, ids) if _row_count(collection) else set()
     if existing:  # an import would add a second row of these ids
         collection.upsert([row for row in rows if row.video_id in existing])
         report.upserted = [vid for vid in ids if vid in existing]
@@ -142,6 +142,15 @@ def require_import_api(collection: VideoCollection) -> None:
         f"Milvus Lite accepted an Import call for {collection.name!r} without files; bulk import is "
         "only supported on a Milvus server"
     )
+
+
+def _row_count(collection: VideoCollection) -> int:
+    """Rows in the collection, at Strong consistency: an empty one (the first load of a large
+    collection) needs no look-up of each id."""
+    with collection._errors("count the rows"):
+        rows = collection.client.query(collection.name, filter="", output_fields=["count(*)"],
+                                       consistency_level="Strong", timeout=collection.timeout)  # fmt: skip
+    return int(rows[0]["count(*)"])
 
 
 def present_ids(collection: VideoCollection, ids: Sequence[str]) -> set[str]:
