@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -332,6 +333,8 @@ def main() -> int:
         "--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "sidecar_load.json"
     )
     args = parser.parse_args()
+    # a terminated run still stops its sidecar (the ``finally`` of each run)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.clients = [int(c) for c in str(args.clients).split(",")]
     if args.short:
         args.frames = SHORT_FRAMES

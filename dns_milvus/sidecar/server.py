@@ -29,7 +29,6 @@ from aiohttp import web
 
 from dns_milvus.engine.modelset import ModelSet
 from dns_milvus.errors import DnSError
-from dns_milvus.sidecar.allocator import fix_mmap_threshold
 from dns_milvus.sidecar.config import ServerConfig, load_config
 from dns_milvus.sidecar.core import RerankCore
 from dns_milvus.sidecar.grpc_service import BearerTokenInterceptor, add_services, set_serving
@@ -136,7 +135,6 @@ async def serve(config: ServerConfig, models: ModelSet, store: ObjectStore, stop
 
 def load_resources(config: ServerConfig) -> tuple[ModelSet, ObjectStore]:
     """The model set on the configured device and the object store."""
-    fix_mmap_threshold()  # before the first large tensors: a bounded resident set under load
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     models = ModelSet.load(config.model_set, device=config.device)
