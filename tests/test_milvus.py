@@ -31,7 +31,12 @@ from dns_milvus.milvus import (
     render_literal,
 )
 from dns_milvus.milvus.connection import MilvusLiteDamagedError
-from dns_milvus.milvus.index import LITE_SEGMENT_ROWS
+from dns_milvus.milvus.index import (
+    FLAT_MAX_ROWS,
+    IVF_PROBE_FRACTION,
+    LITE_SEGMENT_ROWS,
+    SERVER_SEGMENT_ROWS,
+)
 from dns_milvus.milvus.schema import collection_properties
 from tests.fixtures.milvus_server import KEEP_PREFIX, release_lite
 
@@ -192,7 +197,7 @@ def test_ids_filter_validates_ids() -> None:
 def test_index_config_for_rows_scales_with_size() -> None:
     assert IndexConfig.for_rows(1_000, backend="server").kind == "FLAT"
     ivf = IndexConfig.for_rows(1_000_000, backend="server")
-    assert ivf.kind == "IVF_FLAT" and ivf.nlist == 4000 and 16 <= ivf.nprobe <= ivf.nlist
+    assert ivf.kind == "IVF_FLAT" and ivf.nlist == 632 and 16 <= ivf.nprobe <= ivf.nlist
     assert IndexConfig.for_rows(1_000_000, backend="lite", large="HNSW").kind == "HNSW"
     assert IndexConfig("HNSW", ef=64).search_params(limit=500)["params"]["ef"] == 500
     assert IndexConfig("IVF_FLAT", nlist=8, nprobe=64).search_params(10)["params"]["nprobe"] == 8
@@ -206,20 +211,36 @@ def test_index_config_for_rows_sizes_lite_lists_per_segment() -> None:
     # Lite trains one IVF per segment of <= LITE_SEGMENT_ROWS rows: nlist follows that, not N.
     assert IndexConfig.for_rows(25_000, backend="lite") == IndexConfig.for_rows(25_000, backend="server")
     lite = [IndexConfig.for_rows(n, backend="lite") for n in (100_000, 1_000_000, 50_000_000)]
-    assert {(c.kind, c.nlist, c.nprobe) for c in lite} == {("IVF_FLAT", 716, 44)}
+    assert {(c.kind, c.nlist, c.nprobe) for c in lite} == {("IVF_FLAT", 716, 72)}
     assert 39 * lite[0].nlist <= LITE_SEGMENT_ROWS  # FAISS's minimum training points per list
-    assert IndexConfig.for_rows(100_000, backend="server").nlist == 1265
+    assert IndexConfig.for_rows(100_000, backend="server").nlist == 632
     with pytest.raises(InvalidInputError, match="backend"):
         IndexConfig.for_rows(100_000, backend="cloud")  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match="n_rows"):
         IndexConfig.for_rows(-1, backend="lite")
 
 
+def test_index_config_for_rows_sizes_server_lists_per_segment() -> None:
+    # A server indexes each sealed segment (~SERVER_SEGMENT_ROWS rows) on its own: nlist grows
+    # with the rows up to one segment's, then stays; every size probes IVF_PROBE_FRACTION of it.
+    sizes = (FLAT_MAX_ROWS, 22_000, SERVER_SEGMENT_ROWS, 100_000, 1_000_000, 50_000_000)
+    configs = [IndexConfig.for_rows(n, backend="server") for n in sizes]
+    assert [c.nlist for c in configs] == [566, 593, 632, 632, 632, 632]
+    assert [c.nprobe for c in configs] == [57, 60, 64, 64, 64, 64]
+    for c in configs:
+        assert c.kind == "IVF_FLAT" and c.nprobe >= IVF_PROBE_FRACTION * c.nlist
+        assert 39 * c.nlist <= SERVER_SEGMENT_ROWS  # FAISS's minimum training points per list
+    # At search time the fraction stays the floor at 1M rows; at 100k the probed lists must hold
+    # IVF_PROBE_MARGIN x the limit: 95 of 632 lists (15 %).
+    assert configs[4].search_params(1000, rows=1_000_000)["params"]["nprobe"] == 64
+    assert configs[3].search_params(1000, rows=100_000)["params"]["nprobe"] == 95
+
+
 def test_ivf_nprobe_grows_with_the_limit() -> None:
     ivf = IndexConfig("IVF_FLAT", nlist=179, nprobe=16)
     assert ivf.search_params(1000)["params"]["nprobe"] == 16  # row count unknown: the configured floor
     assert ivf.search_params(1000, rows=1_000_000)["params"]["nprobe"] == 16
-    assert ivf.search_params(1000, rows=20_000)["params"]["nprobe"] == 18  # probed lists hold ~2x the limit
+    assert ivf.search_params(1000, rows=20_000)["params"]["nprobe"] == 135  # probed lists hold ~15x the limit
     assert ivf.search_params(1000, rows=2_000)["params"]["nprobe"] == 179
     assert ivf.search_params(10, rows=0)["params"]["nprobe"] == 179
 

@@ -27,10 +27,26 @@ FLAT_MAX_ROWS = 20_000
 #: vectors; Lite builds one IVF index per segment (explicit flushes write smaller ones,
 #: compaction merges them up to 100k rows).
 LITE_SEGMENT_ROWS = 32_000
-#: IVF returns no more rows than its probed lists hold (~ nprobe / nlist of the rows). nprobe is
-#: raised so that they hold this many times the limit on average: lists vary in size, and
-#: probing exactly the limit's share still fell up to 6 % short on both backends (measured).
-IVF_PROBE_MARGIN = 2
+#: Rows in a Milvus server segment when it is sealed: a growing segment seals at
+#: ``dataCoord.segment.sealProportion`` (0.23) of ``maxSize`` (512 MiB), which the server's row
+#: size estimate for this schema puts at ~25k rows of 1024-d vectors (measured: four segments of
+#: 24-26k rows at 100k rows; compaction later merges some, to 40-60k). Each segment gets its own
+#: IVF index.
+SERVER_SEGMENT_ROWS = 25_000
+#: IVF returns no more rows than its probed lists hold (~ nprobe / nlist of the rows), and finds
+#: fewer of the exact top rows the smaller a share of the lists it probes. At search time nprobe
+#: is raised so that the probed lists hold this many times the limit on average. Twice the limit
+#: returns the limit's hits (lists vary in size: probing exactly the limit's share fell up to 6 %
+#: short on both backends), but recall@1000 against exact search needs more where the limit is a
+#: large share of the rows: at 100k clustered 1024-d rows on the server (nlist 632), 0.93 with
+#: 10 % of the lists probed, 0.97 with 15 % (95 lists: this margin), 0.98 with 20 %
+#: (benchmarks/bench_scale.py).
+IVF_PROBE_MARGIN = 15
+#: The share of its lists an IVF search probes at least, however many rows there are: the
+#: margin above asks for fewer as the collection grows, while each segment's index must still be
+#: searched deeply enough to find its part of the top K (benchmarks/bench_scale.py measures the
+#: recall at 1M rows).
+IVF_PROBE_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -66,14 +82,15 @@ class IndexConfig:
         (``connection.backend_kind(client)``).
 
         IVF_FLAT gets nlist ~ 4 sqrt(R), R the rows each IVF index is trained on, and nprobe
-        ~ nlist / 16. Both backends build one index per segment. Milvus Lite's hold <= ~32k rows
-        (``LITE_SEGMENT_ROWS``), so R is capped there (which also keeps FAISS's 39 training
-        points a list): a query compares with every list centre of every segment, then scans
-        nprobe / nlist of the rows, so lists sized for the whole collection are work spent on
-        centres. Measured on Lite at 40k clustered 1024-d rows (segments of 33k and 7k):
-        recall@1000 against FLAT 0.70 with 4000 lists probing 250 (this rule for 1M rows without
-        the cap), 0.93 with 716 probing 179, for about the same dot products a query. A server compacts its
-        segments up to 512 MiB (~128k 1024-d rows) and re-indexes them; it keeps R = all rows.
+        ``IVF_PROBE_FRACTION`` of nlist. Both backends build one index per segment, so R is
+        capped at a segment's rows: ``LITE_SEGMENT_ROWS`` on Lite, ``SERVER_SEGMENT_ROWS`` on a
+        server. A query compares with every list centre of every segment, then scans nprobe /
+        nlist of the rows, so lists sized for the whole collection are work spent on centres,
+        and their training is slow: nlist 4000 for 1M rows trained 4000 centres on each
+        25k-row server segment, ~6x the k-means work of nlist 632 (FAISS wants >= 39 training
+        points a list). Measured on Lite at 40k clustered 1024-d rows (segments of 33k and 7k):
+        recall@1000 against FLAT 0.70 with 4000 lists probing 250, 0.93 with 716 probing 179,
+        for about the same dot products a query.
         """
         if backend not in ("lite", "server"):
             raise InvalidInputError(f"backend must be 'lite' or 'server', got {backend!r}")
@@ -82,10 +99,9 @@ class IndexConfig:
             return cls("FLAT")
         if large == "HNSW":
             return cls("HNSW")
-        rows_per_index = min(n_rows, LITE_SEGMENT_ROWS) if backend == "lite" else n_rows
-        nlist = min(65536, max(16, round(4 * math.sqrt(rows_per_index))))
-        # Scanning ~1/16 of the lists keeps stage-1 recall high at a fraction of FLAT's cost.
-        nprobe = min(nlist, max(16, nlist // 16))
+        segment_rows = LITE_SEGMENT_ROWS if backend == "lite" else SERVER_SEGMENT_ROWS
+        nlist = min(65536, max(16, round(4 * math.sqrt(min(n_rows, segment_rows)))))
+        nprobe = min(nlist, max(16, math.ceil(IVF_PROBE_FRACTION * nlist)))
         return cls("IVF_FLAT", nlist=nlist, nprobe=nprobe)
 
     def build_params(self) -> dict[str, Any]:
@@ -111,7 +127,8 @@ class IndexConfig:
 
         With ``rows`` given, IVF's nprobe is raised until the probed lists hold
         ``IVF_PROBE_MARGIN`` x ``limit`` rows on average (all lists when ``rows`` is that small):
-        nprobe / nlist of the rows is all an IVF search can return.
+        nprobe / nlist of the rows is all an IVF search can return, and searching deeper finds
+        more of the exact top ``limit``.
         """
         if self.kind == "IVF_FLAT":
             nprobe = self.nprobe
