@@ -342,9 +342,11 @@ def fill(
         "upsert_s": round(upsert_s, 1),
         "flush_s": round(flush_s, 2),
         "generate_wait_s": round(generate_s, 1),
-        # CPU per row: this process's (generating vectors, packing rows for gRPC) and the server's.
+        # CPU per row: this process's (checking and packing rows for gRPC; generating the vectors
+        # apart) and the server's.
         "cpu_ms_per_row": {
-            "ours": round(1000 * cpu_s / added, 3),
+            "ours": round(1000 * (cpu_s - generate_cpu_s) / added, 3),
+            "generate": round(1000 * generate_cpu_s / added, 3),
             "milvus": round(1000 * server_cpu / added, 3),
         },
         "sync_s": round(settle_disk(), 2),
@@ -387,13 +389,16 @@ def build(index: Any, config: Any) -> dict[str, Any]:
     # open() checks the built index against ``config`` and loads the collection.
     index.collection = VideoCollection.open(client, name, index=config)
     load_s = time.perf_counter() - started
-    segments = sorted((int(s.num_rows) for s in client.list_loaded_segments(name)), reverse=True)
+    loaded = client.list_loaded_segments(name)
+    segments = sorted((int(s.num_rows) for s in loaded), reverse=True)
     return {
         "build_s": round(build_s, 1),
         "build_cpu_s": round(build_cpu_s, 1),
         "load_s": round(load_s, 1),
         "segments": len(segments),
         "segment_rows_max_min": [segments[0], segments[-1]] if segments else [],
+        # What the server says its loaded segments (data and index) take in memory.
+        "loaded_segments_mb": round(sum(int(getattr(s, "mem_size", 0) or 0) for s in loaded) / MB, 1),
     }
 
 
@@ -644,12 +649,12 @@ def print_summary(body: dict[str, Any], args: argparse.Namespace) -> None:
             s["rows"], fill_["rows_per_s"], cpu_row.get("ours"), cpu_row.get("milvus"), m["build_s"],
             m.get("build_cpu_s"), m["load_s"], m["segments"], s["disk_mb"]["milvus"]["total"],
             s["disk_mb"]["objects_written"], s["disk_mb"]["objects_if_distinct"],
-            m["milvus_memory_mb"]["after_load"], m["milvus_memory_mb"]["peak_during_build_and_queries"],
-            s["our_memory_mb"]["rss_mb"],
+            m.get("loaded_segments_mb"), m["milvus_memory_mb"]["after_load"],
+            m["milvus_memory_mb"]["peak_during_build_and_queries"], s["our_memory_mb"]["rss_mb"],
         ])  # fmt: skip
     print_table(["rows", "rows/s", "CPU ms/row ours", "CPU ms/row milvus", "build s", "build CPU s",
                  "load s", "segments", "milvus disk MB", "objects MB", "objects 1/video MB",
-                 "milvus RSS MB", "milvus peak MB", "our RSS MB"], table)  # fmt: skip
+                 "segments MB", "milvus RSS MB", "milvus peak MB", "our RSS MB"], table)  # fmt: skip
 
     print("\nstage 1 alone by index and search setting (recall@K against the exact top K):")
     rows = []
@@ -657,11 +662,12 @@ def print_summary(body: dict[str, Any], args: argparse.Namespace) -> None:
         for r in [*s["alternatives"], s["main"]]:
             for point in r["stage1_sweep"]:
                 rows.append([s["rows"], r["index"], r["build_s"], r.get("build_cpu_s"),
-                             r["milvus_memory_mb"]["after_load"], point["params"], point["recall"],
-                             point["recall_min"], point["ms"]["p50"], point.get("cpu_ms", {}).get("milvus"),
+                             r.get("loaded_segments_mb"), r["milvus_memory_mb"]["after_load"],
+                             point["params"], point["recall"], point["recall_min"], point["ms"]["p50"],
+                             point.get("cpu_ms", {}).get("milvus"),
                              "engine" if point["engine_default"] else ""])  # fmt: skip
-    print_table(["rows", "index", "build s", "build CPU s", "milvus RSS MB", "params", "recall", "min",
-                 "p50 ms", "CPU ms milvus", ""], rows)  # fmt: skip
+    print_table(["rows", "index", "build s", "build CPU s", "segments MB", "milvus RSS MB", "params",
+                 "recall", "min", "p50 ms", "CPU ms milvus", ""], rows)  # fmt: skip
     if body.get("projections", {}).get("hnsw"):
         print(f"\nHNSW projected: {body['projections']['hnsw']}")
 
@@ -695,6 +701,26 @@ def projections(body: dict[str, Any]) -> dict[str, Any]:
             "milvus_memory_mb": round(float(intercept + slope * largest), 0),
         }
     }
+
+
+def merge_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One report with the sizes of several runs (of the same options), by size; where two runs
+    measured a size, the later report's is kept, with the other index kinds either measured
+    there. Each size records the command that measured it."""
+    by_rows: dict[int, dict[str, Any]] = {}
+    for report in reports:
+        for size in report["sizes"]:
+            earlier = by_rows.get(size["rows"], {}).get("alternatives", [])
+            others = {a["index"]: a for a in [*earlier, *size["alternatives"]]}
+            others.pop(size["main"]["index"], None)
+            by_rows[size["rows"]] = {
+                **size,
+                "alternatives": list(others.values()),
+                "command": report["command"],
+            }
+    merged = {**reports[-1], "sizes": [by_rows[rows] for rows in sorted(by_rows)]}
+    add_derived(merged)
+    return merged
 
 
 def add_derived(body: dict[str, Any]) -> None:
@@ -824,12 +850,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--plot", type=Path, default=None, help="draw cost against size here (PNG)")
     parser.add_argument(
-        "--from-json", type=Path, default=None, help="summarise and plot a report instead of running"
+        "--from-json",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="summarise and plot reports instead of running (their sizes merged; a later report's wins)",
     )
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        report = json.loads(args.from_json.read_text())
-        add_derived(report)
+        report = merge_reports([json.loads(path.read_text()) for path in args.from_json])
         print_summary(report, argparse.Namespace(**report["options"]))
         if args.plot is not None:
             plot(report, args.plot)
