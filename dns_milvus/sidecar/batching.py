@@ -5,8 +5,7 @@ object fetches and the merge stay the engine's code). Only the fine-grained scor
 that wants the GPU, is handed over: ``BatchingReranker.fine_scores`` submits a job to the
 ``FineBatcher`` and waits on its future. The batcher is an asyncio task that collects jobs
 until the oldest has waited ``max_wait_ms`` or a batch's worth of work is pending, then runs
-the batch in one of ``scorers`` dedicated threads (one on a GPU; on a CPU one a core, each
-batch then using its share of the cores), so
+the batch in a dedicated thread (``scorers`` of them, 1 by default), so
 
 - the device sees a few streams of back-to-back batches instead of many threads contending;
 - while the scorers are busy, the next batch accumulates; it starts as soon as one is free
@@ -60,7 +59,6 @@ from dns_milvus.errors import (
 )
 from dns_milvus.similarity import resolve_threads
 from dns_milvus.similarity.many import fine_similarity_float_many, fine_similarity_packed_many
-from dns_milvus.similarity.threads import usable_cores
 from dns_milvus.store import ObjectStore
 
 
@@ -407,14 +405,6 @@ class FineBatcher:
             job.future.set_exception(error)
         else:
             job.future.set_result(result)
-
-
-def default_scorers(device: torch.device) -> int:
-    """Concurrent scoring batches: one on a GPU (its own queue orders the work); on a CPU one a
-    usable core, at most 4. The idle cores are shared by the batches being scored (one thread
-    each when all are busy): threads of one call meet at a barrier after every operator, while
-    independent batches never wait for each other."""
-    return 1 if device.type != "cpu" else min(4, usable_cores())
 
 
 class BatchingReranker(LocalReranker):

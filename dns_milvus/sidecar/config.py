@@ -48,7 +48,7 @@ class ServerConfig:
     torch_threads: int = 0
     fine_precision: str = "float32"
     fine_threads: int = 0
-    fine_scorers: int = 0
+    fine_scorers: int = 1
     log_level: str = "INFO"
     port_file: str = ""
 
@@ -86,6 +86,7 @@ class ServerConfig:
             "max_inflight",
             "max_queue_pairs",
             "max_queue_frame_pairs",
+            "fine_scorers",
             "max_batch_pairs",
             "max_batch_frame_pairs",
         )
@@ -94,7 +95,7 @@ class ServerConfig:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in (
             "max_wait_ms", "http_timeout_s", "cache_bytes", "query_store_bytes", "grace_s",
-            "max_connection_age_s", "torch_threads", "fine_threads", "fine_scorers",
+            "max_connection_age_s", "torch_threads", "fine_threads",
         ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -146,8 +147,9 @@ _HELP = {
     "where the hardware has native bfloat16, scores within ~1e-3; refused elsewhere) or auto",
     "fine_threads": "CPU threads of one fine-scoring call (0 = as many as other processes leave idle, "
     "at most torch's)",
-    "fine_scorers": "fine-grained batches scored at the same time, each in its own thread (0 = one on "
-    "a GPU, one a CPU core up to 4; with --fine-threads 0 the idle cores are shared by the busy ones)",
+    "fine_scorers": "fine-grained batches scored at the same time, each in its own thread (with "
+    "--fine-threads 0 the idle cores are shared by the busy ones); on 2 shared CPU cores two measured "
+    "slower than one",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "port_file": "write the bound ports here as JSON once serving (for supervisors and tests)",
 }

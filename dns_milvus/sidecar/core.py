@@ -34,7 +34,7 @@ from dns_milvus.errors import (
     RequestCancelledError,
     ShuttingDownError,
 )
-from dns_milvus.sidecar.batching import BatchingReranker, Ticket, current_ticket, default_scorers
+from dns_milvus.sidecar.batching import BatchingReranker, Ticket, current_ticket
 from dns_milvus.sidecar.config import ServerConfig
 from dns_milvus.sidecar.metrics import Metrics
 from dns_milvus.store import ObjectStore, StoreAccessError, decode_fine_tensor, fine_key
@@ -119,7 +119,7 @@ class RerankCore:
                 "max_wait_ms": config.max_wait_ms,
                 "max_queue_pairs": config.max_queue_pairs,
                 "max_queue_frame_pairs": config.max_queue_frame_pairs,
-                "scorers": config.fine_scorers or default_scorers(models.device),
+                "scorers": config.fine_scorers,
                 "on_batch": metrics.observe_batch,
             },
         )
