@@ -8,7 +8,7 @@ calls retried on the next one), inline queries of the corpus's lengths, ``--cand
 candidates at policy ``--policy``. Configurations, interleaved in every round (``--rounds``):
 
 - ``single``: one replica of ``--threads-single`` cores (2: the whole box): torch threads and
-  fine scorers of one thread each;
+  the fine scorer's threads;
 - ``replicas``: two replicas with ``--threads-per-replica`` torch threads each (1 + 1), on the
   same cores: the split of one box, not two boxes;
 - ``single_1t``: one replica with ``--threads-per-replica`` threads, the control that tells what
@@ -144,9 +144,9 @@ def main() -> int:
             return query, [candidates[i] for i in picked]
 
         def launch(name: str, cores: int) -> SidecarProcess:
-            # a replica of `cores` cores: as many fine scorers of one thread each (their defaults
-            # would count the machine's cores and take the idle ones)
-            cores_settings = {"FINE_SCORERS": str(cores), "FINE_THREADS": "1"}
+            # a replica of `cores` cores: one fine scorer of as many threads (by default its
+            # threads are the machine's idle cores)
+            cores_settings = {"FINE_SCORERS": "1", "FINE_THREADS": str(cores)}
             return launch_sidecar(model_dir, work / "objects", work / name, torch_threads=cores,
                                   settings={**settings, **cores_settings})  # fmt: skip
 

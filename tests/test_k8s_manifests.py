@@ -228,3 +228,4 @@ def test_the_sidecar_uses_the_cores_it_requests() -> None:
     cpus = int(container()["resources"]["requests"]["cpu"])
     assert int(env["DNS_RERANKER_TORCH_THREADS"]) == cpus
     assert int(env["DNS_RERANKER_FINE_SCORERS"]) * int(env["DNS_RERANKER_FINE_THREADS"]) == cpus
+    assert int(env["DNS_RERANKER_FINE_SCORERS"]) == ServerConfig.fine_scorers  # the measured default
