@@ -229,7 +229,7 @@ def _start_import(collection: VideoCollection, path: str) -> int:
 
 
 def _wait(collection: VideoCollection, tasks: list[int], deadline: float, timeout: float) -> None:
-    """Wait until every task is completed (rows persisted, indexed and loaded); raise on a failed one."""
+    """Wait until every task is completed (its rows persisted and indexed); raise on a failed one."""
     from pymilvus.client.types import BulkInsertState
 
     pending = set(tasks)
