@@ -327,6 +327,12 @@ def _collect(dataset: Any, report: IngestReport, stages: dict[str, float]) -> No
         cause = _dns_cause(exc)
         if cause is not None:  # e.g. Milvus or the store went down: every video would fail
             raise type(cause)(f"distributed ingestion stopped: {cause}") from exc
+        if type(exc).__module__.startswith("ray."):  # nodes or actors lost beyond Ray's retries
+            raise BackendUnavailableError(
+                f"the Ray cluster stopped the run ({type(exc).__name__}: {exc}); {len(report.added)} "
+                "videos were indexed: run the same ingest again to index the rest (indexed ones are "
+                "skipped)"
+            ) from exc
         raise
 
 

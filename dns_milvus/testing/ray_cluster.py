@@ -49,14 +49,20 @@ class LocalRayCluster:
     cpus_per_node: int = 1
 
     def add_worker(self, *, cpus: int | None = None, timeout: float = START_TIMEOUT_S) -> subprocess.Popen:
-        """Start a worker node and wait until the cluster counts it."""
-        expected = self.alive_nodes() + 1
+        """Start a worker node and wait until the cluster lists it alive (a node killed just
+        before may still be listed, so this waits for a new node, not for a count)."""
+        before = set(self._nodes())
         proc = _start_node(
             ["--address", self.address, "--num-cpus", _num(cpus or self.cpus_per_node)],
             self.temp_dir / f"worker-{len(self.workers)}.log",
         )
         self.workers.append(proc)
-        self.wait_for_nodes(expected, timeout=timeout, watch=proc)
+        deadline = time.monotonic() + timeout
+        while not set(self._nodes()) - before:
+            self._check_running(proc)
+            if time.monotonic() > deadline:
+                raise BackendUnavailableError(f"a new Ray worker node did not join within {timeout:g} s")
+            time.sleep(0.3)
         return proc
 
     def kill_worker(self, proc: subprocess.Popen) -> None:
@@ -72,14 +78,17 @@ class LocalRayCluster:
         """Wait until exactly ``count`` nodes are alive."""
         deadline = time.monotonic() + timeout
         while self.alive_nodes() != count:
-            for proc in (self.head, watch):
-                if proc is not None and proc.poll() is not None:
-                    raise BackendUnavailableError(f"a Ray node exited with code {proc.returncode}")
+            self._check_running(watch)
             if time.monotonic() > deadline:
                 raise BackendUnavailableError(f"the Ray cluster lacks {count} live nodes after {timeout:g} s")
             time.sleep(0.3)
 
-    def _nodes(self) -> list[dict]:
+    def _check_running(self, node: subprocess.Popen | None) -> None:
+        for proc in (self.head, node):
+            if proc is not None and proc.poll() is not None:
+                raise BackendUnavailableError(f"a Ray node exited with code {proc.returncode}")
+
+    def _nodes(self) -> list[str]:
         """Alive nodes, asked of the head by a short-lived process (the caller may be a driver)."""
         script = (
             f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR', "
