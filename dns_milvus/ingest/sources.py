@@ -2,6 +2,9 @@
 
 A source yields ``SourceItem``s lazily; each item's ``load()`` returns region features
 [T, R, D] or raises a ``DnSError`` naming the video, so one bad video never stops a batch.
+A source that works better on many videos at once (``video_source``: the backbone on the frames
+of many short videos together) also gives its items a ``load_many``, which ``ingest`` calls on
+the items of a batch instead of their ``load``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ class SourceItem:
     video_id: str
     load: Callable[[], Any]
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: The video's frame count when the source knows it before loading (HDF5 does): ``ingest``
+    #: batches videos of similar length together, so little padding is computed.
+    frames: int | None = None
+    #: Loads several items of the source together: ``load_many(items, stages)`` returns, in
+    #: order, each item's result of ``load`` or the exception that stopped that item alone, and
+    #: adds the seconds it spent to ``stages`` by stage name. Items sharing it are loaded
+    #: together by ``ingest``; None: one ``load`` at a time.
+    load_many: Callable[[list[SourceItem], dict[str, float]], list[Any]] | None = None
 
 
 def video_files(inputs: Iterable[str | os.PathLike], *, recursive: bool = True) -> list[Path]:
@@ -78,9 +89,11 @@ def video_source(
     max_frames: int | None = None,
 ) -> Iterator[SourceItem]:
     """Video files indexed with ``models`` (a ``ModelSet`` with a feature extractor), sampled at
-    the set's frame rate: each item's ``load`` decodes and preprocesses its video
-    (``FeatureExtractor.prepare_video``), and ``ingest`` runs the backbone on the frames of a
-    whole batch of videos together. ``id_from`` as in ``file_source``.
+    the set's frame rate. ``ingest`` loads them a group at a time (``load_many``): each loading
+    thread decodes its group's videos (only what the sampled frames need) and runs the backbone
+    on their frames together, ``chunk_size`` frames a call across videos
+    (``FeatureExtractor.extract_prepared``), so short videos still make full backbone batches.
+    An item's own ``load`` extracts its video alone. ``id_from`` as in ``file_source``.
     """
     extractor = models.extractor
     if extractor is None:
@@ -88,11 +101,37 @@ def video_source(
             f"model set {models.name!r} has no feature extractor (no backbone in its manifest): "
             "it indexes region features (HDF5, arrays), not video files"
         )
+    loader = _VideoLoader(extractor, models.fps, max_frames)
+    for item in file_source(paths, loader.extract, id_from=id_from):
+        path = Path(item.metadata["source"])
+        yield SourceItem(item.video_id, _VideoLoad(loader, path), item.metadata, load_many=loader)
 
-    def prepare(path: Path) -> Any:
-        return extractor.prepare_video(path, fps=models.fps, max_frames=max_frames)
 
-    return file_source(paths, prepare, id_from=id_from)
+@dataclass(frozen=True)
+class _VideoLoader:
+    """One ``video_source``'s way to load videos: one alone, or many together (``load_many``)."""
+
+    extractor: Any
+    fps: float
+    max_frames: int | None
+
+    def extract(self, path: Path) -> Any:
+        return self.extractor.extract_video(path, fps=self.fps, max_frames=self.max_frames)
+
+    def __call__(self, items: list[SourceItem], stages: dict[str, float]) -> list[Any]:
+        videos = [self.extractor.open_video(item.load.path, self.fps, self.max_frames) for item in items]
+        return self.extractor.extract_prepared(videos, stages=stages)
+
+
+@dataclass(frozen=True)
+class _VideoLoad:
+    """A ``video_source`` item's ``load``: its video's features, extracted alone."""
+
+    loader: _VideoLoader
+    path: Path
+
+    def __call__(self) -> Any:
+        return self.loader.extract(self.path)
 
 
 def hdf5_source(path: str | os.PathLike, ids: Iterable[str] | None = None) -> Iterator[SourceItem]:
@@ -100,15 +139,31 @@ def hdf5_source(path: str | os.PathLike, ids: Iterable[str] | None = None) -> It
     (ids with ``/`` live in groups, as CC_WEB_VIDEO's do). Shapes are checked by the networks.
 
     Each item's ``load`` reads its dataset (opening the file for that read), so the ingest
-    pipeline reads the next batch while the networks run on this one.
+    pipeline reads the next batch while the networks run on this one. Each item carries its
+    frame count, read from the dataset's shape when the file is listed.
     """
+    import h5py
+
     from dns_milvus.eval.features import H5Features
 
     with H5Features(path, regions=None, dim=None) as features:
         wanted = list(ids) if ids is not None else features.ids()
+    with h5py.File(path, "r") as file:
+        frames = {vid: _frame_count(file, vid) for vid in wanted}
     name = Path(path).name
     for vid in wanted:
-        yield SourceItem(vid, functools.partial(_read_dataset, path, vid), {"source": f"{name}:{vid}"})
+        yield SourceItem(
+            vid, functools.partial(_read_dataset, path, vid), {"source": f"{name}:{vid}"}, frames[vid]
+        )
+
+
+def _frame_count(file: Any, video_id: str) -> int | None:
+    """The first axis of a video's dataset; None where there is none (its load says why)."""
+    try:
+        shape = getattr(file.get(video_id), "shape", None)
+    except (TypeError, ValueError, KeyError):  # an id h5py cannot even look up
+        return None
+    return int(shape[0]) if shape else None
 
 
 def _read_dataset(path: str | os.PathLike, video_id: str) -> Any:
