@@ -5,9 +5,11 @@ The HDF5 file holds synthetic region features in the DnS release layout (one flo
 1024-d, 512-bit binarization student, selector) index every video; ``dns_milvus.ingest`` writes
 the objects (verified) and upserts the rows. Reported:
 
-- the headline run: videos per second and the per-stage split of ``IngestReport.stage_seconds``
-  (load, networks, store, milvus), plus the time spent reading the HDF5 file (inside the source
-  iterator, which the pipeline does not attribute to a stage) and the remainder;
+- the headline: this tree against a baseline tree (``--baseline``, a git worktree of an earlier
+  commit; ``none`` to skip), each run in a fresh interpreter (``_ingest_worker.py``), the runs
+  interleaved in rotating order for ``--rounds`` rounds: min / median videos/s, the per-stage
+  split of ``IngestReport.stage_seconds`` of the median run, and each run's share of the compute
+  ceiling (its rate times the work per video over the GEMM rate measured just before it);
 - a sweep on the first ``--sweep-videos`` videos, side by side in one run: batch sizes 16/64/128,
   fsync off, length-sorted ids (less padding), one torch thread;
 - where the time goes: each network timed on one batch side by side, padded (``index_video`` on
@@ -15,7 +17,8 @@ the objects (verified) and upserts the rows. Reported:
   output difference; the floating-point work per video (torch's FLOP counter) against this
   machine's measured GEMM rate (the compute ceiling); and a cProfile of an ingest run.
 
-    python benchmarks/bench_ingest.py [--videos 2000] [--batch-size 64] [--quick]
+    python benchmarks/bench_ingest.py [--videos 2000] [--batch-size 64] [--rounds 3] [--quick]
+    python benchmarks/bench_ingest.py --device cuda --baseline none   # on a GPU (gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from _common import (
     collection_name,
     frame_counts,
     gemm_gflops,
-    load_model_set,
+    make_model_set,
     parse_frames,
     print_table,
     random_features,
@@ -53,6 +56,7 @@ from _common import (
     summarize,
     write_report,
 )
+from _compare import DEFAULT_BASELINE, HERE, check_tree, interleave, min_median, rate_summary
 
 from dns_milvus.milvus import release_lite
 
@@ -200,8 +204,33 @@ def padding_efficiency(lengths: list[int], batch_size: int) -> float:
     return sum(lengths) / padded
 
 
+def gemm_rate(device: torch.device) -> float:
+    """The float32 GEMM rate of ``device`` on the networks' typical shape (the CPU's: ``_common``)."""
+    if device.type != "cuda":
+        return gemm_gflops()
+    a, b = torch.randn(8192, 512, device=device), torch.randn(512, 512, device=device)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    repeats = 200
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * 8192 * 512 * 512 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def _synced(device: torch.device, value: Any = None) -> Any:
+    """``value`` once the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return value
+
+
 @torch.inference_mode()
-def network_split(models: Any, features: list[np.ndarray], repeats: int = 2) -> dict[str, Any]:
+def network_split(
+    models: Any, features: list[np.ndarray], device: torch.device, repeats: int = 2
+) -> dict[str, Any]:
     """Each network on one batch, side by side: padded (``index_video`` on the zero-padded
     batch, the way indexing ran before packing) and packed (``index_packed``, what
     ``ModelSet.index_features`` runs), with the largest output difference; plus the whole
@@ -211,25 +240,25 @@ def network_split(models: Any, features: list[np.ndarray], repeats: int = 2) -> 
     from dns_milvus.similarity import pack_codes, pack_signs
 
     models.index_features(features[:2])  # warm-up
-    tensors = [torch.from_numpy(f) for f in features]
-    lengths = torch.tensor([t.shape[0] for t in tensors])
+    tensors = [torch.from_numpy(f).to(device) for f in features]
+    lengths = torch.tensor([t.shape[0] for t in tensors], device=device)
     packed = torch.cat(tensors)
     batch = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True)
-    mask = torch.arange(batch.shape[1])[None, :] < lengths[:, None]
+    mask = torch.arange(batch.shape[1], device=device)[None, :] < lengths[:, None]
     nets = {"coarse student": models.coarse, "selector self-similarity": models.selector}
     rounds, outputs = [], {}
     for _ in range(repeats):
         watch = Stopwatch()
         for name, net in nets.items():
             with watch(f"{name}, padded"):
-                outputs[f"{name}, padded"] = net.index_video(batch, mask)
+                outputs[f"{name}, padded"] = _synced(device, net.index_video(batch, mask))
             with watch(f"{name}, packed"):
-                outputs[f"{name}, packed"] = net.index_packed(packed, lengths)
+                outputs[f"{name}, packed"] = _synced(device, net.index_packed(packed, lengths))
         with watch("fine student + code packing, padded"):
-            codes = models.fine.index_video(batch, mask)
+            codes = models.fine.index_video(batch, mask).cpu()
             padded_bytes = [pack_codes(codes[i, :n].numpy()) for i, n in enumerate(lengths.tolist())]
         with watch("fine student + code packing, packed"):
-            packed_bytes = pack_signs(models.fine.index_packed_signs(packed, lengths).numpy())
+            packed_bytes = pack_signs(models.fine.index_packed_signs(packed, lengths).cpu().numpy())
         with watch("index_features (whole call)"):
             models.index_features(features)
         rounds.append(watch.seconds)
@@ -253,6 +282,7 @@ def network_split(models: Any, features: list[np.ndarray], repeats: int = 2) -> 
     return {
         "videos": n,
         "repeats": repeats,
+        "device": str(device),
         "frames_real": int(lengths.sum()),
         "frames_padded": int(batch.shape[0] * batch.shape[1]),
         "ms_per_video": {k: round(1000 * v / n, 2) for k, v in seconds.items()},
@@ -288,16 +318,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--h5", type=Path, default=None, help="existing HDF5 feature file to ingest instead of generating one"
     )
+    parser.add_argument("--device", default="cpu", help="torch device of the networks: cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--baseline",
+        default=str(DEFAULT_BASELINE),
+        help="worktree of the baseline commit, or 'none' (default: %(default)s)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the headline")
     args = parser.parse_args(argv)
     if args.quick:
         args.videos, args.sweep_videos, args.profile_videos = min(args.videos, 24), 16, 8
-        args.batch_size, args.sweep, args.split_videos = 8, "8,16", 8
+        args.batch_size, args.sweep, args.split_videos, args.rounds = 8, "8,16", 8, 1
     setup_torch(args.threads)
+    device = torch.device(args.device)
+    baseline = None if args.baseline == "none" else check_tree(Path(args.baseline))
     sweep_sizes = [int(s) for s in args.sweep.split(",") if s.strip()]
     rng = np.random.default_rng(args.seed)
 
     with scratch_dir(args.workdir, "dns-bench-ingest-") as work:
-        models = load_model_set(work / "models", seed=args.seed)
+        from dns_milvus.engine import ModelSet
+
+        models = ModelSet.load(make_model_set(work / "models", seed=args.seed), device=args.device)
         h5 = args.h5 or work / "features.h5"
         started = time.perf_counter()
         if args.h5 is None:
@@ -317,20 +358,40 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         split_n = min(args.split_videos, len(ids))
-        split = network_split(models, [random_features(rng, n) for n in lengths[:split_n]])
-        gflops = gemm_gflops()
+        split = network_split(models, [random_features(rng, n) for n in lengths[:split_n]], device)
+        gflops = gemm_rate(device)
         print(
             f"networks on one batch of {split_n}: {split['gflop_per_video']} GFLOP/video as executed; "
-            f"this machine's GEMM rate {gflops:.1f} GFLOP/s"
+            f"this machine's GEMM rate {gflops:.1f} GFLOP/s ({device})"
         )
 
-        headline = run_ingest(
-            h5, ids, frames, work, models, "headline", batch_size=args.batch_size, fsync=args.fsync == "on"
-        )
-        print(
-            f"headline: {headline['videos']} videos in {headline['seconds']:.1f} s = "
-            f"{headline['videos_per_s']:.2f} videos/s"
-        )
+        spec = {
+            "kind": "hdf5",
+            "h5": str(h5),
+            "ids": ids,
+            "models": str(work / "models"),
+            "threads": args.threads,
+            "device": args.device,
+            "batch_size": args.batch_size,
+            "fsync": args.fsync == "on",
+            "workdir": str(work),
+        }
+        variants = {"current": (HERE, spec)}
+        if baseline is not None:
+            variants = {"baseline": (baseline, spec), **variants}
+        print(f"headline: {len(ids)} videos, {args.rounds} interleaved rounds")
+        rounds = interleave(variants, args.rounds)
+        for runs in rounds.values():
+            for run in runs:  # this run's share of the ceiling, at the GEMM rate measured before it
+                run["over_compute_ceiling"] = round(
+                    run["videos_per_s"] * split["gflop_per_video"] / run["gemm_gflops_before"], 3
+                )
+        headline_summary = {name: rate_summary(runs) for name, runs in rounds.items()}
+        for name, runs in rounds.items():
+            headline_summary[name]["over_compute_ceiling"] = min_median(
+                [r["over_compute_ceiling"] for r in runs]
+            )
+        headline = headline_summary["current"]["median_run"]
 
         sweep: list[dict[str, Any]] = []
         if args.sweep_videos:
@@ -365,11 +426,48 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     print(
+        "\nheadline, interleaved rounds (over ceiling: rate x GFLOP/video / GEMM rate just before the run):"
+    )
+    print_table(
+        [
+            "variant",
+            "videos/s min",
+            "median",
+            "max",
+            "over ceiling min",
+            "median",
+            "CPU ms/video",
+            "load avg",
+        ],
+        [
+            [
+                name,
+                h["videos_per_s"]["min"],
+                h["videos_per_s"]["median"],
+                h["videos_per_s"]["max"],
+                h["over_compute_ceiling"]["min"],
+                h["over_compute_ceiling"]["median"],
+                h["cpu_ms_per_video"]["median"],
+                h["load_average"]["median"],
+            ]
+            for name, h in headline_summary.items()
+        ],
+    )
+    print("stage split of the median runs, ms per video:")
+    for name, h in headline_summary.items():
+        run = h["median_run"]
+        print(
+            f"  {name:<9} "
+            + ", ".join(
+                f"{k} {1000 * v / max(1, run['videos']):.2f}" for k, v in run["stage_seconds"].items()
+            )
+        )
+    print(
         "\nper-stage split, ms per video (hdf5_read: the source iterator's own time; load: waiting for "
         "the read-ahead threads' reads;"
         " other: skip-existing lookups, Lite flushes they trigger, bookkeeping)"
     )
-    runs = [headline, *sweep]
+    runs = list(sweep)
     print_table(
         ["run", "videos", "videos/s", *STAGES, "pad eff", "GEMM GF/s"],
         [
@@ -421,9 +519,20 @@ def main(argv: list[str] | None = None) -> int:
     ratios: dict[str, Any] = {
         "headline_over_target": ratio(headline["videos_per_s"], TARGET_VIDEOS_PER_S, 3),
         "compute_ceiling_over_target": ratio(ceiling, TARGET_VIDEOS_PER_S, 3),
-        "headline_over_compute_ceiling": ratio(headline["videos_per_s"], ceiling, 3),
+        "headline_over_compute_ceiling_median": headline_summary["current"]["over_compute_ceiling"]["median"],
+        "headline_over_compute_ceiling_min": headline_summary["current"]["over_compute_ceiling"]["min"],
         "networks_packed_over_padded_speed": split["packed_speedup"],
     }
+    if "baseline" in headline_summary:
+        for stat in ("min", "median"):
+            ratios[f"current_over_baseline_{stat}"] = ratio(
+                headline_summary["current"]["videos_per_s"][stat],
+                headline_summary["baseline"]["videos_per_s"][stat],
+            )
+        ratios["current_over_baseline_per_round"] = [
+            round(c["videos_per_s"] / b["videos_per_s"], 2)
+            for c, b in zip(rounds["current"], rounds["baseline"], strict=True)
+        ]
     if sweep:
         rate = {r["label"]: r["videos_per_s"] for r in sweep}
         base_label = f"batch{base}"
@@ -452,7 +561,9 @@ def main(argv: list[str] | None = None) -> int:
             },
             "target_videos_per_s": TARGET_VIDEOS_PER_S,
             "target_met": met,
-            "headline": headline,
+            "headline": headline_summary,
+            "headline_runs": rounds,
+            "baseline_tree": None if baseline is None else str(baseline),
             "sweep": sweep,
             "network_split": split,
             "gemm_gflops": round(gflops, 2),
