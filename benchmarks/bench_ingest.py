@@ -462,31 +462,32 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k} {1000 * v / max(1, run['videos']):.2f}" for k, v in run["stage_seconds"].items()
             )
         )
-    print(
-        "\nper-stage split, ms per video (hdf5_read: the source iterator's own time; load: waiting for "
-        "the read-ahead threads' reads;"
-        " other: skip-existing lookups, Lite flushes they trigger, bookkeeping)"
-    )
-    runs = list(sweep)
-    print_table(
-        ["run", "videos", "videos/s", *STAGES, "pad eff", "GEMM GF/s"],
-        [
+    if sweep:
+        print(
+            "\nper-stage split, ms per video (hdf5_read: the source iterator's own time; load: waiting for "
+            "the read-ahead threads' reads;"
+            " other: skip-existing lookups, Lite flushes they trigger, bookkeeping)"
+        )
+        runs = list(sweep)
+        print_table(
+            ["run", "videos", "videos/s", *STAGES, "pad eff", "GEMM GF/s"],
             [
-                r["label"],
-                r["videos"],
-                r["videos_per_s"],
-                *r["stage_ms_per_video"].values(),
-                r["padding_efficiency"],
-                r["gemm_gflops_before"],
-            ]
-            for r in runs
-        ],
-    )
-    print(
-        "(pad eff: real frames / frames of the padded batches; only self-attention, NetVLAD's sums and "
-        "the selector's comparator see padding now; GEMM GF/s: the float32 GEMM "
-        "rate measured just before each run, lower = a busier machine)"
-    )
+                [
+                    r["label"],
+                    r["videos"],
+                    r["videos_per_s"],
+                    *r["stage_ms_per_video"].values(),
+                    r["padding_efficiency"],
+                    r["gemm_gflops_before"],
+                ]
+                for r in runs
+            ],
+        )
+        print(
+            "(pad eff: real frames / frames of the padded batches; only self-attention, NetVLAD's sums and "
+            "the selector's comparator see padding now; GEMM GF/s: the float32 GEMM "
+            "rate measured just before each run, lower = a busier machine)"
+        )
 
     print(
         f"\nnetworks, one batch of {split['videos']} (real frames {split['frames_real']}, "
