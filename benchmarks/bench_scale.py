@@ -49,6 +49,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -378,7 +379,11 @@ def build(index: Any, config: Any) -> dict[str, Any]:
     deadline = time.monotonic() + INDEX_BUILD_TIMEOUT_S
     while True:
         info = client.describe_index(name, index_name)
-        if int(info.get("pending_index_rows", 0)) == 0 and info.get("state") in (None, "Finished"):
+        # Not pending_index_rows: while compaction merges the sealed segments (for tens of
+        # minutes after a large insert) it stays near the collection's size although every
+        # live segment is indexed.
+        indexed = int(info.get("indexed_rows", 0)) >= int(info.get("total_rows", 0))
+        if indexed and info.get("state") in (None, "Finished"):
             break
         if time.monotonic() > deadline:
             raise TimeoutError(f"index {config.kind} not built within {INDEX_BUILD_TIMEOUT_S:g} s: {info}")
@@ -870,6 +875,8 @@ def main(argv: list[str] | None = None) -> int:
     args.compare = sorted({k.strip().upper() for k in args.compare.split(",") if k.strip()})
     args.probe_fractions = [float(v) for v in args.probe_fractions.split(",") if v.strip()]
     setup_torch(args.threads)
+    # A terminated run still drops its collection, stops the server and removes its scratch data.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     method = {
         "coarse": (f"ClusteredCorpus: {args.topics} topics, spread {args.spread}, spectrum "
                    f"k^-{args.alpha}/2, random rotation, L2-normalised; exact top K by numpy"),
