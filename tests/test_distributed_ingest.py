@@ -4,6 +4,7 @@ ingest, resume, and a worker node killed mid-run losing and duplicating nothing.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import secrets
@@ -123,9 +124,11 @@ def test_ray_ingest_equals_single_process_and_resumes(
 ) -> None:
     ref_index, ref_report = reference
     assert len(ref_report.added) == 4 * COPIES and set(ref_report.failed) == {"damaged", "empty"}
+    print_before = builtins.print
     with _ray_index(milvus_server, tmp_path) as index:
         report = index.ingest_on_ray(videos, address=ray_cluster.address, batch_size=3, progress=False,
                                      **SMALL_SHARES)  # fmt: skip
+        assert builtins.print is print_before  # Ray Data's print patch does not outlive the run
         assert sorted(report.added) == sorted(ref_report.added)
         assert report.failed == ref_report.failed  # the same words for the same broken files
         assert report.stage_seconds["extract"] > 0 and report.stage_seconds["decode"] > 0

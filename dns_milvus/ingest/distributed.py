@@ -26,6 +26,7 @@ process's own writes at once, others' after the server's next time tick).
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import math
@@ -257,22 +258,27 @@ def _loaded_on_workers(path: Path) -> Any:
 @contextmanager
 def _connected(address: str | None) -> Iterator[Any]:
     """The ``ray`` module, connected to the cluster (and disconnected after, if connected here)."""
+    # Ray Data's progress bars replace builtins.print process-wide; the caller's print comes back.
+    print_before = builtins.print
     try:
-        import ray
-    except ImportError as exc:
-        raise InvalidInputError("distributed ingestion needs Ray: pip install 'dns-milvus[ray]'") from exc
-    if ray.is_initialized():
-        yield ray
-        return
-    try:
-        # Workers' logs stay on their nodes: the report carries each video's failure.
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, TimeoutError) as exc:
-        raise BackendUnavailableError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from exc
-    try:
-        yield ray
+        try:
+            import ray
+        except ImportError as exc:
+            raise InvalidInputError("distributed ingestion needs Ray: pip install 'dns-milvus[ray]'") from exc
+        if ray.is_initialized():
+            yield ray
+            return
+        try:
+            # Workers' logs stay on their nodes: the report carries each video's failure.
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, TimeoutError) as exc:
+            raise BackendUnavailableError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from exc
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
+        builtins.print = print_before
 
 
 def _stages(
