@@ -13,10 +13,13 @@ With ``--baseline-tree DIR`` (a git worktree of another commit, e.g. the parent)
 repeated against a sidecar started from that tree (``PYTHONPATH=DIR``), interleaved with the
 measured tree's runs (``--tree``, default this checkout) in alternating order, ``--rounds``
 times; the summary gives min / median over the rounds for each side and their ratio, with the
-load average around each run (the machine may be shared).
+load average around each run (the machine may be shared). ``--fine-precision bfloat16`` adds the
+measured tree with its comparator in that precision (``DNS_RERANKER_FINE_PRECISION``) as one more
+side of every round, with its own ratio to the baseline.
 
     git worktree add /tmp/sidecar-base HEAD~1
     python benchmarks/bench_sidecar_load.py --baseline-tree /tmp/sidecar-base
+    python benchmarks/bench_sidecar_load.py --baseline-tree /tmp/sidecar-base --fine-precision bfloat16
     python benchmarks/bench_sidecar_load.py --clients 32 --rounds 1 --short
 """
 
@@ -233,7 +236,7 @@ def one_run(
 
 
 def summarize(runs: list[dict], variants: list[str], client_counts: list[int]) -> dict[str, Any]:
-    """min / median over rounds for each variant and client count, and new / base ratios."""
+    """min / median over rounds for each variant and client count, and each variant / base ratio."""
     out: dict[str, Any] = {}
     for clients in client_counts:
         row: dict[str, Any] = {}
@@ -254,18 +257,20 @@ def summarize(runs: list[dict], variants: list[str], client_counts: list[int]) -
                 if None not in v
             }
             row[variant]["errors"] = sum(sum(r["errors"].values()) for r in mine)
-        if "base" in row and "new" in row:
+        for variant in variants:
+            if variant == "base" or "base" not in row or variant not in row:
+                continue
             paired = [
                 n["throughput_rps"] / b["throughput_rps"]
                 for b, n in zip(
                     [r for r in runs if r["variant"] == "base" and r["clients"] == clients],
-                    [r for r in runs if r["variant"] == "new" and r["clients"] == clients],
+                    [r for r in runs if r["variant"] == variant and r["clients"] == clients],
                     strict=False,
                 )
                 if b["throughput_rps"]
             ]
-            row["throughput_ratio_new_over_base"] = {
-                "of_medians": row["new"]["throughput_rps"]["median"]
+            row[f"throughput_ratio_{variant}_over_base"] = {
+                "of_medians": row[variant]["throughput_rps"]["median"]
                 / row["base"]["throughput_rps"]["median"],
                 "per_round": paired,
                 "min": min(paired),
@@ -287,13 +292,14 @@ def print_summary(summary: dict[str, Any], variants: list[str]) -> None:
                 for name in ("throughput_rps", "p50_ms", "p95_ms", "p99_ms", "rss_peak_mb")
                 if name in s
             )
-            print(f"{clients:>3} clients {variant:>4}: {cells}  errors {s['errors']}")
-        ratio = row.get("throughput_ratio_new_over_base")
-        if ratio:
-            print(
-                f"{clients:>3} clients new/base throughput: {ratio['of_medians']:.2f}x of medians, per round "
-                f"min {ratio['min']:.2f}x median {ratio['median']:.2f}x"
-            )
+            print(f"{clients:>3} clients {variant:>12}: {cells}  errors {s['errors']}")
+        for variant in variants:
+            ratio = row.get(f"throughput_ratio_{variant}_over_base")
+            if ratio:
+                print(
+                    f"{clients:>3} clients {variant}/base throughput: {ratio['of_medians']:.2f}x of medians, "
+                    f"per round min {ratio['min']:.2f}x median {ratio['median']:.2f}x"
+                )
 
 
 def parse_frames(text: str) -> tuple[int, int]:
@@ -325,6 +331,12 @@ def main() -> int:
     parser.add_argument("--max-wait-ms", type=float, default=None, help="the server's (default: its own)")
     parser.add_argument("--cache-mb", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
+    parser.add_argument(
+        "--fine-precision",
+        type=lambda text: [p for p in text.split(",") if p],
+        default=[],
+        help="also run the measured tree with these comparator precisions (e.g. bfloat16)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="repetitions of every run")
     parser.add_argument("--tree", type=Path, default=REPO_ROOT, help="the checkout whose sidecar is measured")
     parser.add_argument("--baseline-tree", type=Path, default=None, help="a checkout to compare against")
@@ -372,9 +384,13 @@ def main() -> int:
             trees = {"base": args.baseline_tree.resolve(), "new": args.tree.resolve()}
         port_file = work / "ports.json"
         envs = {}
-        for label, tree in trees.items():
+        for label, tree in list(trees.items()):
             envs[label] = server_env(tree, model_dir, store_dir, port_file, args)
             check_tree(tree, envs[label])
+        for precision in args.fine_precision:  # the measured tree again, its comparator in another precision
+            label = f"new-{precision}"
+            trees[label] = trees["new"]
+            envs[label] = {**envs["new"], "DNS_RERANKER_FINE_PRECISION": precision}
         variants = list(trees)
         runs = []
         for round_index in range(args.rounds):
