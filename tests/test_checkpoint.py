@@ -14,6 +14,7 @@ from dns_milvus.models import (
     CoarseGrainedStudent,
     FineGrainedStudent,
     SelectorNetwork,
+    TeacherEnsemble,
     ViSiLTeacher,
     load_checkpoint,
     network_kind,
@@ -32,6 +33,7 @@ NETWORKS = {
     "fg_student": lambda: FineGrainedStudent(dims=40),
     "selector": lambda: SelectorNetwork(dims=64, hidden_size=24, num_layers=2),
     "teacher": lambda: ViSiLTeacher(dims=48),
+    "teacher_ensemble": lambda: TeacherEnsemble(members=3, dims=48),
 }  # fmt: skip
 
 

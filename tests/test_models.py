@@ -15,6 +15,7 @@ from dns_milvus.models import (
     CoarseGrainedStudent,
     FineGrainedStudent,
     SelectorNetwork,
+    TeacherEnsemble,
     VideoComparator,
     ViSiLTeacher,
     build_from_state_dict,
@@ -392,6 +393,31 @@ def test_teacher_and_coarse_student_are_trainable() -> None:
     selector = SelectorNetwork(dims=32, hidden_size=8).train()
     selector(torch.rand(6, 3)).sum().backward()
     assert selector.mlp.model[0].weight.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_teacher_ensemble_scores_the_mean_of_its_members() -> None:
+    torch.manual_seed(3)
+    members = [ViSiLTeacher(dims=32).eval() for _ in range(3)]
+    ensemble = TeacherEnsemble.of(members)
+    batch, mask = pad(make_videos([6, 4, 9, 5], dims=32, seed=21))
+    indexed = ensemble.index_video(batch, mask)
+    assert indexed.shape == (4, 9, batch.shape[2], 96)
+    got = ensemble.calculate_video_similarity(indexed[:2], indexed, mask[:2], mask)
+    queries = [m.index_video(batch[:2], mask[:2]) for m in members]
+    targets = [m.index_video(batch, mask) for m in members]
+    each = torch.stack(
+        [m.calculate_video_similarity(q, t, mask[:2], mask) for m, q, t in zip(members, queries, targets)]
+    )
+    assert torch.allclose(got, each.mean(0), atol=1e-6)
+    assert each.std(0).max() > 1e-4, "members of different weights disagree: the mean is none of them"
+    lengths = mask.sum(1)
+    packed = ensemble.index_packed(torch.cat([batch[i, : int(n)] for i, n in enumerate(lengths)]), lengths)
+    assert torch.allclose(packed[: int(lengths[0])], indexed[0, : int(lengths[0])], atol=1e-6)
+    with pytest.raises(InvalidInputError, match="96 values a region"):
+        ensemble.calculate_video_similarity(indexed[..., :32], indexed, mask, mask)
+    with pytest.raises(InvalidInputError, match="share their feature size"):
+        TeacherEnsemble.of([ViSiLTeacher(dims=32), ViSiLTeacher(dims=16)])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -873,7 +873,8 @@ def run_copy_benchmark(
             f"model set {models.name!r} has no feature extractor (no backbone in its manifest); "
             "the copy benchmark decodes video files"
         )
-    teacher_net = load_checkpoint(teacher, expected="teacher").to(models.device) if teacher else None
+    teacher_kinds = ("teacher", "teacher_ensemble")
+    teacher_net = load_checkpoint(teacher, expected=teacher_kinds).to(models.device) if teacher else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw = Path(raw_features) if raw_features is not None else None

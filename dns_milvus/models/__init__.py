@@ -28,7 +28,7 @@ from dns_milvus.models.layers import (
 from dns_milvus.models.pairwise import FineSimilarityNetwork, similarity_regularization
 from dns_milvus.models.selector import SelectorMLP, SelectorNetwork
 from dns_milvus.models.students import CoarseGrainedStudent, FineGrainedStudent
-from dns_milvus.models.teacher import ViSiLTeacher
+from dns_milvus.models.teacher import TeacherEnsemble, ViSiLTeacher
 
 __all__ = [
     "KIND_DESCRIPTIONS",
@@ -43,6 +43,7 @@ __all__ = [
     "NetVLAD",
     "SelectorMLP",
     "SelectorNetwork",
+    "TeacherEnsemble",
     "ViSiLTeacher",
     "VideoComparator",
     "build_from_state_dict",

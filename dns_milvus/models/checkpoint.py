@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from dns_milvus.errors import CheckpointError, InvalidInputError
 from dns_milvus.models.selector import SelectorNetwork
 from dns_milvus.models.students import CoarseGrainedStudent, FineGrainedStudent
-from dns_milvus.models.teacher import ViSiLTeacher
+from dns_milvus.models.teacher import TeacherEnsemble, ViSiLTeacher
 
 #: Network kinds and how messages name them.
 KIND_DESCRIPTIONS: dict[str, str] = {
@@ -35,6 +35,7 @@ KIND_DESCRIPTIONS: dict[str, str] = {
     "fg_student": "fine-grained student without attention or binarization",
     "selector": "selector network",
     "teacher": "ViSiL teacher",
+    "teacher_ensemble": "ensemble of ViSiL teachers",
 }
 NETWORK_KINDS = tuple(KIND_DESCRIPTIONS)
 
@@ -43,6 +44,7 @@ _CLASS_KINDS: dict[type, tuple[str, ...]] = {
     FineGrainedStudent: ("fg_att_student", "fg_bin_student", "fg_student"),
     SelectorNetwork: ("selector",),
     ViSiLTeacher: ("teacher",),
+    TeacherEnsemble: ("teacher_ensemble",),
 }
 
 Expected = str | type | tuple[str | type, ...] | list[str | type] | None
@@ -60,6 +62,8 @@ def network_kind(state_dict: Mapping[str, Any]) -> str:
     modules = {k.split(".", 1)[0] for k in keys}
     if "mlp" in modules:
         return "selector"
+    if modules == {"members"} and "members.0.attention.context_vector.weight" in keys:
+        return "teacher_ensemble"
     if "binarization.W" in keys:
         return "fg_bin_student"
     if modules & {"netvlad", "transformer"}:
@@ -143,6 +147,10 @@ def _infer_options(kind: str, sd: Mapping[str, Tensor], args: Mapping[str, Any])
         return {"dims": int(_arg(args, "dims", 512))}
     if kind == "teacher":
         return {"dims": int(sd["attention.context_vector.weight"].shape[1])}
+    if kind == "teacher_ensemble":
+        members = {int(m.group(1)) for k in sd if (m := re.match(r"members\.(\d+)\.", k))}
+        dims = sd["members.0.attention.context_vector.weight"].shape[1]
+        return {"members": len(members), "dims": int(dims)}
     # selector
     linears = sorted(
         int(m.group(1))
@@ -168,6 +176,7 @@ _BUILDERS: dict[str, type[nn.Module]] = {
     "fg_student": FineGrainedStudent,
     "selector": SelectorNetwork,
     "teacher": ViSiLTeacher,
+    "teacher_ensemble": TeacherEnsemble,
 }
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from dns_milvus.errors import InvalidInputError
-from dns_milvus.models import load_checkpoint, save_checkpoint
+from dns_milvus.models import TeacherEnsemble, load_checkpoint, save_checkpoint
 from dns_milvus.train.calibration import fit_score_merge
 from dns_milvus.train.config import (
     ITQConfig,
@@ -80,6 +80,7 @@ class Recipe:
     teacher_triplets: int = 160
     teacher_lr: float = 5e-4
     hard_negative_rate: float = 0.5  # teacher triplets whose negative is another segment of the scene
+    teacher_members: int = 1  # > 1: an ensemble of teachers from consecutive seeds (mean similarity)
     mining_threshold: float = 0.3
     negatives_per_kind: int = 50
     student_epochs: int = 20  # ~60 batches an epoch on this corpus: 1,200 steps a student
@@ -400,6 +401,31 @@ def export_pca_half(source: Path, destination: Path) -> Path:
     return destination
 
 
+def _train_teachers(
+    recipe: Recipe, work: Path, features: Path, groups: Path, scenes: Path, common: dict[str, Any]
+) -> Path:
+    """The teacher checkpoint: one ViSiL teacher, or ``recipe.teacher_members`` of them trained
+    from consecutive seeds and saved as one ensemble."""
+    checkpoints = []
+    for member in range(recipe.teacher_members):
+        config = TeacherConfig(
+            output=str(work / ("teacher" if member == 0 else f"teacher-{member}")),
+            features=str(features),
+            groups=str(groups),
+            scenes=str(scenes),
+            hard_negative_rate=recipe.hard_negative_rate,
+            epochs=recipe.teacher_epochs,
+            triplets_per_epoch=recipe.teacher_triplets,
+            lr=recipe.teacher_lr,
+            **{**common, "seed": common["seed"] + member},
+        )
+        checkpoints.append(run_stage("teacher", config).outputs["teacher"])
+    if len(checkpoints) == 1:
+        return checkpoints[0]
+    ensemble = TeacherEnsemble.of([load_checkpoint(c, expected="teacher") for c in checkpoints])
+    return save_checkpoint(ensemble, work / "teacher_ensemble.pth")
+
+
 def build_default_model_set(
     out_dir: str | Path,
     *,
@@ -453,20 +479,7 @@ def build_default_model_set(
     t = lap("pca", t)
 
     common = {"seed": seed, "progress": progress, "device": "auto"}
-    teacher = run_stage(
-        "teacher",
-        TeacherConfig(
-            output=str(work / "teacher"),
-            features=str(train_h5),
-            groups=str(groups_json),
-            scenes=str(scenes_json),
-            hard_negative_rate=recipe.hard_negative_rate,
-            epochs=recipe.teacher_epochs,
-            triplets_per_epoch=recipe.teacher_triplets,
-            lr=recipe.teacher_lr,
-            **common,
-        ),
-    ).outputs["teacher"]
+    teacher = _train_teachers(recipe, work, train_h5, groups_json, scenes_json, common)
     t = lap("teacher", t)
     pairs = run_stage(
         "mine",

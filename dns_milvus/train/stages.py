@@ -135,7 +135,7 @@ def _run_mine(config: MiningConfig) -> StageResult:
     device = resolve_device(config.device)
     teacher = load_checkpoint(
         config.teacher,
-        expected=("teacher", "fg_att_student", "fg_bin_student", "fg_student"),
+        expected=("teacher", "teacher_ensemble", "fg_att_student", "fg_bin_student", "fg_student"),
         map_location=device,
     )
     features = FeatureSet.open(config.features)
