@@ -32,6 +32,7 @@ EXTRACTOR_MODULES = "dns_milvus.features"
 #: (module, attribute path, phase): project functions the phases are made of.
 CALLS = (
     ("dns_milvus.engine.modelset", "ModelSet.load", "model_set_load"),
+    ("dns_milvus.engine.numpy_set", "NumpyModelSet.load", "model_set_load"),
     ("dns_milvus.features.extractor", "FeatureExtractor.__init__", "extractor"),
     ("dns_milvus.milvus.connection", "connect", "milvus_connect"),
     ("dns_milvus.milvus.collection", "VideoCollection.create", "milvus_connect"),

@@ -222,11 +222,13 @@ def measure(
             label: {"wall_s": {}, "cpu_s": {}} for label in trees
         }
         loads: list[float] = []
+        modules: dict[str, list[str]] = {}  # which of torch, pymilvus ... the call imported
         for _ in range(repeats):
             for label, tree in trees.items():
                 loads.append(os.getloadavg()[0])
                 wall, cpu = run_cli(tree, argv, scratch)
                 probe = run_probe(tree, argv, scratch)
+                modules[label] = probe["modules"]
                 walls = {"command": wall, **probe["phases_s"]}
                 cpus = {"command": cpu, **probe["phases_cpu_s"]}
                 for phase in ("command", *PHASES):
@@ -237,8 +239,11 @@ def measure(
             "load_average_1m": {"min": min(loads), "max": max(loads)},
             **{
                 label: {
-                    kind: {phase: min_median(values) for phase, values in by_phase.items()}
-                    for kind, by_phase in runs[label].items()
+                    "imported": modules[label],
+                    **{
+                        kind: {phase: min_median(values) for phase, values in by_phase.items()}
+                        for kind, by_phase in runs[label].items()
+                    },
                 }
                 for label in trees
             },
@@ -277,6 +282,8 @@ def print_call(call: str, result: dict[str, Any], labels: list[str]) -> None:
         "(seconds; CPU: the real command's user + system time, and each phase's own thread time: "
         "none before the interpreter runs, none in total/teardown but the command's)"
     )
+    for label in labels:
+        print(f"{label} imported: {', '.join(result[label]['imported']) or 'neither torch nor pymilvus'}")
     target = TARGETS_S.get(call)
     if target is not None:
         best = result[labels[-1]]["wall_s"]["command"]["median"]

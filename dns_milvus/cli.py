@@ -38,7 +38,9 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     return "\n".join(out)
 
 
-def _open_index(args: argparse.Namespace) -> Any:
+def _open_index(args: argparse.Namespace, *, networks: bool = False) -> Any:
+    """The index the settings name. ``networks``: the command indexes videos or features, so it
+    needs the model set's torch networks; a search by an indexed id may not (its NumPy stage 2)."""
     settings = Settings.resolve(vars(args), args.config)
     models = Path(settings.models)
     if not (models / "manifest.json").is_file():
@@ -46,9 +48,14 @@ def _open_index(args: argparse.Namespace) -> Any:
             f"no model set at {models}: pass --models DIR (a directory with manifest.json), "
             "or build the default one with 'dns-milvus train default'"
         )
+    device = None if settings.device == "auto" else settings.device
     quiet_milvus_logs()
-    with milvus_opening(settings.uri, settings.token):  # while torch is imported
+    with milvus_opening(settings.uri, settings.token):  # while torch is imported, where it is needed
         from dns_milvus.engine import DnSIndex
+        from dns_milvus.engine.numpy_set import NumpyModelSet
+
+        if networks or not NumpyModelSet.serves(models, device):
+            import dns_milvus.engine.modelset  # noqa: F401 (torch: a second or more)
     reranker = None
     if settings.reranker:
         from dns_milvus.rpc.client import RemoteReranker
@@ -63,7 +70,7 @@ def _open_index(args: argparse.Namespace) -> Any:
         store=settings.store,
         collection=settings.collection,
         token=settings.token,
-        device=None if settings.device == "auto" else settings.device,
+        device=device,
     )
 
 
@@ -82,7 +89,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     if args.ray and args.hdf5:
         raise InvalidInputError("--ray decodes and indexes video files; ingest --hdf5 features without it")
-    index = _open_index(args)
+    index = _open_index(args, networks=True)
     if args.ray:  # Ray is imported only here: `ingest --ray` is the one command that needs it
         with index:
             report = index.ingest_on_ray(
@@ -143,7 +150,7 @@ def _load_features(path: str) -> Any:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    index = _open_index(args)
+    index = _open_index(args, networks=args.id is None)  # a video or features: indexed first
     with index:
         query = _parse_query(index, args)
         if args.exhaustive:

@@ -17,25 +17,27 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
-import torch
 
 from dns_milvus.config import DEFAULT_REPAIR_GRACE_S
-from dns_milvus.engine.modelset import ModelSet, VideoRecord
+from dns_milvus.engine.numpy_set import NumpyModelSet, open_model_set
 from dns_milvus.engine.policy import SelectionPolicy
+from dns_milvus.engine.record import VideoRecord
 from dns_milvus.engine.rerank import (
     Candidate,
     LocalReranker,
     Reranker,
     RerankResult,
     SearchHit,
+    Stage2Models,
     coarse_only,
 )
 from dns_milvus.errors import (
@@ -64,9 +66,13 @@ from dns_milvus.store import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
+    from dns_milvus.engine.modelset import ModelSet
     from dns_milvus.ingest.pipeline import IngestReport
 
-Query = VideoRecord | np.ndarray | torch.Tensor | os.PathLike | str
+# torch is imported only where networks run: a search by an indexed id may need none of it.
+Query = Union[VideoRecord, np.ndarray, "torch.Tensor", os.PathLike, str]
 
 #: Largest number of stage-1 candidates a search may ask Milvus for.
 MAX_CANDIDATES_K = 16_384
@@ -148,7 +154,11 @@ class DnSIndex:
     Args:
         uri: Milvus URI: a local file (Milvus Lite, the embedded default) or ``http://host:19530``.
         store: object store URI/path (``./objects``, ``s3://bucket/prefix?endpoint_url=...``) or instance.
-        models: a ``ModelSet`` or the path of a model-set directory.
+        models: a ``ModelSet``, a ``NumpyModelSet`` or the path of a model-set directory. On the CPU,
+            a directory whose set has NumPy inference weights opens as a ``NumpyModelSet``
+            (``dns_milvus.engine.numpy_set``): stage 2 runs with them, and the torch networks
+            (``models``) load only when something must be indexed, so a search by an indexed id
+            never imports torch.
         collection: Milvus collection name (one collection per DnS index).
         reranker: stage 2; defaults to ``LocalReranker`` (in-process). Pass a remote one to use a sidecar.
         on_stage2_error: ``"degrade"`` returns the coarse ranking flagged ``degraded`` when a remote
@@ -159,7 +169,7 @@ class DnSIndex:
         self,
         uri: str = "./dns-milvus.db",
         *,
-        models: ModelSet | str | Path,
+        models: ModelSet | NumpyModelSet | str | Path,
         store: str | ObjectStore = "./dns-objects",
         collection: str = "videos",
         token: str | None = None,
@@ -168,30 +178,41 @@ class DnSIndex:
         device: str | None = None,
         on_stage2_error: Literal["degrade", "raise"] = "degrade",
     ) -> None:
-        self.models = models if isinstance(models, ModelSet) else ModelSet.load(models, device=device)
+        # What another process needs to open this index itself (``ingest_on_ray``'s workers).
+        self.models_dir = Path(models) if isinstance(models, str | os.PathLike) else None
+        if self.models_dir is not None:
+            models = open_model_set(self.models_dir, device)
+        elif isinstance(models, NumpyModelSet):
+            self.models_dir = models.directory
+        #: What a search runs: the NumPy stage 2 where the set has one, else the torch networks.
+        self.stage2_models: Stage2Models = models
         self.store = store if not isinstance(store, str) else open_store(store)
         self.client = connect(uri, token=token)
         self.uri = uri
-        # What another process needs to open this index itself (``ingest_on_ray``'s workers).
-        self.models_dir = None if isinstance(models, ModelSet) else Path(models)
         self.store_uri = store if isinstance(store, str) else None
         self.token = token
         existed = VideoCollection.exists(self.client, collection)
         self.collection = VideoCollection.create(
             self.client,
             collection,
-            model_set=self.models.tag,
-            dim=self.models.coarse_dim,
+            model_set=self.stage2_models.tag,
+            dim=self.stage2_models.coarse_dim,
             index=index,
             exist_ok=True,
         )
         if not existed:
             self._warn_if_store_holds_objects()
-        self.local_reranker = LocalReranker(self.models, self.store)
+        self.local_reranker = LocalReranker(self.stage2_models, self.store)
         self.reranker: Reranker = reranker or self.local_reranker
         if on_stage2_error not in ("degrade", "raise"):
             raise InvalidInputError(f"on_stage2_error must be 'degrade' or 'raise', got {on_stage2_error!r}")
         self.on_stage2_error = on_stage2_error
+
+    @property
+    def models(self) -> ModelSet:
+        """The model set's torch networks: loaded on first use where a NumPy stage 2 serves searches."""
+        models = self.stage2_models
+        return models.torch_models() if isinstance(models, NumpyModelSet) else models  # type: ignore[return-value]
 
     @property
     def name(self) -> str:
@@ -419,7 +440,7 @@ class DnSIndex:
         if isinstance(query, os.PathLike):
             features = self.models.extract_video(query, max_frames=max_frames)
             return self.models.index_features([features])[0]
-        if isinstance(query, np.ndarray | torch.Tensor):
+        if isinstance(query, np.ndarray) or _is_tensor(query):
             return self.models.index_features([query])[0]
         raise InvalidInputError(
             "query must be region features (array [T, R, D]), a video file (pathlib.Path), "
@@ -700,14 +721,15 @@ class DnSIndex:
             )
 
     def stats(self) -> dict[str, Any]:
+        models = self.stage2_models
         return {
             "collection": self.name,
             "uri": self.uri,
             "videos": self.count(),
-            "model_set": self.models.name,
-            "model_tag": self.models.tag,
-            "payload_kind": self.models.payload_kind,
-            "device": str(self.models.device),
+            "model_set": models.name,
+            "model_tag": models.tag,
+            "payload_kind": models.payload_kind,
+            "device": str(models.device),
         }
 
     def close(self) -> None:
@@ -719,6 +741,12 @@ class DnSIndex:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_tensor(x: object) -> bool:
+    """Whether ``x`` is a torch tensor; without torch imported it cannot be one."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def _check_k(top_k: int, candidates: int) -> None:

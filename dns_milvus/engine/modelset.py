@@ -29,37 +29,37 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from dns_milvus.device import resolve_device
+from dns_milvus.engine.manifest import (
+    DEFAULT_REGIONS,
+    MANIFEST,
+    manifest_merge,
+    manifest_regions,
+    read_manifest,
+)
+from dns_milvus.engine.numpy_set import network_digests
+from dns_milvus.engine.record import PAYLOAD_FLOAT16, PAYLOAD_PACKED, VideoRecord
 from dns_milvus.errors import CheckpointError, InvalidInputError
+from dns_milvus.inference import COMPARATOR_CONVS, Layer, save_inference_weights
 from dns_milvus.models import load_checkpoint
 from dns_milvus.scoring import RELEASE_MERGE, ScoreMerge
-from dns_milvus.similarity import pack_signs, prepare_for_inference
+from dns_milvus.similarity import (
+    fine_similarity_float,
+    fine_similarity_packed,
+    pack_signs,
+    prepare_for_inference,
+    resolve_precision,
+    resolve_threads,
+)
 from dns_milvus.similarity.comparator import comparator_student
 
-PAYLOAD_PACKED = "packed_bits"
-PAYLOAD_FLOAT16 = "float16"
-#: Regions a frame of the release's features (a 3x3 grid).
-DEFAULT_REGIONS = 9
 #: Largest |value| accepted in region features. PCA-whitened, L2-normalised features lie within
 #: 1; values far beyond any feature's range overflow float32 inside the networks.
 MAX_FEATURE_ABS = 1e4
-
-
-@dataclass
-class VideoRecord:
-    """Everything DnS keeps of one video: the coarse vector, the selector's self-similarity
-    and the fine-grained tensor (packed bits or float16)."""
-
-    coarse: np.ndarray  # float32 [dim], L2-normalised
-    self_sim: float
-    fine: np.ndarray  # uint8 [T, R, L/8] or float16 [T, R, D]
-    payload_kind: str
-    video_id: str | None = None
-
-    @property
-    def n_frames(self) -> int:
-        return int(self.fine.shape[0])
+#: File name of the NumPy inference weights ``write_inference_weights`` adds to a set.
+INFERENCE_FILE = "inference.npz"
 
 
 @dataclass
@@ -132,16 +132,8 @@ class ModelSet:
     def load(cls, directory: str | Path, *, device: str | torch.device | None = None) -> ModelSet:
         """Load a model-set directory (see the module docstring for ``manifest.json``)."""
         directory = Path(directory)
-        manifest_path = directory / "manifest.json"
-        if not manifest_path.is_file():
-            raise CheckpointError(f"{directory} is not a model set: {manifest_path.name} is missing")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"cannot read {manifest_path}: {exc}") from exc
-        missing = [k for k in ("coarse", "fine", "selector") if k not in manifest]
-        if missing:
-            raise CheckpointError(f"{manifest_path} lacks the entries {missing}")
+        manifest = read_manifest(directory)
+        manifest_path = directory / MANIFEST
         dev = resolve_device(device)
         return cls.from_checkpoints(
             directory / manifest["coarse"],
@@ -151,8 +143,8 @@ class ModelSet:
             extractor_factory=_manifest_extractor(manifest, directory, dev),
             fps=float(manifest.get("fps", 1.0)),
             device=dev,
-            regions=_manifest_regions(manifest, manifest_path),
-            merge=_manifest_merge(manifest, manifest_path),
+            regions=manifest_regions(manifest, manifest_path),
+            merge=manifest_merge(manifest, manifest_path),
         )
 
     # -- properties ----------------------------------------------------------------------------
@@ -178,6 +170,47 @@ class ModelSet:
     @property
     def feature_dim(self) -> int:
         return int(self.coarse.dims)
+
+    # -- stage 2 ---------------------------------------------------------------------------------
+
+    def check_fine_options(self, precision: str, threads: int | None) -> None:
+        """Refuse fine-scorer options this set cannot honour (``InvalidInputError``): an unknown
+        precision, bfloat16 without native hardware support, a bad thread count."""
+        resolve_precision(precision, self.device)
+        resolve_threads(threads)
+
+    @torch.inference_mode()
+    def selector_confidence(
+        self, query_self_sim: float, self_sims: np.ndarray, coarse_scores: np.ndarray
+    ) -> np.ndarray:
+        """The selector's probability that each pair (the query with a target of self-similarity
+        ``self_sims[i]`` and coarse score ``coarse_scores[i]``) needs the fine student, float32 [N]."""
+        out = self.selector.pair_confidence(
+            query_self_sim,
+            torch.as_tensor(np.asarray(self_sims, dtype=np.float32)),
+            torch.as_tensor(np.asarray(coarse_scores, dtype=np.float32)),
+        )
+        return out.reshape(-1).float().cpu().numpy()
+
+    def fine_similarity(
+        self,
+        query: np.ndarray,
+        targets: Sequence[np.ndarray],
+        *,
+        deadline: float | None = None,
+        precision: str = "float32",
+        threads: int | None = None,
+    ) -> np.ndarray:
+        """Raw fine-student similarities (in [-1, 1]) of the query's fine tensor against each
+        target's (packed codes or float16, as the set stores them), float32 [B]; ``deadline``,
+        ``precision`` and ``threads`` as the fine scorers of ``dns_milvus.similarity`` take them."""
+        fn = fine_similarity_packed if self.payload_kind == PAYLOAD_PACKED else fine_similarity_float
+        q = torch.from_numpy(np.require(query, requirements=["C", "W"]))
+        ts = [torch.from_numpy(np.require(t, requirements=["C", "W"])) for t in targets]
+        scores = fn(
+            self.fine, q, ts, device=self.device, deadline=deadline, precision=precision, threads=threads
+        )
+        return scores.float().cpu().numpy()
 
     # -- indexing ------------------------------------------------------------------------------
 
@@ -300,20 +333,6 @@ def _manifest_extractor(
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _manifest_merge(manifest: dict[str, Any], path: Path) -> ScoreMerge:
-    try:
-        return ScoreMerge.from_dict(manifest.get("merge"))
-    except InvalidInputError as exc:
-        raise CheckpointError(f"{path}: bad 'merge' entry: {exc}") from exc
-
-
-def _manifest_regions(manifest: dict[str, Any], path: Path) -> int:
-    regions = manifest.get("regions", DEFAULT_REGIONS)
-    if isinstance(regions, bool) or not isinstance(regions, int) or regions < 1:
-        raise CheckpointError(f"{path}: 'regions' must be an integer >= 1, got {regions!r}")
-    return regions
-
-
 def _state_tag(*nets: torch.nn.Module) -> str:
     """A short content hash of the networks' weights: rows remember which set indexed them."""
     h = hashlib.sha256()
@@ -322,3 +341,63 @@ def _state_tag(*nets: torch.nn.Module) -> str:
             h.update(key.encode())
             h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _selector_layers(mlp: nn.Module) -> list[Layer]:
+    """The selector MLP's inference layers for ``dns_milvus.inference`` (dropout is the identity)."""
+    layers: list[Layer] = []
+    for module in mlp.model:
+        if isinstance(module, nn.Linear):
+            params = {"weight": module.weight} | ({"bias": module.bias} if module.bias is not None else {})
+            layers.append(("linear", {k: _array(v) for k, v in params.items()}))
+        elif isinstance(module, nn.BatchNorm1d):
+            stats = {"running_mean": module.running_mean, "running_var": module.running_var}
+            params = {**stats, "weight": module.weight, "bias": module.bias}
+            layers.append(
+                ("batchnorm", {k: _array(v) for k, v in params.items()} | {"eps": np.float32(module.eps)})
+            )
+        elif isinstance(module, nn.ReLU | nn.Sigmoid):
+            layers.append((type(module).__name__.lower(), {}))
+        elif not isinstance(module, nn.Dropout):
+            raise CheckpointError(f"the selector has a {type(module).__name__} layer the NumPy stage 2 lacks")
+    return layers
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().float().cpu().numpy())
+
+
+def write_inference_weights(directory: str | Path, *, name: str = INFERENCE_FILE) -> Path:
+    """Add NumPy inference weights to the model set in ``directory``: the selector's MLP and the
+    binarization student's video comparator (``dns_milvus.inference``), with the set's tag and the
+    SHA-256 of the network files they come from; the manifest names them (``"inference"``).
+
+    A search by an indexed id then runs without torch (``dns_milvus.engine.numpy_set``). Only a
+    set with a binarization fine student has them (its fine tensors are packed codes)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    models = ModelSet.load(directory, device="cpu")
+    if models.payload_kind != PAYLOAD_PACKED:
+        raise InvalidInputError(
+            f"model set {directory}: NumPy inference weights need a binarization fine student, "
+            f"its fine student stores {models.payload_kind}"
+        )
+    head = models.fine.visil_head
+    path = save_inference_weights(
+        directory / name,
+        selector=_selector_layers(models.selector.mlp),
+        comparator={
+            f"{conv}.{p}": _array(getattr(getattr(head, conv), p))
+            for conv in COMPARATOR_CONVS
+            for p in ("weight", "bias")
+        },
+        meta={
+            "tag": models.tag,
+            "coarse_dim": models.coarse_dim,
+            "bits": int(models.fine.index_dims),
+            "sources": network_digests(directory, manifest),
+        },
+    )
+    manifest["inference"] = path.name
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return path

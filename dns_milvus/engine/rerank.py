@@ -16,19 +16,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 from dns_milvus.engine.cache import ByteLRUCache
-from dns_milvus.engine.modelset import ModelSet, VideoRecord
 from dns_milvus.engine.policy import SelectionPolicy
+from dns_milvus.engine.record import VideoRecord
 from dns_milvus.errors import CorruptObjectError, InvalidInputError
-from dns_milvus.scoring import fine_unit
-from dns_milvus.similarity import (
-    fine_similarity_float,
-    fine_similarity_packed,
-    resolve_precision,
-    resolve_threads,
-)
+from dns_milvus.scoring import ScoreMerge, fine_unit
 from dns_milvus.store import ObjectStore, decode_fine_tensor
 
 STAGE_FINE = "fine"
@@ -86,6 +79,33 @@ class Reranker(Protocol):
     ) -> RerankResult: ...
 
 
+class Stage2Models(Protocol):
+    """What a search uses of a model set: ``ModelSet`` (torch networks, CPU or CUDA) or
+    ``NumpyModelSet`` (its NumPy stage 2, ``dns_milvus.engine.numpy_set``)."""
+
+    name: str
+    tag: str
+    coarse_dim: int
+    payload_kind: str
+    merge: ScoreMerge
+
+    def check_fine_options(self, precision: str, threads: int | None) -> None: ...
+
+    def selector_confidence(
+        self, query_self_sim: float, self_sims: np.ndarray, coarse_scores: np.ndarray
+    ) -> np.ndarray: ...
+
+    def fine_similarity(
+        self,
+        query: np.ndarray,
+        targets: Sequence[np.ndarray],
+        *,
+        deadline: float | None = None,
+        precision: str = "float32",
+        threads: int | None = None,
+    ) -> np.ndarray: ...
+
+
 class LocalReranker:
     """Runs the selector and the fine student in this process (CPU or CUDA).
 
@@ -97,7 +117,7 @@ class LocalReranker:
 
     def __init__(
         self,
-        models: ModelSet,
+        models: Stage2Models,
         store: ObjectStore,
         *,
         cache_bytes: int = 256 << 20,
@@ -107,22 +127,19 @@ class LocalReranker:
         self.models = models
         self.store = store
         self.cache = ByteLRUCache(cache_bytes)
-        resolve_precision(fine_precision, models.device)
-        resolve_threads(fine_threads)
+        models.check_fine_options(fine_precision, fine_threads)
         self.fine_precision = fine_precision
         self.fine_threads = fine_threads
 
-    @torch.inference_mode()
     def selector_confidence(self, query_self_sim: float, candidates: Sequence[Candidate]) -> np.ndarray:
         """The selector's probability that each pair needs the fine student."""
         if not candidates:
             return np.zeros(0, dtype=np.float32)
-        out = self.models.selector.pair_confidence(
+        return self.models.selector_confidence(
             query_self_sim,
-            torch.tensor([c.self_sim for c in candidates], dtype=torch.float32),
-            torch.tensor([c.coarse_score for c in candidates], dtype=torch.float32),
+            np.array([c.self_sim for c in candidates], dtype=np.float32),
+            np.array([c.coarse_score for c in candidates], dtype=np.float32),
         )
-        return out.reshape(-1).float().cpu().numpy()
 
     def fetch_fine(self, candidates: Sequence[Candidate]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """Fine tensors of the candidates by video id, through the cache; and the errors by id."""
@@ -167,14 +184,9 @@ class LocalReranker:
         """
         if not targets:
             return np.zeros(0, dtype=np.float32)
-        fn = fine_similarity_packed if query.payload_kind == "packed_bits" else fine_similarity_float
-        q = torch.from_numpy(np.require(query.fine, requirements=["C", "W"]))
-        ts = [torch.from_numpy(np.require(t, requirements=["C", "W"])) for t in targets]
-        scores = fn(
-            self.models.fine, q, ts, device=self.models.device, deadline=deadline,
-            precision=self.fine_precision, threads=self.fine_threads,
-        )  # fmt: skip
-        return scores.float().cpu().numpy()
+        return self.models.fine_similarity(
+            query.fine, targets, deadline=deadline, precision=self.fine_precision, threads=self.fine_threads
+        )
 
     def rerank(
         self, query: VideoRecord, candidates: Sequence[Candidate], policy: SelectionPolicy, top_k: int
@@ -280,5 +292,6 @@ __all__ = [
     "RerankResult",
     "Reranker",
     "SearchHit",
+    "Stage2Models",
     "coarse_only",
 ]

@@ -12,7 +12,9 @@ Recipe (``build_default_model_set``), all seeded:
 4. A fifth of the groups is held out. On the rest: the ViSiL teacher (self-supervised triplets,
    ``teacher`` stage), pair mining (``mine``), ITQ (``itq``), the students (``students``: coarse,
    fine binarization, fine attention), the selector (``selector``).
-5. The networks are exported at float16 (they load back as float32) with ``manifest.json``.
+5. The networks are exported at float16 (they load back as float32) with ``manifest.json``, and
+   the NumPy weights of the selector and the fine student (``inference.npz``: a search by an
+   indexed id runs without torch, ``dns_milvus.engine.numpy_set``).
 6. The held-out groups measure the shipped files: how well each student agrees with the teacher
    (Spearman correlation of their similarities over all held-out pairs) and retrieval mAP
    (copies of a video are its relevant results); ``training_report.json`` records them.
@@ -35,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dns_milvus.engine.modelset import write_inference_weights
 from dns_milvus.errors import InvalidInputError
 from dns_milvus.models import TeacherEnsemble, load_checkpoint, save_checkpoint
 from dns_milvus.train.calibration import fit_score_merge
@@ -140,6 +143,8 @@ class ModelSetPaths:
     pca: Path
     report: Path
     teacher: Path | None = None  # shipped so evaluations can report the ceiling of every student
+    #: NumPy weights of the selector and the fine student: searches by id without torch.
+    inference: Path | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -580,6 +585,7 @@ def build_default_model_set(
         "merge": merge.to_dict(),
     }
     paths.manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+    paths.inference = write_inference_weights(out)  # named in the manifest, from the files just written
     selector_summary = json.loads(Path(selector.outputs["summary"]).read_text())
     paths.metrics = {
         "held_out": agreement,
