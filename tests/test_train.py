@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from dns_milvus.train.data import FeatureSet, write_features
 from dns_milvus.train.distill import init_binarization_from_itq, train_students
 from dns_milvus.train.itq import fit_itq, load_itq, save_itq
 from dns_milvus.train.mining import MinedPairs, compute_similarities, mine_pairs
-from dns_milvus.train.model_set import ASSETS_DIR, Recipe
+from dns_milvus.train.model_set import ASSETS_DIR, Recipe, _train_teachers, export_half
 from dns_milvus.train.scoring import pair_similarities, similarity_matrix
 from dns_milvus.train.selector import SelectorTask, cached_selector_pairs, predict, roc_auc, split_pairs
 from dns_milvus.video import camera_pan, random_copy, read_frames
@@ -239,6 +239,39 @@ def test_teacher_learns_to_score_copies_above_other_videos(corpus: Corpus, teach
     same = np.array([[group[a] == group[b] and a != b for b in held.ids] for a in held.ids])
     other = np.array([[group[a] != group[b] for b in held.ids] for a in held.ids])
     assert sims[same].mean() > sims[other].mean() + 0.1, "held-out copies score above other videos"
+
+
+def test_teacher_ensemble_trains_members_from_consecutive_seeds_and_mines_as_their_mean(
+    corpus: Corpus, tmp_path: Path
+):
+    train = FeatureSet.open(corpus.train_path)
+    scenes = tmp_path / "scenes.json"
+    scenes.write_text(json.dumps({v: v.split("#")[0] for v in train.ids}))
+    recipe = replace(Recipe.quick(), teacher_members=2, teacher_epochs=3, teacher_triplets=16)
+    common = {"seed": 5, "progress": False, "device": "cpu"}
+    path = _train_teachers(recipe, tmp_path, corpus.train_path, corpus.groups_file, scenes, common)
+    ensemble = load_checkpoint(path, expected="teacher_ensemble")
+    seeds = [
+        json.loads((tmp_path / d / "teacher_summary.json").read_text())["seed"]
+        for d in ("teacher", "teacher-1")
+    ]
+    assert seeds == [5, 6]
+    members = [
+        load_checkpoint(tmp_path / d / "teacher.pth", expected="teacher") for d in ("teacher", "teacher-1")
+    ]
+    held = FeatureSet.open(corpus.held_path)
+    each = [similarity_matrix(m, held, held.ids) for m in members]
+    assert np.abs(each[0] - each[1]).max() > 1e-3, "another seed trains another teacher"
+    np.testing.assert_allclose(similarity_matrix(ensemble, held, held.ids), np.mean(each, 0), atol=1e-5)
+
+    mined = run_stage("mine", {"output": str(tmp_path / "mine"), "features": str(corpus.train_path),
+                               "teacher": str(path), "threshold": 0.2, "negatives_per_kind": 5,
+                               "progress": False})  # fmt: skip
+    pairs = MinedPairs.load(mined.outputs["pairs"])
+    teacher_sims = similarity_matrix(ensemble, train, train.ids)
+    assert np.allclose(pairs.similarity, teacher_sims[pairs.anchor, pairs.target], atol=1e-5)
+    shipped = load_checkpoint(export_half(path, tmp_path / "shipped.pth"), expected="teacher_ensemble")
+    assert shipped.config() == ensemble.config() == {"members": 2, "dims": train.dims}
 
 
 def _graded_pairs(corpus: Corpus) -> tuple[list[str], list[str]]:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from dns_milvus.engine.modelset import write_inference_weights
-from dns_milvus.errors import InvalidInputError
+from dns_milvus.errors import CheckpointError, InvalidInputError
 from dns_milvus.models import TeacherEnsemble, load_checkpoint, save_checkpoint
 from dns_milvus.train.calibration import fit_score_merge
 from dns_milvus.train.config import (
@@ -393,7 +393,10 @@ def _agreement(
 
 def export_half(checkpoint: Path, destination: Path) -> Path:
     """Re-save a checkpoint's network with float16 weights (``load_checkpoint`` restores float32)."""
-    args = vars(load_training_checkpoint(checkpoint)["args"])
+    try:
+        args = vars(load_training_checkpoint(checkpoint)["args"])
+    except CheckpointError:  # a network assembled after training (a teacher ensemble): its options suffice
+        args = None
     network = load_checkpoint(checkpoint).half()
     return save_checkpoint(network, destination, args=args)
 
