@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dns_milvus._cli import milvus_opening, quiet_milvus_logs, run_command
+from dns_milvus._cli import milvus_opening, opens_slowly, quiet_milvus_logs, run_command
 from dns_milvus.config import DEFAULT_REPAIR_GRACE_S, Settings
 from dns_milvus.errors import DnSError, InvalidInputError
 
@@ -54,7 +54,9 @@ def _open_index(args: argparse.Namespace, *, networks: bool = False) -> Any:
         from dns_milvus.engine import DnSIndex
         from dns_milvus.engine.numpy_set import NumpyModelSet
 
-        if networks or not NumpyModelSet.serves(models, device):
+        # A large Lite database opens for longer than torch imports: a search there may re-rank
+        # more than NumPy should take on, and importing torch during the wait is free.
+        if networks or not NumpyModelSet.serves(models, device) or opens_slowly(settings.uri):
             import dns_milvus.engine.modelset  # noqa: F401 (torch: a second or more)
     reranker = None
     if settings.reranker:

@@ -210,3 +210,17 @@ def test_what_a_command_wrote_is_there_for_the_next_process(tmp_path: Path, mode
     assert command("delete", "v1") == {"deleted": 1, "requested": 1}
     got = command("get", "v0", "v1", "v2", "v3")
     assert sorted(got["found"]) == ["v0", "v2", "v3"] and got["missing"] == ["v1"]
+
+
+def test_only_a_large_lite_database_has_torch_imported_while_it_opens(tmp_path: Path) -> None:
+    from dns_milvus._cli import LITE_SLOW_OPEN_BYTES, opens_slowly
+
+    database = tmp_path / "index.db"
+    (database / "collection").mkdir(parents=True)
+    (database / "collection" / "rows").write_bytes(b"x" * 4096)
+    assert not opens_slowly(str(database)), "a small database opens faster than torch imports"
+    with (database / "collection" / "segment").open("wb") as f:  # sparse: its size, not its blocks
+        f.truncate(LITE_SLOW_OPEN_BYTES)
+    assert opens_slowly(str(database))
+    assert not opens_slowly(str(tmp_path / "missing.db"))
+    assert not opens_slowly("http://localhost:19530"), "a server opens in a fraction of a second"
