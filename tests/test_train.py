@@ -272,6 +272,9 @@ def test_teacher_ensemble_trains_members_from_consecutive_seeds_and_mines_as_the
     assert np.allclose(pairs.similarity, teacher_sims[pairs.anchor, pairs.target], atol=1e-5)
     shipped = load_checkpoint(export_half(path, tmp_path / "shipped.pth"), expected="teacher_ensemble")
     assert shipped.config() == ensemble.config() == {"members": 2, "dims": train.dims}
+    with pytest.raises(InvalidInputError, match="at least 1"):
+        _train_teachers(replace(recipe, teacher_members=0), tmp_path, corpus.train_path, corpus.groups_file,
+                        scenes, common)  # fmt: skip
 
 
 def _graded_pairs(corpus: Corpus) -> tuple[list[str], list[str]]:

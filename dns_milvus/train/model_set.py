@@ -414,6 +414,8 @@ def _train_teachers(
 ) -> Path:
     """The teacher checkpoint: one ViSiL teacher, or ``recipe.teacher_members`` of them trained
     from consecutive seeds and saved as one ensemble."""
+    if recipe.teacher_members < 1:
+        raise InvalidInputError(f"teacher_members must be at least 1, got {recipe.teacher_members}")
     checkpoints = []
     for member in range(recipe.teacher_members):
         config = TeacherConfig(
@@ -635,11 +637,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--footage-dir", default=None, help="fetched footage (default: dns-milvus footage's)")
     parser.add_argument("--backbone", default=Recipe.backbone, help="feature backbone (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=None, help="backbone input size (default: native)")
+    parser.add_argument(
+        "--teacher-members",
+        type=int,
+        default=Recipe.teacher_members,
+        help="teachers trained from consecutive seeds, distilled from as one ensemble (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
+    if args.teacher_members < 1:
+        parser.error(f"--teacher-members must be at least 1, got {args.teacher_members}")
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = Recipe.quick() if args.quick else Recipe()
-    recipe = replace(recipe, backbone=args.backbone, image_size=args.image_size)
+    recipe = replace(
+        recipe, backbone=args.backbone, image_size=args.image_size, teacher_members=args.teacher_members
+    )
     paths = build_default_model_set(
         args.out,
         seed=args.seed,
