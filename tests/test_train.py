@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -523,3 +525,15 @@ def test_model_set_refuses_an_unknown_fine_pairs_kind(tmp_path: Path):
     with pytest.raises(InvalidInputError, match="fine_pairs must be one of"):
         build_default_model_set(tmp_path / "set", recipe=replace(Recipe.quick(), fine_pairs="random"))  # type: ignore[arg-type]
     assert not (tmp_path / "set").exists()
+
+
+def test_model_set_command_runs_as_a_module_without_importing_itself_twice():
+    # the package exposes build_default_model_set lazily: runpy must find the module not yet imported
+    done = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "dns_milvus.train.model_set", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--fine-pairs" in done.stdout and "RuntimeWarning" not in done.stderr

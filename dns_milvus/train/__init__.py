@@ -6,6 +6,8 @@ release-layout checkpoints and a JSON summary into its output directory. ``build
 trains the offline default model set end to end.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from dns_milvus.train.config import (
     STAGE_CONFIGS,
     ConfigError,
@@ -19,8 +21,22 @@ from dns_milvus.train.config import (
     ValidationConfig,
     load_config,
 )
-from dns_milvus.train.model_set import ModelSetPaths, Recipe, build_default_model_set
 from dns_milvus.train.stages import STAGES, StageResult, run_stage
+
+if TYPE_CHECKING:
+    from dns_milvus.train.model_set import ModelSetPaths, Recipe, build_default_model_set
+
+_MODEL_SET_NAMES = ("ModelSetPaths", "Recipe", "build_default_model_set")
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: ``python -m dns_milvus.train.model_set`` must not find the module
+    # already imported by its package (runpy warns, and the module would exist twice).
+    if name in _MODEL_SET_NAMES:
+        from dns_milvus.train import model_set
+
+        return getattr(model_set, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "STAGES",
