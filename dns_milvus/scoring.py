@@ -33,6 +33,9 @@ from dns_milvus.errors import InvalidInputError
 
 MergeKind = Literal["release", "calibrated", "reorder"]
 MERGE_KINDS: tuple[str, ...] = ("release", "calibrated", "reorder")
+#: What the selector learns of a pair (:meth:`ScoreMerge.selector_target`).
+SelectorTarget = Literal["disagreement", "copy"]
+SELECTOR_TARGETS: tuple[str, ...] = ("disagreement", "copy")
 #: Keeps a fitted calibration strictly increasing, so it never ties scores it did not tie before.
 _SLOPE = 1e-6
 
@@ -196,6 +199,24 @@ class ScoreMerge:
             return np.abs(self.fine(fine) - self.coarse(coarse))
         return np.abs(fine - coarse)
 
+    def selector_target(
+        self, coarse: np.ndarray, fine: np.ndarray, target: SelectorTarget = "disagreement"
+    ) -> np.ndarray:
+        """The value whose excess over the selector's threshold labels a pair worth re-ranking.
+
+        ``disagreement``: how far the fine score would move the pair (paper 4.3). ``copy``: the
+        higher of the pair's two merged scores, coarse and fine: a pair either stage would rank
+        among the copies. Only those pairs' order decides mAP; a pair both stages put far below the
+        copies stays there whichever score it keeps, however far apart the two are.
+        """
+        if target == "disagreement":
+            return self.disagreement(coarse, fine)
+        if target != "copy":
+            raise InvalidInputError(f"unknown selector target {target!r}; expected one of {SELECTOR_TARGETS}")
+        fine = np.asarray(fine, dtype=np.float64)
+        fine_scale = self.fine(fine) if self.kind == "calibrated" and self.fine else fine
+        return np.maximum(self.coarse_scale(coarse), fine_scale)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind}
         if self.coarse is not None:
@@ -260,8 +281,10 @@ def fit_merge(
 __all__ = [
     "MERGE_KINDS",
     "RELEASE_MERGE",
+    "SELECTOR_TARGETS",
     "Calibration",
     "ScoreMerge",
+    "SelectorTarget",
     "fine_unit",
     "fit_merge",
     "rerank_budget",

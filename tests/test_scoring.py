@@ -185,6 +185,23 @@ def test_selector_labels_follow_the_merge() -> None:
     assert pairs.labels(0.1, flat).tolist() == [0.0, 1.0, 1.0]
 
 
+def test_copy_target_labels_pairs_either_stage_ranks_among_the_copies() -> None:
+    # coarse / fine (on [0, 1]): both low but far apart, a fine-only copy, a coarse-only copy, both high
+    coarse, fine = np.array([0.05, 0.1, 0.7, 0.8]), np.array([0.45, 0.9, 0.2, 0.85])
+    pairs = SelectorPairs(["q"] * 4, list("abcd"), coarse, fine)
+    assert pairs.labels(0.3, RELEASE_MERGE, "copy").tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert pairs.labels(0.5, RELEASE_MERGE, "copy").tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert pairs.labels(0.3, RELEASE_MERGE, "disagreement").tolist() == [1.0, 1.0, 1.0, 0.0]
+    # calibrated: each stage's score on its own calibrated scale, the higher one decides
+    fine_low = Calibration((0.0, 0.5, 1.0), (0.0, 0.05, 1.0))  # a fine 0.45 is not a copy
+    merge = ScoreMerge("calibrated", Calibration((0.0, 1.0), (0.0, 1.0)), fine_low)
+    target = merge.selector_target(coarse, fine, "copy")
+    np.testing.assert_allclose(target, np.maximum(coarse, fine_low(fine)))
+    assert pairs.labels(0.3, merge, "copy").tolist() == [0.0, 1.0, 1.0, 1.0]
+    with pytest.raises(InvalidInputError, match="unknown selector target 'rank'"):
+        merge.selector_target(coarse, fine, "rank")  # type: ignore[arg-type]
+
+
 def test_calibration_pairs_weigh_random_negatives_for_what_they_stand_for() -> None:
     groups = [["a", "a#copy0"], ["b", "b#copy0", "b#part0"], ["c"], ["d"], ["e"]]
     scenes = {

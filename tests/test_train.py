@@ -432,6 +432,9 @@ def test_bad_configs_fail_before_any_work(corpus: Corpus, tmp_path):
     with pytest.raises(ConfigError, match=r"selector\.threshold"):
         load_config("selector", {"output": str(out), "features": str(corpus.path), "pairs": str(corpus.path),
                                  "coarse": str(corpus.path), "fine": str(corpus.path), "threshold": 1.5})
+    with pytest.raises(ConfigError, match=r"selector\.target: expected one of \['disagreement', 'copy'\]"):
+        load_config("selector", {"output": str(out), "features": str(corpus.path), "pairs": str(corpus.path),
+                                 "coarse": str(corpus.path), "fine": str(corpus.path), "target": "rank"})
     assert not out.exists(), "nothing is written when the config is rejected"
 
     # files: JSON or TOML, a stage table, paths relative to the file

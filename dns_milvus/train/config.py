@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from dns_milvus.errors import InvalidInputError
+from dns_milvus.scoring import SELECTOR_TARGETS
 
 
 class ConfigError(InvalidInputError):
@@ -346,7 +347,9 @@ class SelectorConfig(StageConfig):
     pairs: str = ""  # the mining stage's output file: the pairs to label
     coarse: str = ""  # trained coarse student checkpoint
     fine: str = ""  # trained fine student checkpoint
-    threshold: float = 0.2  # label 1 where the fine score moves the pair by more (merged scale)
+    threshold: float = 0.2  # label 1 where the target exceeds it (merged scale)
+    # "disagreement": how far the fine score moves the pair (paper); "copy": its higher merged score
+    target: str = "disagreement"
     merge: str | None = None  # JSON of the model set's score merge (dns_milvus.scoring); None: release
     epochs: int = 100
     batch_size: int = 64
@@ -366,8 +369,10 @@ class SelectorConfig(StageConfig):
         self._positive("epochs", "batch_size", "pairs_per_class", "lr", "hidden_size", "max_frames")
         self._positive("weight_decay", allow_zero=True)
         if not 0 < self.threshold < 1:
+            raise ConfigError(f"selector.threshold: expected a merged score in (0, 1), got {self.threshold}")
+        if self.target not in SELECTOR_TARGETS:
             raise ConfigError(
-                f"selector.threshold: expected a similarity gap in (0, 1), got {self.threshold}"
+                f"selector.target: expected one of {list(SELECTOR_TARGETS)}, got {self.target!r}"
             )
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"selector.val_fraction: expected 0 <= fraction < 1, got {self.val_fraction}")

@@ -41,6 +41,7 @@ import torch
 from dns_milvus.engine.modelset import write_inference_weights
 from dns_milvus.errors import CheckpointError, InvalidInputError
 from dns_milvus.models import TeacherEnsemble, load_checkpoint, save_checkpoint
+from dns_milvus.scoring import SelectorTarget
 from dns_milvus.train.calibration import fit_score_merge
 from dns_milvus.train.config import (
     ITQConfig,
@@ -112,6 +113,9 @@ class Recipe:
     selector_epochs: int = 5  # AUC on held-out pairs stops rising after 3 epochs on this corpus
     selector_pairs_per_class: int = 256
     selector_threshold: float = 0.05
+    # "copy": the selector learns which pairs either stage ranks among the copies; "disagreement"
+    # (the paper): which pairs the fine score moves (dns_milvus.scoring.ScoreMerge.selector_target)
+    selector_target: SelectorTarget = "disagreement"
     # How coarse and fine scores mix (dns_milvus.scoring): calibrated on the training groups.
     merge: str = "calibrated"
     calibration_negatives: int = 30
@@ -583,6 +587,7 @@ def build_default_model_set(
             coarse=str(students["cg_student"]),
             fine=str(students["fg_bin_student"]),
             threshold=recipe.selector_threshold,
+            target=recipe.selector_target,
             merge=str(merge_json),
             epochs=recipe.selector_epochs,
             batch_size=32,

@@ -1,9 +1,11 @@
 """Training of the selector network (paper 4.3).
 
-A pair is labelled 1 ("worth re-ranking") when the fine student's score would move it by more than
-``threshold`` on the model set's merged scale (``ScoreMerge.disagreement``: with the release's
-merge, the coarse similarity and the fine one rescaled to [0, 1] differ by more than that; with a
-calibrated merge, their calibrated scores do). Each epoch
+A pair is labelled 1 ("worth re-ranking") when its ``target`` exceeds ``threshold`` on the model
+set's merged scale (``ScoreMerge.selector_target``). ``disagreement`` (the paper's): the fine
+student's score would move the pair by more than that (with the release's merge, the coarse
+similarity and the fine one rescaled to [0, 1] differ; with a calibrated merge, their calibrated
+scores do). ``copy``: the coarse or the fine merged score is above it, a pair either stage would
+rank among the copies. Each epoch
 samples the same number of pairs of both classes; the selector sees each pair's two videos
 (their self-similarities, trained end to end) and the coarse similarity, and learns the label
 with binary cross-entropy (Adam, 1e-4).
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 
 from dns_milvus.errors import InvalidInputError
 from dns_milvus.models import SelectorNetwork, load_checkpoint
-from dns_milvus.scoring import RELEASE_MERGE, ScoreMerge, fine_unit
+from dns_milvus.scoring import RELEASE_MERGE, ScoreMerge, SelectorTarget, fine_unit
 from dns_milvus.train.config import SelectorConfig
 from dns_milvus.train.data import FeatureSet, pad_videos
 from dns_milvus.train.mining import MinedPairs
@@ -42,8 +44,10 @@ class SelectorPairs:
     coarse: np.ndarray  # float32 [N]
     fine: np.ndarray  # float32 [N], on [0, 1]
 
-    def labels(self, threshold: float, merge: ScoreMerge = RELEASE_MERGE) -> np.ndarray:
-        return (merge.disagreement(self.coarse, self.fine) > threshold).astype(np.float32)
+    def labels(
+        self, threshold: float, merge: ScoreMerge = RELEASE_MERGE, target: SelectorTarget = "disagreement"
+    ) -> np.ndarray:
+        return (merge.selector_target(self.coarse, self.fine, target) > threshold).astype(np.float32)
 
     def subset(self, keep: np.ndarray) -> SelectorPairs:
         return SelectorPairs(
@@ -142,10 +146,12 @@ class SelectorTask(TrainingTask):
         device: torch.device,
         max_frames: int = 300,
         merge: ScoreMerge = RELEASE_MERGE,
+        target: SelectorTarget = "disagreement",
     ) -> None:
         self.model = model.to(device)
         self.features = features
         self.merge = merge
+        self.target = target
         self.train_pairs = train
         self.held_out = held_out
         self.threshold = threshold
@@ -153,11 +159,11 @@ class SelectorTask(TrainingTask):
         self.pairs_per_class = pairs_per_class
         self.device = device
         self.max_frames = max_frames
-        self.labels = train.labels(threshold, merge)
+        self.labels = train.labels(threshold, merge, target)
         if len(np.unique(self.labels)) < 2:
             present = sorted({int(v) for v in self.labels})
             raise InvalidInputError(
-                f"selector training needs pairs of both classes (disagreement > {threshold} and not); "
+                f"selector training needs pairs of both classes ({target} > {threshold} and not); "
                 f"the {len(self.labels)} training pairs have only the labels {present}"
             )
 
@@ -200,7 +206,7 @@ class SelectorTask(TrainingTask):
         if self.held_out is None or len(self.held_out) == 0:
             return {}
         scores = predict(self, self.held_out)
-        labels = self.held_out.labels(self.threshold, self.merge)
+        labels = self.held_out.labels(self.threshold, self.merge, self.target)
         out = {
             "accuracy": float(((scores > 0.5) == (labels > 0.5)).mean()),
             "positive_rate": float(labels.mean()),
@@ -288,6 +294,7 @@ def train_selector(config: SelectorConfig, **fit_options: Any) -> TrainingResult
         device=device,
         max_frames=config.max_frames,
         merge=ScoreMerge.load(config.merge) if config.merge else RELEASE_MERGE,
+        target=config.target,  # type: ignore[arg-type]
     )
     monitor = "auc" if held_out is not None else None
     return fit_stage(task, config, output=output, monitor=monitor, **fit_options)
