@@ -409,6 +409,20 @@ def test_interrupted_then_resumed_training_equals_an_uninterrupted_run(corpus: C
     assert load_checkpoint(resumed.checkpoint).config() == load_checkpoint(straight.checkpoint).config()
 
 
+def test_a_checkpoint_resumes_under_settings_newer_than_it_at_their_defaults(corpus: Corpus, mined, tmp_path):
+    settings = {"output": str(tmp_path / "s"), "features": str(corpus.train_path),
+                "pairs": str(mined.outputs["pairs"]), "students": ["coarse"], "epochs": 2, "batch_size": 8,
+                "progress": False, **SMALL_COARSE}  # fmt: skip
+    first = train_students(load_config("students", settings))["coarse"]
+    state = torch.load(first.checkpoint, weights_only=False)
+    del state["config"]["reg_weight"]  # as written before the setting existed
+    torch.save(state, first.checkpoint)
+    with pytest.raises(ConfigError, match=r"reg_weight changed"):
+        train_students(load_config("students", {**settings, "epochs": 3, "reg_weight": 0.5}))
+    resumed = train_students(load_config("students", {**settings, "epochs": 3}))["coarse"]
+    assert resumed.resumed_from_epoch == 2 and len(resumed.history) == 3
+
+
 # -- configuration errors -------------------------------------------------------------------------
 
 

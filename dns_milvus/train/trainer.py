@@ -17,7 +17,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +92,15 @@ def fit(
     progress: bool = True,
     monitor: str | None = None,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> TrainingResult:
     """Train ``task.model`` with Adam for ``epochs`` epochs, resuming from ``output`` if possible.
 
     ``config`` (the stage's settings) is stored in the checkpoint; resuming with settings that
-    differ in anything but ``RESUMABLE_CHANGES`` is refused. With ``monitor`` (a metric name from
-    ``task.validate``), the best epoch's weights are also kept in ``<name>_best.pth``.
+    differ in anything but ``RESUMABLE_CHANGES`` is refused. A setting the checkpoint predates
+    resumes when it holds its value in ``defaults`` (what training did before it existed). With
+    ``monitor`` (a metric name from ``task.validate``), the best epoch's weights are also kept in
+    ``<name>_best.pth``.
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -111,7 +114,7 @@ def fit(
     start_epoch, global_step, history = 0, 0, []
     if resume and ckpt_path.is_file():
         state = _load_training_state(ckpt_path)
-        _check_resumable(state, args, config, ckpt_path)
+        _check_resumable(state, args, config, ckpt_path, defaults or {})
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
@@ -222,6 +225,7 @@ def fit_stage(
         progress=config.progress,
         monitor=monitor,
         on_epoch_end=on_epoch_end,
+        defaults={f.name: f.default for f in fields(config) if f.default is not MISSING},
     )
 
 
@@ -248,14 +252,21 @@ def _load_training_state(path: Path) -> dict[str, Any]:
 
 
 def _check_resumable(
-    state: Mapping[str, Any], args: Mapping[str, Any], config: Mapping[str, Any], path: Path
+    state: Mapping[str, Any],
+    args: Mapping[str, Any],
+    config: Mapping[str, Any],
+    path: Path,
+    defaults: Mapping[str, Any],
 ) -> None:
     if vars(state["args"]) != dict(args):
         raise ConfigError(
             f"{path} holds a network built with other options ({vars(state['args'])}); "
             "use another output directory or set resume = false to start over"
         )
-    saved = state.get("config") or {}
+    saved = dict(state.get("config") or {})
+    for k in set(config) - set(saved):  # settings added since the checkpoint: their defaults
+        if k in defaults:
+            saved[k] = _plain(defaults[k])
     changed = sorted(
         k
         for k in set(saved) | set(config)
