@@ -92,13 +92,13 @@ class Recipe:
     hard_negative_rate: float = 0.5  # teacher triplets whose negative is another segment of the scene
     teacher_members: int = 1  # > 1: an ensemble of teachers from consecutive seeds (mean similarity)
     # "labelled": the fine student distils on labelled copies and same-scene negatives, teacher-scored
-    fine_pairs: FinePairs = "mined"
+    fine_pairs: FinePairs = "labelled"
     mining_threshold: float = 0.3
     negatives_per_kind: int = 50
     student_epochs: int = 20  # ~60 batches an epoch on this corpus: 1,200 steps a student
     student_batch: int = 16
     lr_coarse: float = 1e-4
-    lr_fine: float = 5e-4
+    lr_fine: float = 1e-3
     # The coarse student keeps the release's layers (attention, transformer, NetVLAD) at a small
     # size: 2 NetVLAD clusters without the reduction layer give the paper's 1024-d vector. Measured
     # on the held-out groups (docs/model_card.md), 8 clusters reduced to 256-d over-fit this small
