@@ -55,9 +55,15 @@ def make_rows(n: int, seed: int) -> list[Any]:
     coarse = rng.standard_normal((n, DIM), dtype=np.float32)
     coarse /= np.linalg.norm(coarse, axis=1, keepdims=True)
     return [
-        VideoRow(video_id=f"video{i:07d}", coarse=coarse[i], self_sim=float(rng.random()),
-                 fine_key=f"fine/bench/{i:07d}", n_frames=int(rng.integers(30, 121)), payload_kind="bits512",
-                 metadata={"source": f"clip{i}.mp4", "group": int(i % 97)})
+        VideoRow(
+            video_id=f"video{i:07d}",
+            coarse=coarse[i],
+            self_sim=float(rng.random()),
+            fine_key=f"fine/bench/{i:07d}",
+            n_frames=int(rng.integers(30, 121)),
+            payload_kind="bits512",
+            metadata={"source": f"clip{i}.mp4", "group": int(i % 97)},
+        )
         for i in range(n)
     ]
 

@@ -161,10 +161,12 @@ def main() -> None:
     per_video = {s: statistics.median(r["stage_seconds"][s] for r in ray_runs) / n for s in stages}
     projected = projection(per_video, frames, args.gpu_node_cores, args.gpu_speedup)
     print("\nper-video stage costs (s, one CPU):", {k: round(v, 4) for k, v in per_video.items()})
-    print(f"PROJECTION (not measured; assumes a {args.gpu_speedup:g}x GPU speed-up of extraction and "
-          f"networks over one CPU core, {args.gpu_node_cores} decode cores): "
-          f"{projected['projected_videos_per_s']} videos/s per GPU, bound by {projected['bound_by']}; "
-          f"ceilings {projected['ceilings_videos_per_s']}")
+    print(
+        f"PROJECTION (not measured; assumes a {args.gpu_speedup:g}x GPU speed-up of extraction and "
+        f"networks over one CPU core, {args.gpu_node_cores} decode cores): "
+        f"{projected['projected_videos_per_s']} videos/s per GPU, bound by {projected['bound_by']}; "
+        f"ceilings {projected['ceilings_videos_per_s']}"
+    )
     write_report(args.out, NAME, args, {
         "videos": n, "frames_per_video": round(frames, 2), "results": summary,
         "per_video_stage_seconds": per_video, "gpu_projection": projected,

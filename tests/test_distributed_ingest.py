@@ -135,10 +135,28 @@ def test_ray_ingest_equals_single_process_and_resumes(
         _assert_same_as_reference(index, ref_index)
 
         # Again, from the command line (resources planned for the cluster): a resume.
-        command = ["ingest", str(videos[0].parent), "--ray", ray_cluster.address, "--uri", index.uri,
-                   "--store", index.store_uri, "--collection", index.name, "--device", "cpu", "--json"]
-        done = subprocess.run([sys.executable, "-m", "dns_milvus.cli", *command], capture_output=True,
-                              text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        command = [
+            "ingest",
+            str(videos[0].parent),
+            "--ray",
+            ray_cluster.address,
+            "--uri",
+            index.uri,
+            "--store",
+            index.store_uri,
+            "--collection",
+            index.name,
+            "--device",
+            "cpu",
+            "--json",
+        ]
+        done = subprocess.run(
+            [sys.executable, "-m", "dns_milvus.cli", *command],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
         assert done.returncode == 1, done.stderr  # only failures: the broken files, again
         again = json.loads(done.stdout)
         assert again["added"] == 0 and again["skipped"] == len(ref_report.added)

@@ -244,9 +244,7 @@ def test_fivr_tasks_and_the_audio_task_equal_the_release(tmp_path: Path, seed: i
             expected = release_fivr_map(annotation, queries, database, similarities, labels, all_db)
             assert ours[task].value == pytest.approx(expected, abs=1e-12), (task, all_db is None)
     # The release keeps the self-listed query relevant: a certain miss that costs query00 ISVR AP.
-    dropped = read_fivr(
-        tmp_path / "annotation.json", tmp_path / "youtube_ids.txt", drop_self_relevant=True
-    )
+    dropped = read_fivr(tmp_path / "annotation.json", tmp_path / "youtube_ids.txt", drop_self_relevant=True)
     kept_ap = dataset.evaluate(similarities)["ISVR"].per_query[queries[0]]
     assert dropped.evaluate(similarities)["ISVR"].per_query[queries[0]] > kept_ap
 

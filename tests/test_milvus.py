@@ -89,8 +89,9 @@ def shared_server_collection_name() -> str:
 
 
 @pytest.fixture
-def coll(request: pytest.FixtureRequest, client: MilvusClient, milvus_uri: str,
-         milvus_collection_name: str) -> VideoCollection:
+def coll(
+    request: pytest.FixtureRequest, client: MilvusClient, milvus_uri: str, milvus_collection_name: str
+) -> VideoCollection:
     """An empty FLAT collection: a new one on Lite; on the server one kept for the session
     and emptied before each test (creating and loading a server collection takes seconds)."""
     if backend_kind(client) == "lite":
@@ -149,8 +150,9 @@ def test_render_literal_refuses_unencodable_values(value: object) -> None:
 
 
 def test_render_filter_substitutes_only_placeholders_outside_strings() -> None:
-    expr = render_filter('video_id in {ids} and fine_key != "{ids}" and n_frames > {n}',
-                         {"ids": ['x"y'], "n": 2})
+    expr = render_filter(
+        'video_id in {ids} and fine_key != "{ids}" and n_frames > {n}', {"ids": ['x"y'], "n": 2}
+    )
     assert expr == r'video_id in ["x\"y"] and fine_key != "{ids}" and n_frames > 2'
 
 
@@ -373,7 +375,11 @@ def test_reupsert_is_idempotent_and_replaces_values(coll: VideoCollection, rng) 
     assert coll.count() == 10
     stored = coll.get(["v3"], with_vectors=True)["v3"]
     assert (stored.fine_key, stored.n_frames, stored.payload_kind, stored.metadata) == (
-        "objects/v3-new.dns", 42, "float16", {"new": True})
+        "objects/v3-new.dns",
+        42,
+        "float16",
+        {"new": True},
+    )
     np.testing.assert_allclose(stored.coarse, -rows[3].coarse, rtol=1e-6)
     assert coll.search(-rows[3].coarse[None, :], limit=1)[0][0].video_id == "v3"
 

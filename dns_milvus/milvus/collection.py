@@ -100,13 +100,23 @@ class VideoCollection:
         if cls.exists(client, name):
             if not exist_ok:
                 raise InvalidInputError(f"collection {name!r} already exists at {where}")
-            return cls.open(client, name, dim=dim, model_set=model_set, index=index,
-                            consistency=consistency, timeout=timeout)
+            return cls.open(
+                client,
+                name,
+                dim=dim,
+                model_set=model_set,
+                index=index,
+                consistency=consistency,
+                timeout=timeout,
+            )
         index = index or IndexConfig()
         with translate_errors(f"create collection {name!r}", where):
             client.create_collection(
-                name, schema=s.build_schema(dim), index_params=_coarse_index_params(client, index),
-                properties=s.collection_properties(dim, model_set), consistency_level=consistency,
+                name,
+                schema=s.build_schema(dim),
+                index_params=_coarse_index_params(client, index),
+                properties=s.collection_properties(dim, model_set),
+                consistency_level=consistency,
                 timeout=timeout,
             )
         info = s.CollectionInfo(name, dim, model_set, s.SCHEMA_VERSION, index)
@@ -187,8 +197,9 @@ class VideoCollection:
             built = self.client.list_indexes(self.name, field_name=s.F_COARSE, timeout=self.timeout)
             for index_name in built:
                 self.client.drop_index(self.name, index_name, timeout=self.timeout)
-            self.client.create_index(self.name, _coarse_index_params(self.client, index),
-                                     timeout=self.timeout)
+            self.client.create_index(
+                self.name, _coarse_index_params(self.client, index), timeout=self.timeout
+            )
             self.client.load_collection(self.name, timeout=self.timeout)
         self.info = s.CollectionInfo(self.name, self.dim, self.model_set, self.info.schema_version, index)
         self._warned_fewer_hits = False
@@ -253,8 +264,13 @@ class VideoCollection:
         if last is not None and self.backend == "server" and self.consistency == "Session":
             # One Strong read waits until the server has applied the deletes (see module doc).
             with self._errors("confirm the delete"):
-                self.client.query(self.name, filter=last.render(), output_fields=["count(*)"],
-                                  consistency_level="Strong", timeout=self.timeout)
+                self.client.query(
+                    self.name,
+                    filter=last.render(),
+                    output_fields=["count(*)"],
+                    consistency_level="Strong",
+                    timeout=self.timeout,
+                )
 
     def flush(self) -> None:
         """Persist buffered writes. On Lite this is what makes them fast to search; on a
@@ -312,8 +328,14 @@ class VideoCollection:
             batch = queries[start : start + _QUERIES_PER_SEARCH]
             with self._errors("search", user_filter=expr or None):
                 result = self.client.search(
-                    self.name, data=list(batch), filter=expr, limit=limit, output_fields=fields,
-                    search_params=params, anns_field=s.F_COARSE, consistency_level=self.consistency,
+                    self.name,
+                    data=list(batch),
+                    filter=expr,
+                    limit=limit,
+                    output_fields=fields,
+                    search_params=params,
+                    anns_field=s.F_COARSE,
+                    consistency_level=self.consistency,
                     timeout=self.timeout,
                 )
             hits.extend([_to_hit(hit) for hit in per_query] for per_query in result)
@@ -330,8 +352,11 @@ class VideoCollection:
         for chunk in _chunks(ids, _IDS_PER_FILTER):
             with self._errors(f"get {len(chunk)} rows"):
                 entities = self.client.query(
-                    self.name, filter=ids_filter(chunk).render(), output_fields=fields,
-                    consistency_level=self.consistency, timeout=self.timeout,
+                    self.name,
+                    filter=ids_filter(chunk).render(),
+                    output_fields=fields,
+                    consistency_level=self.consistency,
+                    timeout=self.timeout,
                 )
             for entity in entities:
                 row = entity_to_row(entity, with_vector=with_vectors)
@@ -342,8 +367,13 @@ class VideoCollection:
         """Number of rows."""
         self._settle()
         with self._errors("count rows"):
-            result = self.client.query(self.name, filter="", output_fields=["count(*)"],
-                                       consistency_level=self.consistency, timeout=self.timeout)
+            result = self.client.query(
+                self.name,
+                filter="",
+                output_fields=["count(*)"],
+                consistency_level=self.consistency,
+                timeout=self.timeout,
+            )
         rows = int(result[0]["count(*)"])
         self._row_count = (rows, time.monotonic())
         return rows
@@ -360,8 +390,9 @@ class VideoCollection:
         batch_size = require_int(batch_size, "batch_size", 1, MAX_LIMIT)
         self._settle()
         with self._errors("start iterating rows"):
-            iterator = self.client.query_iterator(self.name, batch_size=batch_size, filter="",
-                                                  output_fields=wanted, timeout=self.timeout)
+            iterator = self.client.query_iterator(
+                self.name, batch_size=batch_size, filter="", output_fields=wanted, timeout=self.timeout
+            )
         try:
             while True:
                 with self._errors("iterate rows"):
@@ -417,14 +448,17 @@ class VideoCollection:
         return translate_errors(f"{action} in {self.name!r}", self._where, user_filter=user_filter)
 
     def __repr__(self) -> str:
-        return (f"VideoCollection({self.name!r}, dim={self.dim}, model_set={self.model_set!r}, "
-                f"index={self.info.index.kind}, backend={self.backend})")
+        return (
+            f"VideoCollection({self.name!r}, dim={self.dim}, model_set={self.model_set!r}, "
+            f"index={self.info.index.kind}, backend={self.backend})"
+        )
 
 
 def _coarse_index_params(client: MilvusClient, index: IndexConfig) -> Any:
     params = client.prepare_index_params()
-    params.add_index(field_name=s.F_COARSE, index_type=index.kind, metric_type=METRIC,
-                     params=index.index_params())
+    params.add_index(
+        field_name=s.F_COARSE, index_type=index.kind, metric_type=METRIC, params=index.index_params()
+    )
     return params
 
 

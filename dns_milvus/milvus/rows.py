@@ -98,13 +98,17 @@ def row_to_entity(row: VideoRow, dim: int, model_set: str, ingested_at: int) -> 
     if not np.isfinite(coarse).all():
         raise bad("coarse vector contains NaN or Inf")
     self_sim = row.self_sim
-    if isinstance(self_sim, bool) or not isinstance(self_sim, int | float | np.floating | np.integer) \
-            or not math.isfinite(float(self_sim)):
+    if (
+        isinstance(self_sim, bool)
+        or not isinstance(self_sim, int | float | np.floating | np.integer)
+        or not math.isfinite(float(self_sim))
+    ):
         raise bad(f"self_sim must be a finite number, got {self_sim!r}")
     try:
         n_frames = require_int(row.n_frames, "n_frames", 1, _INT32_MAX)
-        stamp = require_int(ingested_at if row.ingested_at is None else row.ingested_at,
-                            "ingested_at (unix ms)", 0, 2**63 - 1)
+        stamp = require_int(
+            ingested_at if row.ingested_at is None else row.ingested_at, "ingested_at (unix ms)", 0, 2**63 - 1
+        )
     except InvalidInputError as exc:
         raise bad(str(exc)) from None
     if not isinstance(row.payload_kind, str) or not _PAYLOAD_KIND.match(row.payload_kind):

@@ -93,8 +93,12 @@ def validate_dim(dim: object) -> int:
 
 
 def validate_model_set(tag: object) -> str:
-    if (not isinstance(tag, str) or not tag or not tag.isprintable()
-            or len(tag.encode("utf-8", errors="surrogatepass")) > MAX_MODEL_SET_BYTES):
+    if (
+        not isinstance(tag, str)
+        or not tag
+        or not tag.isprintable()
+        or len(tag.encode("utf-8", errors="surrogatepass")) > MAX_MODEL_SET_BYTES
+    ):
         raise InvalidInputError(
             f"model-set tag must be a non-empty printable string of at most {MAX_MODEL_SET_BYTES} bytes, "
             f"got {tag!r}"
@@ -156,8 +160,9 @@ def check_description(name: str, description: Mapping[str, Any]) -> tuple[int, s
             problems.append(f"field {field_name!r} has the wrong primary-key flag")
     problems.extend(f"unexpected field {extra!r}" for extra in found)
     if problems:
-        raise SchemaMismatchError(f"collection {name!r} does not match schema version {SCHEMA_VERSION}: "
-                                  + "; ".join(problems))
+        raise SchemaMismatchError(
+            f"collection {name!r} does not match schema version {SCHEMA_VERSION}: " + "; ".join(problems)
+        )
     return dim, model_set
 
 

@@ -158,9 +158,12 @@ def encode_fine_tensor(array: np.ndarray, kind: FineKind | str, *, video_id: str
 
     payload = np.ascontiguousarray(payload_array).tobytes()
     n_frames, n_regions = array.shape[0], array.shape[1]
-    header = _FIXED.pack(
-        MAGIC, FORMAT_VERSION, _KIND_TO_CODE[kind], 0, n_frames, n_regions, bits_or_dims, len(payload)
-    ) + binding
+    header = (
+        _FIXED.pack(
+            MAGIC, FORMAT_VERSION, _KIND_TO_CODE[kind], 0, n_frames, n_regions, bits_or_dims, len(payload)
+        )
+        + binding
+    )
     checksum = zlib.crc32(payload, zlib.crc32(header))
     return b"".join((header, _CHECKSUM.pack(checksum), payload))
 
@@ -187,8 +190,8 @@ def decode_fine_tensor(
 
     if len(view) < _MIN_HEADER_SIZE:
         raise corrupt(f"{len(view)} bytes is shorter than the {_MIN_HEADER_SIZE}-byte header")
-    magic, version, kind_code, reserved, frames, n_regions, bits_or_dims, payload_len = (
-        _FIXED.unpack_from(view)
+    magic, version, kind_code, reserved, frames, n_regions, bits_or_dims, payload_len = _FIXED.unpack_from(
+        view
     )
     if magic != MAGIC:
         raise corrupt(f"magic is {bytes(magic)!r}, expected {MAGIC!r} (not a fine-tensor object)")

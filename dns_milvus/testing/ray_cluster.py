@@ -73,8 +73,9 @@ class LocalRayCluster:
     def alive_nodes(self) -> int:
         return len(self._nodes())
 
-    def wait_for_nodes(self, count: int, *, timeout: float = START_TIMEOUT_S,
-                       watch: subprocess.Popen | None = None) -> None:
+    def wait_for_nodes(
+        self, count: int, *, timeout: float = START_TIMEOUT_S, watch: subprocess.Popen | None = None
+    ) -> None:
         """Wait until exactly ``count`` nodes are alive."""
         deadline = time.monotonic() + timeout
         while self.alive_nodes() != count:
@@ -95,8 +96,9 @@ class LocalRayCluster:
             "log_to_driver=False); "
             f"print({_NODES_MARK!r} + json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"
         )
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                             env=_ray_env())
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=_ray_env()
+        )
         found = [line for line in out.stdout.splitlines() if line.startswith(_NODES_MARK)]
         if out.returncode != 0 or not found:  # the head is not answering (yet)
             return []
