@@ -274,6 +274,25 @@ def test_backend_gone_mid_session_raises_backend_unavailable(milvus_lite_uri: st
         coll.search(np.ones((1, DIM), np.float32), 3)
 
 
+def test_a_registered_lite_server_that_refuses_connections_is_started_afresh(
+    milvus_lite_uri: str, rng
+) -> None:
+    from milvus_lite.server_manager import server_manager_instance
+
+    client = connect(milvus_lite_uri)
+    VideoCollection.create(client, "videos", dim=DIM, model_set=MODEL_SET).upsert(unit_rows(rng, 5))
+    client.close()
+    # The fault: the path's server is still registered (pymilvus would hand out its port) but
+    # no longer listens.
+    server = server_manager_instance._servers[os.path.abspath(milvus_lite_uri)][0]
+    server.stop(0).wait()
+    again = connect(milvus_lite_uri)
+    assert VideoCollection.open(again, "videos").count() == 5
+    again.close()
+    release_lite(milvus_lite_uri)
+    assert os.path.abspath(milvus_lite_uri) not in server_manager_instance._servers
+
+
 def test_connect_refuses_unknown_uris(tmp_path) -> None:
     with pytest.raises(InvalidInputError, match=r"\.db"):
         connect(tmp_path / "not-a-db.txt")

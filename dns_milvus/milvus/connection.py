@@ -31,6 +31,8 @@ from dns_milvus.milvus._checks import require_seconds
 
 BackendKind = Literal["lite", "server"]
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
+_LITE_CONNECT_FAILED = 2  # pymilvus Status.CONNECT_FAILED
+_LITE_STOP_TIMEOUT_S = 5.0  # Milvus Lite stops its server with a 2 s grace period
 
 _SERVER_URI = re.compile(r"^(https?|tcp)://", re.IGNORECASE)
 _UNAVAILABLE_GRPC_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -103,7 +105,7 @@ def _connect_lite(path: Path) -> MilvusClient:
     _check_lite_manifests(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        client = MilvusClient(str(path))
+        client = _open_lite_client(path)
     except (OSError, MilvusException) as exc:
         raise BackendUnavailableError(
             f"cannot open the Milvus Lite database {str(path)!r}: {exc} (only one process at a time "
@@ -112,6 +114,30 @@ def _connect_lite(path: Path) -> MilvusClient:
     _open_lite_collections(client, path)
     _CLIENT_INFO[client] = _ClientInfo(str(path), "lite")
     return client
+
+
+def _open_lite_client(path: Path) -> MilvusClient:
+    """A client of the in-process Milvus Lite server of ``path``.
+
+    pymilvus keeps that server registered for the path until it is released; a registered server
+    that refuses connections (seen in a long test run, right after a database was reopened) is
+    released and started afresh once, instead of failing every later connect to the path.
+    """
+    try:
+        client = MilvusClient(str(path))
+    except MilvusException as exc:
+        if exc.code != _LITE_CONNECT_FAILED:
+            raise
+    else:
+        try:
+            client.list_collections()  # pymilvus may hand out a cached channel to the server's port
+            return client
+        except MilvusException as exc:
+            if exc.code != _LITE_CONNECT_FAILED:
+                return client  # the database's own error: _open_lite_collections reports it
+            client.close()
+    release_lite(path)
+    return MilvusClient(str(path))
 
 
 def _open_lite_collections(client: MilvusClient, path: Path) -> None:
@@ -180,7 +206,10 @@ def release_lite(path: str | os.PathLike[str]) -> None:
         from milvus_lite.server_manager import server_manager_instance
     except ImportError:  # a pymilvus without Milvus Lite never started one
         return
+    entry = getattr(server_manager_instance, "_servers", {}).get(os.path.abspath(path))
     server_manager_instance.release_server(str(path))
+    if entry:  # release_server only starts the gRPC server's stop: wait until its port is closed
+        entry[0].wait_for_termination(timeout=_LITE_STOP_TIMEOUT_S)
 
 
 def _connect_server(
