@@ -13,6 +13,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -144,20 +145,16 @@ def teacher_run(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory):
     )
 
 
+def _mine(output: Path, features: Path, teacher_run, threshold: float, **settings: Any):
+    """The mining stage on ``features`` with the module's teacher."""
+    teacher = str(teacher_run.outputs["teacher"])
+    config = {"output": str(output), "features": str(features), "teacher": teacher, "threshold": threshold}
+    return run_stage("mine", {**config, "progress": False, **settings})
+
+
 @pytest.fixture(scope="module")
 def mined(corpus: Corpus, teacher_run, tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("mine")
-    return run_stage(
-        "mine",
-        {
-            "output": str(out),
-            "features": str(corpus.train_path),
-            "teacher": str(teacher_run.outputs["teacher"]),
-            "threshold": 0.2,
-            "negatives_per_kind": 5,
-            "progress": False,
-        },
-    )
+    return _mine(tmp_path_factory.mktemp("mine"), corpus.train_path, teacher_run, 0.2, negatives_per_kind=5)
 
 
 @pytest.fixture(scope="module")
@@ -391,16 +388,7 @@ def test_selector_beats_random_selection_on_held_out_pairs(
     corpus: Corpus, teacher_run, students_run, tmp_path: Path
 ):
     # pairs of every video of the corpus (train and held-out sources), mined with the teacher
-    mined_all = run_stage(
-        "mine",
-        {
-            "output": str(tmp_path / "mine"),
-            "features": str(corpus.path),
-            "teacher": str(teacher_run.outputs["teacher"]),
-            "threshold": 0.2,
-            "progress": False,
-        },
-    )
+    mined_all = _mine(tmp_path / "mine", corpus.path, teacher_run, 0.2)
     students = students_run.outputs
     coarse, fine = load_checkpoint(students["cg_student"]), load_checkpoint(students["fg_bin_student"])
     # the label threshold t: the median |coarse - fine| gap of these students, so both classes are large
@@ -527,30 +515,12 @@ def test_bad_configs_fail_before_any_work(corpus: Corpus, tmp_path):
         run_stage("teacher", {"output": str(out), "features": str(corpus.train_path)})
     with pytest.raises(ConfigError, match="unknown training stage"):
         run_stage("distill", {})
+    inputs = {key: str(corpus.path) for key in ("features", "pairs", "coarse", "fine")}
+    selector = {"output": str(out), **inputs}
     with pytest.raises(ConfigError, match=r"selector\.threshold"):
-        load_config(
-            "selector",
-            {
-                "output": str(out),
-                "features": str(corpus.path),
-                "pairs": str(corpus.path),
-                "coarse": str(corpus.path),
-                "fine": str(corpus.path),
-                "threshold": 1.5,
-            },
-        )
+        load_config("selector", {**selector, "threshold": 1.5})
     with pytest.raises(ConfigError, match=r"selector\.target: expected one of \['disagreement', 'copy'\]"):
-        load_config(
-            "selector",
-            {
-                "output": str(out),
-                "features": str(corpus.path),
-                "pairs": str(corpus.path),
-                "coarse": str(corpus.path),
-                "fine": str(corpus.path),
-                "target": "rank",
-            },
-        )
+        load_config("selector", {**selector, "target": "rank"})
     assert not out.exists(), "nothing is written when the config is rejected"
 
     # files: JSON or TOML, a stage table, paths relative to the file
@@ -567,16 +537,7 @@ def test_bad_configs_fail_before_any_work(corpus: Corpus, tmp_path):
 
 def test_missing_or_unusable_data_gives_clear_errors(corpus: Corpus, teacher_run, tmp_path):
     # a threshold no pair reaches: mining finds no cluster, and distillation says why it cannot start
-    none = run_stage(
-        "mine",
-        {
-            "output": str(tmp_path / "mine"),
-            "features": str(corpus.train_path),
-            "teacher": str(teacher_run.outputs["teacher"]),
-            "threshold": 5.0,
-            "progress": False,
-        },
-    )
+    none = _mine(tmp_path / "mine", corpus.train_path, teacher_run, 5.0)
     assert none.summary["anchors"] == 0
     with pytest.raises(InvalidInputError, match=r"lower mine\.threshold"):
         run_stage(
