@@ -167,6 +167,11 @@ class ScoreMerge:
         coarse = np.asarray(coarse, dtype=np.float64)
         return self.coarse(coarse) if self.kind == "calibrated" and self.coarse else coarse
 
+    def fine_scale(self, fine: np.ndarray) -> np.ndarray:
+        """Fine scores (on [0, 1]) as the merged ranking shows them where they are computed."""
+        fine = np.asarray(fine, dtype=np.float64)
+        return self.fine(fine) if self.kind == "calibrated" and self.fine else fine
+
     def merged(self, coarse: np.ndarray, fine: np.ndarray) -> np.ndarray:
         """Scores of one query's candidates: ``fine`` (on [0, 1]) is NaN where it was not computed."""
         coarse = np.asarray(coarse, dtype=np.float64)
@@ -184,10 +189,7 @@ class ScoreMerge:
                 out[by_fine] = slots
             return out
         out = self.coarse_scale(coarse)
-        if self.kind == "calibrated" and self.fine is not None:
-            out[scored] = self.fine(fine[scored])
-        else:
-            out[scored] = fine[scored]
+        out[scored] = self.fine_scale(fine[scored])
         return out
 
     def disagreement(self, coarse: np.ndarray, fine: np.ndarray) -> np.ndarray:
@@ -213,9 +215,7 @@ class ScoreMerge:
             return self.disagreement(coarse, fine)
         if target != "copy":
             raise InvalidInputError(f"unknown selector target {target!r}; expected one of {SELECTOR_TARGETS}")
-        fine = np.asarray(fine, dtype=np.float64)
-        fine_scale = self.fine(fine) if self.kind == "calibrated" and self.fine else fine
-        return np.maximum(self.coarse_scale(coarse), fine_scale)
+        return np.maximum(self.coarse_scale(coarse), self.fine_scale(fine))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind}

@@ -105,23 +105,25 @@ def _connect_lite(path: Path) -> MilvusClient:
     _check_lite_manifests(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        client = _open_lite_client(path)
+        client, collections = _open_lite_client(path)
     except (OSError, MilvusException) as exc:
         raise BackendUnavailableError(
             f"cannot open the Milvus Lite database {str(path)!r}: {exc} (only one process at a time "
             "may open a Milvus Lite database: is another one using it?)"
         ) from exc
-    _open_lite_collections(client, path)
+    _open_lite_collections(client, path, collections)
     _CLIENT_INFO[client] = _ClientInfo(str(path), "lite")
     return client
 
 
-def _open_lite_client(path: Path) -> MilvusClient:
+def _open_lite_client(path: Path) -> tuple[MilvusClient, list[str] | None]:
     """A client of the in-process Milvus Lite server of ``path``.
 
     pymilvus keeps that server registered for the path until it is released; a registered server
     that refuses connections (seen in a long test run, right after a database was reopened) is
     released and started afresh once, instead of failing every later connect to the path.
+    Returns the client and its collections (``None`` when listing them failed otherwise: the
+    database's own error, which :func:`_open_lite_collections` reports).
     """
     try:
         client = MilvusClient(str(path))
@@ -129,19 +131,18 @@ def _open_lite_client(path: Path) -> MilvusClient:
         if exc.code != _LITE_CONNECT_FAILED:
             raise
     else:
-        try:
-            client.list_collections()  # pymilvus may hand out a cached channel to the server's port
-            return client
+        try:  # pymilvus may hand out a cached channel to the server's port: one request tells
+            return client, client.list_collections()
         except MilvusException as exc:
             if exc.code != _LITE_CONNECT_FAILED:
-                return client  # the database's own error: _open_lite_collections reports it
+                return client, None
             client.close()
     release_lite(path)
-    return MilvusClient(str(path))
+    return MilvusClient(str(path)), None
 
 
-def _open_lite_collections(client: MilvusClient, path: Path) -> None:
-    """Read and load every collection of a Milvus Lite database.
+def _open_lite_collections(client: MilvusClient, path: Path, collections: list[str] | None = None) -> None:
+    """Read and load every collection of a Milvus Lite database (``collections``: already listed).
 
     Milvus Lite reads a collection's schema and data files when it is first used and its index
     files when it is loaded; a process killed while Lite was writing them can leave them
@@ -150,7 +151,7 @@ def _open_lite_collections(client: MilvusClient, path: Path) -> None:
     """
     collection = None
     try:
-        for collection in client.list_collections():
+        for collection in client.list_collections() if collections is None else collections:
             client.load_collection(collection)
     except MilvusException as exc:
         client.close()
