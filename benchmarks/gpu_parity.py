@@ -62,7 +62,7 @@ def fine_scores(device: str, rng: np.random.Generator, targets: int) -> dict[str
             Candidate(video_id=f"t{i}", coarse_score=float(s), self_sim=float(r.self_sim), fine_key="")
             for i, (s, r) in enumerate(zip(rng.uniform(-1, 1, size=targets), records[1:], strict=True))
         ]
-        confidence[where] = reranker.selector_confidence(records[0].self_sim, candidates)
+        confidence[where] = reranker.selector_confidence(records[0], candidates)
     out["fine_scores_max_abs_difference"] = _max_diff(scores["cpu"], scores[device])
     out["selector_confidence_max_abs_difference"] = _max_diff(confidence["cpu"], confidence[device])
     out["pairs"] = targets

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from dns_milvus.errors import CheckpointError, InvalidInputError
+from dns_milvus.scoring import check_segment_input
 
 #: Version of the ``.npz`` layout; a file of another version is not used.
 FORMAT = 1
@@ -114,17 +115,29 @@ class NumpyStage2:
     def bits(self) -> int:
         return int(self.meta["bits"])
 
+    @property
+    def segments(self) -> int:
+        """Segments a video whose codes the selector reads (0, or absent: the release's inputs)."""
+        return int(self.meta.get("segments", 0))
+
     # -- the selector ---------------------------------------------------------------------------
 
     def selector_confidence(
-        self, query_self: float, target_self: np.ndarray, coarse: np.ndarray
+        self,
+        query_self: float,
+        target_self: np.ndarray,
+        coarse: np.ndarray,
+        segment_match: np.ndarray | None = None,
     ) -> np.ndarray:
         """``SelectorNetwork.pair_confidence``: float32 [N] from the query's self-similarity, the
-        targets' [N] and the pairs' coarse similarities [N] (input order as the release's)."""
+        targets' [N], the pairs' coarse similarities [N] and, for a selector with segments, their
+        segment matches [N] (input order as the release's, the segment match last)."""
+        check_segment_input(self.segments, segment_match is not None)
         target = np.asarray(target_self, dtype=np.float32).reshape(-1)
-        x = np.stack(
-            [np.full_like(target, query_self), target, np.asarray(coarse, np.float32).reshape(-1)], -1
-        )
+        columns = [np.full_like(target, query_self), target, np.asarray(coarse, np.float32).reshape(-1)]
+        if segment_match is not None:
+            columns.append(np.asarray(segment_match, np.float32).reshape(-1))
+        x = np.stack(columns, -1)
         for op, p in self.selector:
             if op == "linear":
                 x = x @ p["weight"].T + p["bias"] if "bias" in p else x @ p["weight"].T

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +51,72 @@ def rerank_budget(percentage: float, n_candidates: int) -> int:
         raise InvalidInputError(f"percentage must lie in 0..100, got {percentage}")
     # The epsilon keeps exact products (e.g. 35 % of 20 = 7) from flooring one short in binary floating point.
     return math.floor(percentage / 100.0 * n_candidates + 1e-9)
+
+
+def segment_codes(vectors: np.ndarray) -> np.ndarray:
+    """Segment vectors ``[..., S, D]`` (the coarse student's, one a segment) -> their sign bits,
+    uint8 ``[..., S, D/8]`` (little bit order, as the fine codes are packed)."""
+    vectors = np.asarray(vectors)
+    if vectors.ndim < 2 or vectors.shape[-1] % 8 or vectors.shape[-1] == 0:
+        raise InvalidInputError(
+            f"expected segment vectors [..., S, D] with D a multiple of 8, got {list(vectors.shape)}"
+        )
+    return np.packbits(vectors > 0, axis=-1, bitorder="little")
+
+
+def check_segment_input(segments: int, given: bool) -> None:
+    """Refuse a segment match given to a release-layout selector (``segments`` 0), or missing
+    for a selector that reads one."""
+    if given != bool(segments):
+        raise InvalidInputError(
+            f"this selector reads segment matches of {segments} segments; pass them"
+            if segments
+            else "this selector has the release's three inputs; it reads no segment match"
+        )
+
+
+def segment_matches(query_coarse: np.ndarray, codes: Sequence[np.ndarray], chunk: int = 4096) -> np.ndarray:
+    """The selector's segment-match input of each target: ``max_s <q, sign(v_s)> / sqrt(D)`` for the
+    query's coarse vector ``q`` [D] and the target's segment codes uint8 [S, D/8]
+    (:func:`segment_codes`); in [-1, 1] for a unit ``q``. float32 [N].
+
+    Computed by table lookup: ``<q, sign(v)> = 2 * sum(q over set bits) - sum(q)``, and the sum of
+    ``q`` over the set bits of one code byte is a row of a [D/8, 256] table built once a query.
+    """
+    q = np.asarray(query_coarse, dtype=np.float32).reshape(-1)
+    width = q.size // 8
+    if q.size == 0 or q.size % 8:
+        raise InvalidInputError(f"expected a coarse vector [D] with D a multiple of 8, got {q.size} values")
+    out = np.empty(len(codes), dtype=np.float32)
+    if not len(codes):
+        return out
+    for i, c in enumerate(codes):
+        if (
+            not isinstance(c, np.ndarray)
+            or c.dtype != np.uint8
+            or c.ndim != 2
+            or c.shape[1] != width
+            or not c.shape[0]
+        ):
+            shape = list(c.shape) if isinstance(c, np.ndarray) else type(c).__name__
+            raise InvalidInputError(f"target {i}: expected segment codes uint8 [S, {width}], got {shape}")
+    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").astype(
+        np.float32
+    )
+    table = q.reshape(width, 8) @ bits.T  # [D/8, 256]: sum of q over the set bits of each byte value
+    total, scale = float(q.sum()), 1.0 / math.sqrt(q.size)
+    columns = np.arange(width)
+    for start in range(0, len(codes), chunk):
+        part = codes[start : start + chunk]
+        segments = {c.shape[0] for c in part}
+        stacked = np.stack(part) if len(segments) == 1 else None
+        if stacked is not None:
+            sums = table[columns, stacked].sum(-1)  # [n, S]
+            out[start : start + len(part)] = (2 * sums.max(-1) - total) * scale
+        else:
+            for j, c in enumerate(part):
+                out[start + j] = (2 * table[columns, c].sum(-1).max() - total) * scale
+    return out
 
 
 def _pool_adjacent_violators(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

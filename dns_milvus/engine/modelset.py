@@ -44,7 +44,7 @@ from dns_milvus.engine.record import PAYLOAD_FLOAT16, PAYLOAD_PACKED, VideoRecor
 from dns_milvus.errors import CheckpointError, InvalidInputError
 from dns_milvus.inference import COMPARATOR_CONVS, Layer, save_inference_weights
 from dns_milvus.models import load_checkpoint
-from dns_milvus.scoring import RELEASE_MERGE, ScoreMerge
+from dns_milvus.scoring import RELEASE_MERGE, ScoreMerge, segment_codes
 from dns_milvus.similarity import (
     fine_similarity_float,
     fine_similarity_packed,
@@ -179,16 +179,27 @@ class ModelSet:
         resolve_precision(precision, self.device)
         resolve_threads(threads)
 
+    @property
+    def selector_segments(self) -> int:
+        """Segments a video whose codes the selector reads (0: the release's three inputs)."""
+        return int(getattr(self.selector, "segments", 0))
+
     @torch.inference_mode()
     def selector_confidence(
-        self, query_self_sim: float, self_sims: np.ndarray, coarse_scores: np.ndarray
+        self,
+        query_self_sim: float,
+        self_sims: np.ndarray,
+        coarse_scores: np.ndarray,
+        segment_match: np.ndarray | None = None,
     ) -> np.ndarray:
         """The selector's probability that each pair (the query with a target of self-similarity
-        ``self_sims[i]`` and coarse score ``coarse_scores[i]``) needs the fine student, float32 [N]."""
+        ``self_sims[i]``, coarse score ``coarse_scores[i]`` and, for a selector with segments,
+        segment match ``segment_match[i]``) needs the fine student, float32 [N]."""
         out = self.selector.pair_confidence(
             query_self_sim,
             torch.as_tensor(np.asarray(self_sims, dtype=np.float32)),
             torch.as_tensor(np.asarray(coarse_scores, dtype=np.float32)),
+            None if segment_match is None else torch.as_tensor(np.asarray(segment_match, dtype=np.float32)),
         )
         return out.reshape(-1).float().cpu().numpy()
 
@@ -247,12 +258,17 @@ class ModelSet:
         else:
             payloads = self.fine.index_packed(packed, on_device).to(torch.float16).cpu().numpy()
         per_video = np.split(payloads, np.cumsum(lengths.tolist())[:-1])
+        segments: np.ndarray | list[None] = [None] * len(tensors)
+        if self.selector_segments:
+            vectors = self.coarse.index_segments_packed(packed, on_device, self.selector_segments)
+            segments = segment_codes(vectors.float().cpu().numpy())
         return [
             VideoRecord(
                 coarse=np.ascontiguousarray(coarse[i], dtype=np.float32),
                 self_sim=float(self_sim[i]),
                 fine=fine,
                 payload_kind=self.payload_kind,
+                segments=segments[i],
             )
             for i, fine in enumerate(per_video)
         ]
@@ -395,6 +411,7 @@ def write_inference_weights(directory: str | Path, *, name: str = INFERENCE_FILE
             "tag": models.tag,
             "coarse_dim": models.coarse_dim,
             "bits": int(models.fine.index_dims),
+            "segments": models.selector_segments,
             "sources": network_digests(directory, manifest),
         },
     )

@@ -135,10 +135,18 @@ class NumpyModelSet:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InvalidInputError(f"threads must be a positive integer or None, got {threads!r}")
 
+    @property
+    def selector_segments(self) -> int:
+        return self.networks.segments
+
     def selector_confidence(
-        self, query_self_sim: float, self_sims: np.ndarray, coarse_scores: np.ndarray
+        self,
+        query_self_sim: float,
+        self_sims: np.ndarray,
+        coarse_scores: np.ndarray,
+        segment_match: np.ndarray | None = None,
     ) -> np.ndarray:
-        return self.networks.selector_confidence(query_self_sim, self_sims, coarse_scores)
+        return self.networks.selector_confidence(query_self_sim, self_sims, coarse_scores, segment_match)
 
     def fine_similarity(
         self,

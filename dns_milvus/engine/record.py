@@ -21,6 +21,9 @@ class VideoRecord:
     fine: np.ndarray  # uint8 [T, R, L/8] or float16 [T, R, D]
     payload_kind: str
     video_id: str | None = None
+    #: uint8 [S, dim/8]: sign bits of the coarse student's vectors of S consecutive segments, for
+    #: a selector with a segment-match input (``SelectorNetwork(segments=S)``); None otherwise.
+    segments: np.ndarray | None = None
 
     @property
     def n_frames(self) -> int:

@@ -21,7 +21,7 @@ from dns_milvus.engine.cache import ByteLRUCache
 from dns_milvus.engine.policy import SelectionPolicy
 from dns_milvus.engine.record import VideoRecord
 from dns_milvus.errors import CorruptObjectError, InvalidInputError
-from dns_milvus.scoring import ScoreMerge, fine_unit
+from dns_milvus.scoring import ScoreMerge, fine_unit, segment_matches
 from dns_milvus.store import ObjectStore, decode_fine_tensor
 
 STAGE_FINE = "fine"
@@ -43,6 +43,9 @@ class Candidate:
     n_frames: int = 0
     payload_kind: str = ""
     metadata: dict[str, Any] | None = None
+    #: The target's segment codes uint8 [S, dim/8] (``VideoRecord.segments``), which a selector
+    #: with a segment-match input reads; None where the index keeps none.
+    segments: np.ndarray | None = None
 
 
 @dataclass
@@ -89,10 +92,17 @@ class Stage2Models(Protocol):
     payload_kind: str
     merge: ScoreMerge
 
+    @property
+    def selector_segments(self) -> int: ...
+
     def check_fine_options(self, precision: str, threads: int | None) -> None: ...
 
     def selector_confidence(
-        self, query_self_sim: float, self_sims: np.ndarray, coarse_scores: np.ndarray
+        self,
+        query_self_sim: float,
+        self_sims: np.ndarray,
+        coarse_scores: np.ndarray,
+        segment_match: np.ndarray | None = None,
     ) -> np.ndarray: ...
 
     def fine_similarity(
@@ -131,15 +141,39 @@ class LocalReranker:
         self.fine_precision = fine_precision
         self.fine_threads = fine_threads
 
-    def selector_confidence(self, query_self_sim: float, candidates: Sequence[Candidate]) -> np.ndarray:
+    def selector_confidence(self, query: VideoRecord, candidates: Sequence[Candidate]) -> np.ndarray:
         """The selector's probability that each pair needs the fine student."""
         if not candidates:
             return np.zeros(0, dtype=np.float32)
         return self.models.selector_confidence(
-            query_self_sim,
+            query.self_sim,
             np.array([c.self_sim for c in candidates], dtype=np.float32),
             np.array([c.coarse_score for c in candidates], dtype=np.float32),
+            self.segment_match(query, candidates),
         )
+
+    def segment_match(self, query: VideoRecord, candidates: Sequence[Candidate]) -> np.ndarray | None:
+        """The selector's segment-match input of each candidate, or None for a release-layout
+        selector. A candidate without segment codes is refused: the index was built without
+        them (by a model set whose selector reads none); re-index with this model set."""
+        segments = self.models.selector_segments
+        if not segments:
+            return None
+        missing = [c.video_id for c in candidates if c.segments is None]
+        if missing:
+            raise InvalidInputError(
+                f"{len(missing)} candidates carry no segment codes (first: {missing[0]!r}); the "
+                f"model set's selector reads the codes of {segments} segments a video, which an "
+                "index built by this model set stores: re-index the collection with it"
+            )
+        codes = [c.segments for c in candidates]
+        bad = next((c for c in candidates if c.segments.shape[0] != segments), None)
+        if bad is not None:
+            raise InvalidInputError(
+                f"candidate {bad.video_id!r} has {bad.segments.shape[0]} segment codes; the model "
+                f"set's selector reads {segments}"
+            )
+        return segment_matches(query.coarse, codes)
 
     def fetch_fine(self, candidates: Sequence[Candidate]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """Fine tensors of the candidates by video id, through the cache; and the errors by id."""
@@ -206,7 +240,7 @@ class LocalReranker:
         confidence: np.ndarray | None = None
         selected = np.zeros(0, dtype=np.int64)
         if policy.uses_selector:  # policy none: no hit would show a confidence worth computing
-            confidence = self.selector_confidence(query.self_sim, candidates)
+            confidence = self.selector_confidence(query, candidates)
             selected = policy.select(confidence)
         timings["selector_ms"] = _ms_since(t0)
 

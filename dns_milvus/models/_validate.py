@@ -183,7 +183,10 @@ def frame_matrix_batch(
     return sim, ql, tl
 
 
-def selector_input(z: object, *, like: Tensor) -> tuple[Tensor, bool]:
-    """Validate selector inputs ``[N, 3]`` or ``[3]``: (self-sim query, self-sim target, coarse sim)."""
-    what = "selector inputs (self_sim(query), self_sim(target), coarse_sim)"
-    return vector_batch(z, dim=3, like=like, what=what, batch_axis="N")
+def selector_input(z: object, size: int = 3, *, like: Tensor) -> tuple[Tensor, bool]:
+    """Validate selector inputs ``[N, size]`` or ``[size]``: (self-sim query, self-sim target,
+    coarse sim), then the segment match when ``size`` is 4."""
+    what = "selector inputs (self_sim(query), self_sim(target), coarse_sim" + (
+        ", segment_match)" if size == 4 else ")"
+    )
+    return vector_batch(z, dim=size, like=like, what=what, batch_axis="N")

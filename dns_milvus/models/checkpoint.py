@@ -158,11 +158,14 @@ def _infer_options(kind: str, sd: Mapping[str, Tensor], args: Mapping[str, Any])
         if (m := re.match(r"mlp\.model\.(\d+)\.weight$", k)) and v.ndim == 2
     )
     first = sd.get("mlp.model.0.weight")
-    if first is None or first.shape[1] != 3 or len(linears) < 2:
+    segments = int(_arg(args, "segments", 0)) if first is not None and first.shape[1] == 4 else 0
+    if first is None or first.shape[1] != (4 if segments else 3) or len(linears) < 2:
         raise CheckpointError(
-            "unknown selector layout: expected an MLP over 3 inputs (mlp.model.0.weight [H, 3])"
+            "unknown selector layout: expected an MLP over 3 inputs (mlp.model.0.weight [H, 3]), "
+            "or over 4 with args.segments >= 1 (the segment match)"
         )
     return {
+        "segments": segments,
         "dims": int(sd["attention.transform.weight"].shape[1]) if "attention.transform.weight" in sd else 512,
         "hidden_size": int(first.shape[0]),
         "num_layers": len(linears) - 2,

@@ -49,6 +49,24 @@ def pad_packed(x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     return padded, mask
 
 
+def segment_frames(lengths: Tensor, segments: int) -> tuple[Tensor, Tensor]:
+    """Each video of a packed batch cut into ``segments`` consecutive, near-equal parts of its
+    frames: (packed frame indices of every segment, in video then segment order; their lengths
+    ``[B * segments]``). Segment ``a`` of a T-frame video holds frames ``[a*T//S, (a+1)*T//S)``;
+    a video shorter than ``segments`` repeats frames, so every segment holds at least one."""
+    if segments < 1:
+        raise InvalidInputError(f"segments must be >= 1, got {segments}")
+    starts = torch.cumsum(lengths, 0) - lengths
+    index, sizes = [], []
+    for first, n in zip(starts.tolist(), lengths.tolist()):
+        for a in range(segments):
+            lo = a * n // segments
+            hi = max((a + 1) * n // segments, lo + 1)
+            index.append(torch.arange(first + lo, first + hi))
+            sizes.append(hi - lo)
+    return torch.cat(index).to(lengths.device), torch.tensor(sizes, device=lengths.device)
+
+
 def length_groups(lengths: Tensor, size: int) -> list[Tensor]:
     """Indices of the videos sorted by length, cut into groups of ``size``: a group padded to its
     own longest video wastes little on the quadratic frame-to-frame steps."""

@@ -1,5 +1,13 @@
 """The DnS selector network: decides which query-target pairs the fine-grained student
-re-ranks, from each video's self-similarity and the pair's coarse similarity."""
+re-ranks, from each video's self-similarity and the pair's coarse similarity (Kordopatis-Zilos
+et al., "DnS: Distill-and-Select for Efficient and Accurate Video Indexing and Retrieval", IJCV
+2022, section 4.3).
+
+``segments=S`` adds a fourth input, the segment match (``dns_milvus.scoring.segment_matches``):
+how well the query's coarse vector agrees with the best of the target's S segment codes. The
+three release inputs cannot tell a target that hides a copy in one part of a longer video from
+an unrelated one with the same coarse score; the segment match can, for 128 bytes a segment.
+Release checkpoints (three inputs) load and run unchanged."""
 
 from __future__ import annotations
 
@@ -8,9 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dns_milvus.errors import InvalidInputError
 from dns_milvus.models._validate import selector_input, video_batch
 from dns_milvus.models.layers import HAttention, VideoComparator, masked_mean
 from dns_milvus.models.packed import length_groups, packed_batch, pad_packed
+from dns_milvus.scoring import check_segment_input
 
 #: Videos a comparator call when computing self-similarities (grouped by length).
 COMPARATOR_GROUP = 8
@@ -52,13 +62,28 @@ class SelectorNetwork(nn.Module):
     coarse_similarity].
     """
 
-    def __init__(self, dims: int = 512, hidden_size: int = 100, num_layers: int = 1) -> None:
+    def __init__(
+        self, dims: int = 512, hidden_size: int = 100, num_layers: int = 1, segments: int = 0
+    ) -> None:
         super().__init__()
+        if segments < 0:
+            raise InvalidInputError(f"segments must be >= 0 (0: the release's three inputs), got {segments}")
         self.dims = dims
+        self.segments = segments
         self.attention = HAttention(dims)
         self.visil_head = VideoComparator()
-        self.mlp = SelectorMLP(3, hidden_size, num_layers)
-        self._config = {"dims": dims, "hidden_size": hidden_size, "num_layers": num_layers}
+        self.mlp = SelectorMLP(self.input_size, hidden_size, num_layers)
+        self._config = {
+            "dims": dims,
+            "hidden_size": hidden_size,
+            "num_layers": num_layers,
+            "segments": segments,
+        }
+
+    @property
+    def input_size(self) -> int:
+        """3 (the release's inputs), or 4 with the segment match."""
+        return 4 if self.segments else 3
 
     def config(self) -> dict[str, Any]:
         """Constructor options: ``SelectorNetwork(**net.config())`` builds the same shape."""
@@ -94,18 +119,29 @@ class SelectorNetwork(nn.Module):
             out[group] = masked_mean(*self.visil_head.compare(sim, n, n))
         return out
 
-    def pair_confidence(self, query_self: Tensor | float, target_self: Tensor, coarse: Tensor) -> Tensor:
+    def pair_confidence(
+        self,
+        query_self: Tensor | float,
+        target_self: Tensor,
+        coarse: Tensor,
+        segment_match: Tensor | None = None,
+    ) -> Tensor:
         """Confidences ``[N]`` of pairs from the query's self-similarity (one value, or one a pair),
-        the targets' ``[N]`` and the pairs' coarse similarities ``[N]``: the one place that lays
-        out the selector's input, in the order the release trained it with."""
+        the targets' ``[N]``, the pairs' coarse similarities ``[N]`` and, for a selector with
+        ``segments``, their segment matches ``[N]``: the one place that lays out the selector's
+        input, in the order the release trained it with (the segment match last)."""
+        check_segment_input(self.segments, segment_match is not None)
         like = self.visil_head.conv1.weight
         target_self = torch.as_tensor(target_self).to(like.device, like.dtype)
         query_self = torch.as_tensor(query_self).to(like.device, like.dtype).expand_as(target_self)
-        return self(torch.stack([query_self, target_self, torch.as_tensor(coarse).to(target_self)], dim=-1))
+        columns = [query_self, target_self, torch.as_tensor(coarse).to(target_self)]
+        if segment_match is not None:
+            columns.append(torch.as_tensor(segment_match).to(target_self))
+        return self(torch.stack(columns, dim=-1))
 
     def forward(self, z: Tensor) -> Tensor:
-        """Selector inputs ``[N, 3]`` (or ``[3]``) -> confidence that the fine-grained student
-        changes the pair's score, ``[N]`` (or a scalar) in (0, 1)."""
-        z, batched = selector_input(z, like=self.visil_head.conv1.weight)
+        """Selector inputs ``[N, 3]`` (or ``[3]``; 4 with ``segments``) -> confidence that the
+        fine-grained student changes the pair's score, ``[N]`` (or a scalar) in (0, 1)."""
+        z, batched = selector_input(z, self.input_size, like=self.visil_head.conv1.weight)
         out = self.mlp(z).squeeze(-1)
         return out if batched else out[0]

@@ -15,7 +15,13 @@ from torch import Tensor, nn
 from dns_milvus.errors import InvalidInputError
 from dns_milvus.models._validate import vector_batch, video_batch
 from dns_milvus.models.layers import BinarizationLayer, HAttention, NetVLAD, VideoComparator
-from dns_milvus.models.packed import encoder_layer, packed_batch, pad_packed, supports_encoder_layer
+from dns_milvus.models.packed import (
+    encoder_layer,
+    packed_batch,
+    pad_packed,
+    segment_frames,
+    supports_encoder_layer,
+)
 from dns_milvus.models.pairwise import FineSimilarityNetwork
 
 
@@ -102,6 +108,16 @@ class CoarseGrainedStudent(nn.Module):
                 x = self.transformer.norm(x)
         frames, mask = pad_packed(x, lengths)
         return self._pool(frames, mask, lengths)
+
+    def index_segments_packed(self, x: Tensor, lengths: Tensor, segments: int) -> Tensor:
+        """Video vectors of ``segments`` consecutive parts of each video of a packed batch
+        (:func:`~dns_milvus.models.packed.segment_frames`) -> ``[B, segments, output_dim]``.
+        A copy that fills only part of a longer video dominates one of its segments while it
+        is a fraction of the whole video's vector: the selector reads them (DnS selector with
+        segment match, ``SelectorNetwork(segments=S)``)."""
+        x, lengths = packed_batch(x, lengths, dim=self.dims, like=self._weight())
+        index, sizes = segment_frames(lengths, segments)
+        return self.index_packed(x[index], sizes).reshape(len(lengths), segments, -1)
 
     def _encoder_layers(self) -> list[nn.Module]:
         return list(self.transformer.layers) if hasattr(self, "transformer") else []
