@@ -29,6 +29,7 @@ def write_model_set(
     fine: str = "bin",
     netvlad_clusters: int = 8,
     coarse_dim: int | None = None,
+    selector_segments: int = 0,
 ) -> Path:
     """Save a model set of seeded, freshly initialised networks; returns its directory.
 
@@ -36,7 +37,8 @@ def write_model_set(
     binarization with ``bits``-bit codes, a multiple of 8; ``"att"``: attention, float16 storage),
     ``netvlad_clusters`` and ``coarse_dim`` (default ``2 * dims``) size the coarse student's head.
     The defaults are small and fast; ``dims=512, bits=512, netvlad_clusters=64, coarse_dim=1024``
-    are the DnS release's sizes. The caller's torch random state is left as it was.
+    are the DnS release's sizes. ``selector_segments`` > 0 gives the selector its segment-match
+    input over that many segments a video. The caller's torch random state is left as it was.
     """
     if fine not in ("bin", "att"):
         raise ValueError(f"fine must be 'bin' or 'att', got {fine!r}")
@@ -58,7 +60,9 @@ def write_model_set(
             dims=dims, binarization=fine == "bin", attention=fine == "att", bits=bits
         )
         save_checkpoint(student.eval(), directory / fine_name)
-        save_checkpoint(SelectorNetwork(dims=dims).eval(), directory / "selector.pth")
+        save_checkpoint(
+            SelectorNetwork(dims=dims, segments=selector_segments).eval(), directory / "selector.pth"
+        )
     finally:
         torch.random.set_rng_state(generator_state)
     manifest = {"name": name, "coarse": "cg_student.pth", "fine": fine_name, "selector": "selector.pth"}
@@ -107,6 +111,7 @@ def candidates_for(query: VideoRecord, corpus: dict[str, VideoRecord], collectio
             fine_key=fine_key(collection, vid),
             n_frames=rec.n_frames,
             payload_kind=rec.payload_kind,
+            segments=rec.segments,
         )
         for vid, rec in corpus.items()
         if vid != query.video_id
