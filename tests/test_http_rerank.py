@@ -246,6 +246,24 @@ def test_bearer_token_is_required_except_for_probes_and_metrics(http: Background
     assert "dns_reranker_cache_hit_ratio" in metrics and "dns_reranker_batch_pairs_bucket" in metrics
     status, info = request(http, "/v1/info")
     assert status == 200 and info["model_set"] == MODEL_SET and info["payload_kind"] == "packed_bits"
+    assert info["selector_segments"] == 0
+
+
+def test_a_selector_that_reads_segment_codes_is_not_served_over_http(tmp_path: Path) -> None:
+    """Documents carry no segment codes, and the selector runs under policy all: 501, pointing to gRPC."""
+    segments = build_stage2(tmp_path, selector_segments=4)
+    try:
+        with BackgroundServer(segments.config(http_port=0), segments.models, segments.store) as server:
+            keys = [c.fine_key for c in segments.candidates()]
+            query = f"dns:v1:video:{COLLECTION}:v0"
+            for path, body in (("/v2/rerank", {"query": query, "documents": keys}),
+                               ("/rerank", {"query": query, "texts": keys})):  # fmt: skip
+                status, reply = request(server, path, body, token=None)
+                assert status == 501 and "segment codes" in reply["message"] and "gRPC" in reply["message"]
+            status, info = request(server, "/v1/info", token=None)
+            assert status == 200 and info["selector_segments"] == 4
+    finally:
+        segments.store.close()
 
 
 def test_milvus_lite_reranks_search_hits_through_the_sidecar(

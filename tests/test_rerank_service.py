@@ -78,9 +78,12 @@ class Stage2:
         return dataclasses.replace(base, **overrides)
 
 
-def build_stage2(root: Path) -> Stage2:
-    """A 16-video corpus under ``root`` (the HTTP tests build theirs the same way)."""
-    model_dir = write_model_set(root / "models", name="sidecar-test", seed=7)
+def build_stage2(root: Path, selector_segments: int = 0) -> Stage2:
+    """A 16-video corpus under ``root`` (the HTTP tests build theirs the same way); with
+    ``selector_segments`` > 0 the selector reads segment matches and the corpus keeps codes."""
+    model_dir = write_model_set(
+        root / "models", name="sidecar-test", seed=7, selector_segments=selector_segments
+    )
     models = ModelSet.load(model_dir, device="cpu")
     store = LocalStore(root / "objects")
     corpus = write_corpus(models, store, COLLECTION, 16, seed=3)
@@ -262,6 +265,112 @@ def test_missing_objects_fall_back_to_coarse_with_warnings(stage2: Stage2, serve
     assert str(stage2.store_dir) not in got.warnings[0]  # clients learn the key, not where the store is
 
 
+# -- a selector that reads the candidates' segment codes ------------------------------------------
+
+SEGMENTS = 4
+
+
+@pytest.fixture(scope="module")
+def segment_stage2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage2]:
+    built = build_stage2(tmp_path_factory.mktemp("sidecar-segments"), selector_segments=SEGMENTS)
+    yield built
+    built.store.close()
+
+
+@pytest.fixture(scope="module")
+def segment_server(segment_stage2: Stage2) -> Iterator[BackgroundServer]:
+    with BackgroundServer(segment_stage2.config(), segment_stage2.models, segment_stage2.store) as running:
+        yield running
+
+
+def without_codes(candidates: list[Candidate]) -> list[Candidate]:
+    return [dataclasses.replace(c, segments=None) for c in candidates]
+
+
+@pytest.mark.parametrize("policy", ["50%", "count:4", "threshold:0.5", "all"])
+def test_segment_codes_travel_and_the_remote_selector_equals_the_local_one(
+    segment_stage2: Stage2, segment_server: BackgroundServer, policy: str
+) -> None:
+    stage2 = segment_stage2
+    candidates = stage2.candidates()
+    assert all(c.segments is not None and c.segments.shape[0] == SEGMENTS for c in candidates)
+    selection = SelectionPolicy.parse(policy)
+    expected = stage2.local.rerank(stage2.query, candidates, selection, 8)
+    for collection in (None, COLLECTION):  # the query inline, and by reference with its coarse vector
+        with RemoteReranker(segment_server.grpc_target, collection=collection) as remote:
+            got = remote.rerank(stage2.query, candidates, selection, 8)
+        assert hits_of(got) == hits_of(expected), collection
+        assert (got.n_reranked, got.warnings) == (expected.n_reranked, [])
+    assert all(h.selector_confidence is not None for h in got.hits)
+    request = convert.candidates_to_proto(candidates)
+    decoded = convert.candidates_from_proto(request, coarse_dim=stage2.models.coarse_dim)
+    for sent, back in zip(candidates, decoded, strict=True):
+        np.testing.assert_array_equal(back.segments, sent.segments)
+
+
+def test_candidates_without_codes_are_invalid_argument_for_a_selector_that_reads_them(
+    segment_stage2: Stage2, segment_server: BackgroundServer
+) -> None:
+    candidates = segment_stage2.candidates()
+    bare = without_codes(candidates)
+    err = call_error(segment_server.grpc_target, inline_request(segment_stage2, candidates=bare))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "carry no segment codes" in err.details() and repr(bare[0].video_id) in err.details()
+    one_bare = [*candidates[:3], *bare[3:4], *candidates[4:]]  # one candidate without codes is enough
+    with RemoteReranker(segment_server.grpc_target) as remote:
+        with pytest.raises(InvalidInputError, match=f"first: {bare[3].video_id!r}"):
+            remote.rerank(segment_stage2.query, one_bare, SelectionPolicy("all", 0), 5)
+        # policy none runs no selector: the coarse ranking needs no codes
+        coarse = remote.rerank(segment_stage2.query, bare, SelectionPolicy("none", 0), 5)
+    local = segment_stage2.local.rerank(segment_stage2.query, bare, SelectionPolicy("none", 0), 5)
+    assert hits_of(coarse) == hits_of(local)
+
+
+def test_segment_codes_of_a_wrong_length_are_invalid_argument(
+    segment_stage2: Stage2, segment_server: BackgroundServer
+) -> None:
+    width = segment_stage2.models.coarse_dim // 8
+    request = inline_request(segment_stage2)
+    request.candidates[1].segments = request.candidates[1].segments[:-1]  # not a multiple of a code
+    err = call_error(segment_server.grpc_target, request)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "candidates[1].segments" in err.details() and f"multiple of {width}" in err.details()
+
+    request = inline_request(segment_stage2)
+    request.candidates[1].segments = request.candidates[1].segments[: 2 * width]  # whole codes, too few
+    err = call_error(segment_server.grpc_target, request)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "2 segment codes" in err.details() and f"reads {SEGMENTS}" in err.details()
+
+
+def test_a_selector_that_reads_codes_needs_the_query_coarse_vector(
+    segment_stage2: Stage2, segment_server: BackgroundServer
+) -> None:
+    indexed = inline_request(segment_stage2)
+    indexed.indexed.CopyFrom(pb.IndexedQuery(collection=COLLECTION, video_id="v0", self_sim=0.5))
+    inline = inline_request(segment_stage2)
+    del inline.inline.coarse[:]
+    for request, field in ((indexed, "indexed.coarse"), (inline, "inline.coarse")):
+        err = call_error(segment_server.grpc_target, request)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.details()
+        request.policy.kind = pb.POLICY_KIND_NONE  # no selector, no segment match
+        assert len(call(segment_server.grpc_target, request).hits) == 10
+    indexed.indexed.coarse.extend([0.1] * 3)
+    err = call_error(segment_server.grpc_target, indexed)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "indexed.coarse" in err.details()
+
+
+def test_get_info_says_how_many_segments_the_selector_reads(
+    server: BackgroundServer, segment_server: BackgroundServer
+) -> None:
+    for running, segments in ((server, 0), (segment_server, SEGMENTS)):
+        with grpc.insecure_channel(running.grpc_target) as channel:
+            reply = pb_grpc.RerankerStub(channel).GetInfo(pb.GetInfoRequest(), timeout=10)
+        assert reply.selector_segments == segments
+        with RemoteReranker(running.grpc_target) as remote:
+            assert remote.info()["selector_segments"] == segments
+
+
 # -- bad requests --------------------------------------------------------------------------------
 
 
@@ -300,13 +409,16 @@ def _corrupt(request: pb.RerankRequest, change: str) -> str:
     if change == "no query":
         request.ClearField("inline")
         return "query"
+    if change == "segment codes":  # checked against coarse_dim even where the selector reads none
+        request.candidates[2].segments = b"\x01" * 5
+        return "candidates[2].segments"
     raise AssertionError(change)
 
 
 @pytest.mark.parametrize(
     "change",
     ["fine bytes", "fine shape", "payload kind", "coarse dim", "nan score", "key", "duplicate id", "empty id",
-     "policy value", "top_k", "no query"],
+     "policy value", "top_k", "no query", "segment codes"],
 )  # fmt: skip
 def test_malformed_requests_are_invalid_argument_naming_the_field(
     stage2: Stage2, server: BackgroundServer, change: str

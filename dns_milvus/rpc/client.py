@@ -289,9 +289,7 @@ class RemoteReranker:
             model_tag=self.model_tag,
         )
         if self.collection and query.video_id:
-            request.indexed.CopyFrom(
-                pb.IndexedQuery(collection=self.collection, video_id=query.video_id, self_sim=query.self_sim)
-            )
+            request.indexed.CopyFrom(convert.indexed_query_to_proto(query, self.collection))
             try:
                 return self._call(request, candidates)
             except NotFoundError:
@@ -300,7 +298,8 @@ class RemoteReranker:
         return self._call(request, candidates)
 
     def info(self) -> dict[str, Any]:
-        """What the sidecar serves: model set, tag, payload kind, device and limits."""
+        """What the sidecar serves: model set, tag, payload kind, the segments its selector reads,
+        device and limits."""
         try:
             reply = self._stub.GetInfo(pb.GetInfoRequest(), timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
@@ -314,6 +313,7 @@ class RemoteReranker:
             "max_candidates": reply.max_candidates,
             "max_message_bytes": reply.max_message_bytes,
             "server_version": reply.server_version,
+            "selector_segments": reply.selector_segments,
         }
 
     def _call(self, request: pb.RerankRequest, candidates: Sequence[Candidate]) -> RerankResult:

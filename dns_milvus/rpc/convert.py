@@ -71,14 +71,30 @@ def inline_query_to_proto(query: VideoRecord) -> pb.InlineQuery:
     fine = np.ascontiguousarray(query.fine, dtype=PAYLOAD_DTYPES[query.payload_kind])
     if fine.ndim != 3:
         raise InvalidInputError(f"query fine tensor must be [T, R, C], got shape {list(fine.shape)}")
-    coarse = np.asarray(query.coarse, dtype=np.float32).reshape(-1) if query.coarse is not None else ()
     return pb.InlineQuery(
-        coarse=list(map(float, coarse)),
+        coarse=_coarse_list(query),
         self_sim=float(query.self_sim),
         fine=fine.tobytes(),
         payload_kind=PAYLOAD_TO_PROTO[query.payload_kind],
         fine_shape=list(fine.shape),
     )
+
+
+def indexed_query_to_proto(query: VideoRecord, collection: str) -> pb.IndexedQuery:
+    """The query by reference: the server reads its fine tensor from the store; its coarse vector
+    (which the store lacks) travels for a selector that reads segment matches."""
+    return pb.IndexedQuery(
+        collection=collection,
+        video_id=query.video_id or "",
+        self_sim=float(query.self_sim),
+        coarse=_coarse_list(query),
+    )
+
+
+def _coarse_list(query: VideoRecord) -> list[float]:
+    if query.coarse is None:
+        return []
+    return list(map(float, np.asarray(query.coarse, dtype=np.float32).reshape(-1)))
 
 
 def candidates_to_proto(candidates: Sequence[Candidate]) -> list[pb.Candidate]:
@@ -90,9 +106,23 @@ def candidates_to_proto(candidates: Sequence[Candidate]) -> list[pb.Candidate]:
             fine_key=c.fine_key,
             n_frames=max(int(c.n_frames or 0), 0),
             payload_kind=PAYLOAD_TO_PROTO.get(c.payload_kind, pb.PAYLOAD_KIND_UNSPECIFIED),
+            segments=segment_codes_to_bytes(c.segments, f"candidate {c.video_id!r}"),
         )
         for c in candidates
     ]
+
+
+def segment_codes_to_bytes(codes: np.ndarray | None, owner: str = "candidate") -> bytes:
+    """Segment codes uint8 [S, coarse_dim/8] as ``Candidate.segments`` carries them (row-major;
+    empty for none). The inverse of :func:`segment_codes_from_bytes`."""
+    if codes is None:
+        return b""
+    if codes.dtype != np.uint8 or codes.ndim != 2 or not codes.size:
+        raise InvalidInputError(
+            f"{owner}: segment codes must be uint8 [S, coarse_dim/8] with S >= 1, "
+            f"got {codes.dtype} {list(codes.shape)}"
+        )
+    return np.ascontiguousarray(codes).tobytes()
 
 
 def policy_to_proto(policy: SelectionPolicy) -> pb.SelectionPolicy:
@@ -163,24 +193,41 @@ def inline_query_from_proto(
     if kind == PAYLOAD_FLOAT16 and not np.isfinite(fine).all():
         raise field_error(f"{field}.fine", "float16 values must be finite (found NaN or Inf)")
     self_sim = _finite(msg.self_sim, f"{field}.self_sim")
-    coarse = np.asarray(msg.coarse, dtype=np.float32)
-    if coarse.size and (coarse.size != coarse_dim or not np.isfinite(coarse).all()):
-        raise field_error(
-            f"{field}.coarse", f"expected {coarse_dim} finite floats or none, got {coarse.size}"
-        )
+    coarse = _coarse_vector(msg.coarse, coarse_dim, f"{field}.coarse")
     return VideoRecord(coarse=coarse, self_sim=self_sim, fine=fine, payload_kind=kind)
 
 
-def indexed_query_from_proto(msg: pb.IndexedQuery, field: str = "indexed") -> tuple[str, str, float | None]:
-    """(collection, video_id, self_sim or None) of an ``IndexedQuery``, validated."""
+def indexed_query_from_proto(
+    msg: pb.IndexedQuery, *, coarse_dim: int, field: str = "indexed"
+) -> tuple[str, str, float | None, np.ndarray]:
+    """(collection, video_id, self_sim or None, coarse vector, empty when not given) of an
+    ``IndexedQuery``, validated."""
     collection = _wrap(validate_collection, msg.collection, f"{field}.collection")
     video_id = _wrap(validate_video_id, msg.video_id, f"{field}.video_id")
     self_sim = _finite(msg.self_sim, f"{field}.self_sim") if msg.HasField("self_sim") else None
-    return collection, video_id, self_sim
+    return collection, video_id, self_sim, _coarse_vector(msg.coarse, coarse_dim, f"{field}.coarse")
 
 
-def candidates_from_proto(msgs: Sequence[pb.Candidate], field: str = "candidates") -> list[Candidate]:
-    """Validated candidates: ids and keys well-formed, scores finite, ids distinct."""
+def segment_codes_from_bytes(data: bytes, *, coarse_dim: int, field: str) -> np.ndarray | None:
+    """``Candidate.segments`` as uint8 [S, coarse_dim/8] (read-only), None when empty; a length
+    that is not a multiple of coarse_dim/8 is refused."""
+    if not data:
+        return None
+    width = coarse_dim // 8
+    if len(data) % width:
+        raise field_error(
+            field,
+            f"holds {len(data)} bytes; expected a positive multiple of {width} "
+            f"(S segment codes of coarse_dim/8 = {coarse_dim}/8 bytes each), or none",
+        )
+    return np.frombuffer(data, dtype=np.uint8).reshape(-1, width)
+
+
+def candidates_from_proto(
+    msgs: Sequence[pb.Candidate], *, coarse_dim: int, field: str = "candidates"
+) -> list[Candidate]:
+    """Validated candidates: ids and keys well-formed, scores finite, ids distinct, segment codes
+    (if any) rows of ``coarse_dim`` sign bits."""
     out = []
     seen: dict[str, int] = {}
     for i, m in enumerate(msgs):
@@ -199,6 +246,9 @@ def candidates_from_proto(msgs: Sequence[pb.Candidate], field: str = "candidates
                 fine_key=_wrap(validate_key, m.fine_key, f"{where}.fine_key"),
                 n_frames=m.n_frames,
                 payload_kind=PAYLOAD_FROM_PROTO.get(m.payload_kind, ""),
+                segments=segment_codes_from_bytes(
+                    m.segments, coarse_dim=coarse_dim, field=f"{where}.segments"
+                ),
             )
         )
     return out
@@ -229,6 +279,14 @@ def result_to_proto(result: RerankResult, *, model_set: str, model_tag: str) -> 
             hit.fine_score = h.fine_score
     response.timings_ms.update(result.timings_ms)
     return response
+
+
+def _coarse_vector(values: Sequence[float], coarse_dim: int, field: str) -> np.ndarray:
+    """A query's coarse vector, float32 [coarse_dim], or empty when none is given."""
+    coarse = np.asarray(values, dtype=np.float32)
+    if coarse.size and (coarse.size != coarse_dim or not np.isfinite(coarse).all()):
+        raise field_error(field, f"expected {coarse_dim} finite floats or none, got {coarse.size}")
+    return coarse
 
 
 def _finite(value: float, field: str) -> float:

@@ -14,7 +14,7 @@ import importlib.metadata
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import grpc
@@ -75,11 +75,14 @@ def classify(exc: BaseException) -> ErrorStatus:
 
 @dataclass(frozen=True)
 class IndexedRef:
-    """A query named by collection and video id; its fine tensor is read from the store."""
+    """A query named by collection and video id; its fine tensor is read from the store. The
+    store lacks its self-similarity and coarse vector: the client passes them (Milvus fields)."""
 
     collection: str
     video_id: str
     self_sim: float | None = None
+    #: float32 [coarse_dim], or empty when not given (only a segment-reading selector needs it).
+    coarse: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
 
 QuerySpec = VideoRecord | IndexedRef
@@ -261,6 +264,15 @@ class RerankCore:
                 f"indexed.self_sim: required by policy {request.policy} (the selector needs the query's "
                 "self-similarity); give it, or use policy 'all' or 'none'"
             )
+        # A selector that reads segment matches compares the query's coarse vector with the codes.
+        reads_coarse = self.models.selector_segments and request.policy.uses_selector and request.candidates
+        if reads_coarse and not query.coarse.size:
+            where = "indexed" if isinstance(query, IndexedRef) else "inline"
+            raise InvalidInputError(
+                f"{where}.coarse: required by policy {request.policy} (the model set's selector matches "
+                "the query's coarse vector against the candidates' segment codes); give it, or use "
+                "policy 'none'"
+            )
         record = self.load_indexed(query) if isinstance(query, IndexedRef) else query
         result = self.reranker.rerank(record, request.candidates, request.policy, request.top_k)
         result.warnings = [self.redact(w) for w in result.warnings]
@@ -290,7 +302,7 @@ class RerankCore:
             array = tensor.array
             self.reranker.cache.put(key, array)
         return VideoRecord(
-            coarse=np.zeros(0, dtype=np.float32),
+            coarse=ref.coarse,
             self_sim=float(ref.self_sim) if ref.self_sim is not None else 0.0,
             fine=array,
             payload_kind=self.models.payload_kind,
@@ -303,6 +315,7 @@ class RerankCore:
             "model_tag": self.models.tag,
             "payload_kind": self.models.payload_kind,
             "coarse_dim": self.models.coarse_dim,
+            "selector_segments": self.models.selector_segments,
             "device": str(self.models.device),
             "max_candidates": self.max_candidates,
             "max_message_bytes": self.config.max_message_bytes,

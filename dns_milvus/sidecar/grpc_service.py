@@ -78,12 +78,14 @@ class RerankerService(pb_grpc.RerankerServicer):
                 max_frames=core.config.max_query_frames,
             )
         elif which == "indexed":
-            query = IndexedRef(*convert.indexed_query_from_proto(request.indexed))
+            query = IndexedRef(
+                *convert.indexed_query_from_proto(request.indexed, coarse_dim=core.models.coarse_dim)
+            )
         else:
             raise convert.field_error("query", "set either indexed or inline")
         return Stage2Request(
             query,
-            convert.candidates_from_proto(request.candidates),
+            convert.candidates_from_proto(request.candidates, coarse_dim=core.models.coarse_dim),
             convert.policy_from_proto(request.policy),
             request.top_k,
         )

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64ns/rerank/v1/rerank.proto\x12\rdns.rerank.v1\"X\n\x0cIndexedQuery\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x10\n\x08video_id\x18\x02 \x01(\t\x12\x15\n\x08self_sim\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x0b\n\t_self_sim\"\x83\x01\n\x0bInlineQuery\x12\x0e\n\x06\x63oarse\x18\x01 \x03(\x02\x12\x10\n\x08self_sim\x18\x02 \x01(\x01\x12\x0c\n\x04\x66ine\x18\x03 \x01(\x0c\x12\x30\n\x0cpayload_kind\x18\x04 \x01(\x0e\x32\x1a.dns.rerank.v1.PayloadKind\x12\x12\n\nfine_shape\x18\x05 \x03(\r\"\x9b\x01\n\tCandidate\x12\x10\n\x08video_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63oarse_score\x18\x02 \x01(\x01\x12\x10\n\x08self_sim\x18\x03 \x01(\x01\x12\x10\n\x08\x66ine_key\x18\x04 \x01(\t\x12\x10\n\x08n_frames\x18\x05 \x01(\r\x12\x30\n\x0cpayload_kind\x18\x06 \x01(\x0e\x32\x1a.dns.rerank.v1.PayloadKind\"I\n\x0fSelectionPolicy\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.dns.rerank.v1.PolicyKind\x12\r\n\x05value\x18\x02 \x01(\x01\"\x9d\x02\n\rRerankRequest\x12.\n\x07indexed\x18\x01 \x01(\x0b\x32\x1b.dns.rerank.v1.IndexedQueryH\x00\x12,\n\x06inline\x18\x02 \x01(\x0b\x32\x1a.dns.rerank.v1.InlineQueryH\x00\x12,\n\ncandidates\x18\x03 \x03(\x0b\x32\x18.dns.rerank.v1.Candidate\x12.\n\x06policy\x18\x04 \x01(\x0b\x32\x1e.dns.rerank.v1.SelectionPolicy\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x11\n\tmodel_set\x18\x06 \x01(\t\x12\x11\n\tmodel_tag\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x07\n\x05query\"\xcf\x01\n\x0fRankedCandidate\x12\x10\n\x08video_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x14\n\x0c\x63oarse_score\x18\x03 \x01(\x01\x12 \n\x13selector_confidence\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nfine_score\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12#\n\x05stage\x18\x06 \x01(\x0e\x32\x14.dns.rerank.v1.StageB\x16\n\x14_selector_confidenceB\r\n\x0b_fine_score\"\x94\x02\n\x0eRerankResponse\x12,\n\x04hits\x18\x01 \x03(\x0b\x32\x1e.dns.rerank.v1.RankedCandidate\x12@\n\ntimings_ms\x18\x02 \x03(\x0b\x32,.dns.rerank.v1.RerankResponse.TimingsMsEntry\x12\x10\n\x08warnings\x18\x03 \x03(\t\x12\x14\n\x0cn_candidates\x18\x04 \x01(\r\x12\x12\n\nn_reranked\x18\x05 \x01(\r\x12\x11\n\tmodel_set\x18\x06 \x01(\t\x12\x11\n\tmodel_tag\x18\x07 \x01(\t\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x10\n\x0eGetInfoRequest\"\xd8\x01\n\x0fGetInfoResponse\x12\x11\n\tmodel_set\x18\x01 \x01(\t\x12\x11\n\tmodel_tag\x18\x02 \x01(\t\x12\x30\n\x0cpayload_kind\x18\x03 \x01(\x0e\x32\x1a.dns.rerank.v1.PayloadKind\x12\x12\n\ncoarse_dim\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x16\n\x0emax_candidates\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\x12\x16\n\x0eserver_version\x18\x08 \x01(\t*c\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18PAYLOAD_KIND_PACKED_BITS\x10\x01\x12\x18\n\x14PAYLOAD_KIND_FLOAT16\x10\x02*\x9f\x01\n\nPolicyKind\x12\x1b\n\x17POLICY_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13POLICY_KIND_PERCENT\x10\x01\x12\x15\n\x11POLICY_KIND_COUNT\x10\x02\x12\x19\n\x15POLICY_KIND_THRESHOLD\x10\x03\x12\x14\n\x10POLICY_KIND_NONE\x10\x04\x12\x13\n\x0fPOLICY_KIND_ALL\x10\x05*_\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x0e\n\nSTAGE_FINE\x10\x01\x12\x10\n\x0cSTAGE_COARSE\x10\x02\x12\x1d\n\x19STAGE_COARSE_FINE_MISSING\x10\x03\x32\x9b\x01\n\x08Reranker\x12\x45\n\x06Rerank\x12\x1c.dns.rerank.v1.RerankRequest\x1a\x1d.dns.rerank.v1.RerankResponse\x12H\n\x07GetInfo\x12\x1d.dns.rerank.v1.GetInfoRequest\x1a\x1e.dns.rerank.v1.GetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64ns/rerank/v1/rerank.proto\x12\rdns.rerank.v1\"h\n\x0cIndexedQuery\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x10\n\x08video_id\x18\x02 \x01(\t\x12\x15\n\x08self_sim\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06\x63oarse\x18\x04 \x03(\x02\x42\x0b\n\t_self_sim\"\x83\x01\n\x0bInlineQuery\x12\x0e\n\x06\x63oarse\x18\x01 \x03(\x02\x12\x10\n\x08self_sim\x18\x02 \x01(\x01\x12\x0c\n\x04\x66ine\x18\x03 \x01(\x0c\x12\x30\n\x0cpayload_kind\x18\x04 \x01(\x0e\x32\x1a.dns.rerank.v1.PayloadKind\x12\x12\n\nfine_shape\x18\x05 \x03(\r\"\xad\x01\n\tCandidate\x12\x10\n\x08video_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63oarse_score\x18\x02 \x01(\x01\x12\x10\n\x08self_sim\x18\x03 \x01(\x01\x12\x10\n\x08\x66ine_key\x18\x04 \x01(\t\x12\x10\n\x08n_frames\x18\x05 \x01(\r\x12\x30\n\x0cpayload_kind\x18\x06 \x01(\x0e\x32\x1a.dns.rerank.v1.PayloadKind\x12\x10\n\x08segments\x18\x07 \x01(\x0c\"I\n\x0fSelectionPolicy\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.dns.rerank.v1.PolicyKind\x12\r\n\x05value\x18\x02 \x01(\x01\"\x9d\x02\n\rRerankRequest\x12.\n\x07indexed\x18\x01 \x01(\x0b\x32\x1b.dns.rerank.v1.IndexedQueryH\x00\x12,\n\x06inline\x18\x02 \x01(\x0b\x32\x1a.dns.rerank.v1.InlineQueryH\x00\x12,\n\ncandidates\x18\x03 \x03(\x0b\x32\x18.dns.rerank.v1.Candidate\x12.\n\x06policy\x18\x04 \x01(\x0b\x32\x1e.dns.rerank.v1.SelectionPolicy\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x11\n\tmodel_set\x18\x06 \x01(\t\x12\x11\n\tmodel_tag\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x07\n\x05query\"\xcf\x01\n\x0fRankedCandidate\x12\x10\n\x08video_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x14\n\x0c\x63oarse_score\x18\x03 \x01(\x01\x12 \n\x13selector_confidence\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nfine_score\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12#\n\x05stage\x18\x06 \x01(\x0e\x32\x14.dns.rerank.v1.StageB\x16\n\x14_selector_confidenceB\r\n\x0b_fine_score\"\x94\x02\n\x0eRerankResponse\x12,\n\x04hits\x18\x01 \x03(\x0b\x32\x1e.dns.rerank.v1.RankedCandidate\x12@\n\ntimings_ms\x18\x02 \x03(\x0b\x32,.dns.rerank.v1.RerankResponse.TimingsMsEntry\x12\x10\n\x08warnings\x18\x03 \x03(\t\x12\x14\n\x0cn_candidates\x18\x04 \x01(\r\x12\x12\n\nn_reranked\x18\x05 \x01(\r\x12\x11\n\tmodel_set\x18\x06 \x01(\t\x12\x11\n\tmodel_tag\x18\x07 \x01(\t\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x10\n\x0eGetInfoRequest\"\xf3\x01\n\x0fGetInfoResponse\x12\x11\n\tmodel_set\x18\x01 \x01(\t\x12\x11\n\tmodel_tag\x18\x02 \x01(\t\x12\x30\n\x0cpayload_kind\x18\x03 \x01(\x0e\x32\x1a.dns.rerank.v1.PayloadKind\x12\x12\n\ncoarse_dim\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x16\n\x0emax_candidates\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\x12\x16\n\x0eserver_version\x18\x08 \x01(\t\x12\x19\n\x11selector_segments\x18\t \x01(\r*c\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18PAYLOAD_KIND_PACKED_BITS\x10\x01\x12\x18\n\x14PAYLOAD_KIND_FLOAT16\x10\x02*\x9f\x01\n\nPolicyKind\x12\x1b\n\x17POLICY_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13POLICY_KIND_PERCENT\x10\x01\x12\x15\n\x11POLICY_KIND_COUNT\x10\x02\x12\x19\n\x15POLICY_KIND_THRESHOLD\x10\x03\x12\x14\n\x10POLICY_KIND_NONE\x10\x04\x12\x13\n\x0fPOLICY_KIND_ALL\x10\x05*_\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x0e\n\nSTAGE_FINE\x10\x01\x12\x10\n\x0cSTAGE_COARSE\x10\x02\x12\x1d\n\x19STAGE_COARSE_FINE_MISSING\x10\x03\x32\x9b\x01\n\x08Reranker\x12\x45\n\x06Rerank\x12\x1c.dns.rerank.v1.RerankRequest\x1a\x1d.dns.rerank.v1.RerankResponse\x12H\n\x07GetInfo\x12\x1d.dns.rerank.v1.GetInfoRequest\x1a\x1e.dns.rerank.v1.GetInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,32 +34,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RERANKRESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_RERANKRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
-  _globals['_PAYLOADKIND']._serialized_start=1516
-  _globals['_PAYLOADKIND']._serialized_end=1615
-  _globals['_POLICYKIND']._serialized_start=1618
-  _globals['_POLICYKIND']._serialized_end=1777
-  _globals['_STAGE']._serialized_start=1779
-  _globals['_STAGE']._serialized_end=1874
+  _globals['_PAYLOADKIND']._serialized_start=1577
+  _globals['_PAYLOADKIND']._serialized_end=1676
+  _globals['_POLICYKIND']._serialized_start=1679
+  _globals['_POLICYKIND']._serialized_end=1838
+  _globals['_STAGE']._serialized_start=1840
+  _globals['_STAGE']._serialized_end=1935
   _globals['_INDEXEDQUERY']._serialized_start=45
-  _globals['_INDEXEDQUERY']._serialized_end=133
-  _globals['_INLINEQUERY']._serialized_start=136
-  _globals['_INLINEQUERY']._serialized_end=267
-  _globals['_CANDIDATE']._serialized_start=270
-  _globals['_CANDIDATE']._serialized_end=425
-  _globals['_SELECTIONPOLICY']._serialized_start=427
-  _globals['_SELECTIONPOLICY']._serialized_end=500
-  _globals['_RERANKREQUEST']._serialized_start=503
-  _globals['_RERANKREQUEST']._serialized_end=788
-  _globals['_RANKEDCANDIDATE']._serialized_start=791
-  _globals['_RANKEDCANDIDATE']._serialized_end=998
-  _globals['_RERANKRESPONSE']._serialized_start=1001
-  _globals['_RERANKRESPONSE']._serialized_end=1277
-  _globals['_RERANKRESPONSE_TIMINGSMSENTRY']._serialized_start=1229
-  _globals['_RERANKRESPONSE_TIMINGSMSENTRY']._serialized_end=1277
-  _globals['_GETINFOREQUEST']._serialized_start=1279
-  _globals['_GETINFOREQUEST']._serialized_end=1295
-  _globals['_GETINFORESPONSE']._serialized_start=1298
-  _globals['_GETINFORESPONSE']._serialized_end=1514
-  _globals['_RERANKER']._serialized_start=1877
-  _globals['_RERANKER']._serialized_end=2032
+  _globals['_INDEXEDQUERY']._serialized_end=149
+  _globals['_INLINEQUERY']._serialized_start=152
+  _globals['_INLINEQUERY']._serialized_end=283
+  _globals['_CANDIDATE']._serialized_start=286
+  _globals['_CANDIDATE']._serialized_end=459
+  _globals['_SELECTIONPOLICY']._serialized_start=461
+  _globals['_SELECTIONPOLICY']._serialized_end=534
+  _globals['_RERANKREQUEST']._serialized_start=537
+  _globals['_RERANKREQUEST']._serialized_end=822
+  _globals['_RANKEDCANDIDATE']._serialized_start=825
+  _globals['_RANKEDCANDIDATE']._serialized_end=1032
+  _globals['_RERANKRESPONSE']._serialized_start=1035
+  _globals['_RERANKRESPONSE']._serialized_end=1311
+  _globals['_RERANKRESPONSE_TIMINGSMSENTRY']._serialized_start=1263
+  _globals['_RERANKRESPONSE_TIMINGSMSENTRY']._serialized_end=1311
+  _globals['_GETINFOREQUEST']._serialized_start=1313
+  _globals['_GETINFOREQUEST']._serialized_end=1329
+  _globals['_GETINFORESPONSE']._serialized_start=1332
+  _globals['_GETINFORESPONSE']._serialized_end=1575
+  _globals['_RERANKER']._serialized_start=1938
+  _globals['_RERANKER']._serialized_end=2093
 # @@protoc_insertion_point(module_scope)

@@ -44,14 +44,16 @@ STAGE_COARSE: Stage
 STAGE_COARSE_FINE_MISSING: Stage
 
 class IndexedQuery(_message.Message):
-    __slots__ = ("collection", "video_id", "self_sim")
+    __slots__ = ("collection", "video_id", "self_sim", "coarse")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     VIDEO_ID_FIELD_NUMBER: _ClassVar[int]
     SELF_SIM_FIELD_NUMBER: _ClassVar[int]
+    COARSE_FIELD_NUMBER: _ClassVar[int]
     collection: str
     video_id: str
     self_sim: float
-    def __init__(self, collection: _Optional[str] = ..., video_id: _Optional[str] = ..., self_sim: _Optional[float] = ...) -> None: ...
+    coarse: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, collection: _Optional[str] = ..., video_id: _Optional[str] = ..., self_sim: _Optional[float] = ..., coarse: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class InlineQuery(_message.Message):
     __slots__ = ("coarse", "self_sim", "fine", "payload_kind", "fine_shape")
@@ -68,20 +70,22 @@ class InlineQuery(_message.Message):
     def __init__(self, coarse: _Optional[_Iterable[float]] = ..., self_sim: _Optional[float] = ..., fine: _Optional[bytes] = ..., payload_kind: _Optional[_Union[PayloadKind, str]] = ..., fine_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("video_id", "coarse_score", "self_sim", "fine_key", "n_frames", "payload_kind")
+    __slots__ = ("video_id", "coarse_score", "self_sim", "fine_key", "n_frames", "payload_kind", "segments")
     VIDEO_ID_FIELD_NUMBER: _ClassVar[int]
     COARSE_SCORE_FIELD_NUMBER: _ClassVar[int]
     SELF_SIM_FIELD_NUMBER: _ClassVar[int]
     FINE_KEY_FIELD_NUMBER: _ClassVar[int]
     N_FRAMES_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_KIND_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     video_id: str
     coarse_score: float
     self_sim: float
     fine_key: str
     n_frames: int
     payload_kind: PayloadKind
-    def __init__(self, video_id: _Optional[str] = ..., coarse_score: _Optional[float] = ..., self_sim: _Optional[float] = ..., fine_key: _Optional[str] = ..., n_frames: _Optional[int] = ..., payload_kind: _Optional[_Union[PayloadKind, str]] = ...) -> None: ...
+    segments: bytes
+    def __init__(self, video_id: _Optional[str] = ..., coarse_score: _Optional[float] = ..., self_sim: _Optional[float] = ..., fine_key: _Optional[str] = ..., n_frames: _Optional[int] = ..., payload_kind: _Optional[_Union[PayloadKind, str]] = ..., segments: _Optional[bytes] = ...) -> None: ...
 
 class SelectionPolicy(_message.Message):
     __slots__ = ("kind", "value")
@@ -157,7 +161,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_set", "model_tag", "payload_kind", "coarse_dim", "device", "max_candidates", "max_message_bytes", "server_version")
+    __slots__ = ("model_set", "model_tag", "payload_kind", "coarse_dim", "device", "max_candidates", "max_message_bytes", "server_version", "selector_segments")
     MODEL_SET_FIELD_NUMBER: _ClassVar[int]
     MODEL_TAG_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +170,7 @@ class GetInfoResponse(_message.Message):
     MAX_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     model_set: str
     model_tag: str
     payload_kind: PayloadKind
@@ -174,4 +179,5 @@ class GetInfoResponse(_message.Message):
     max_candidates: int
     max_message_bytes: int
     server_version: str
-    def __init__(self, model_set: _Optional[str] = ..., model_tag: _Optional[str] = ..., payload_kind: _Optional[_Union[PayloadKind, str]] = ..., coarse_dim: _Optional[int] = ..., device: _Optional[str] = ..., max_candidates: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    selector_segments: int
+    def __init__(self, model_set: _Optional[str] = ..., model_tag: _Optional[str] = ..., payload_kind: _Optional[_Union[PayloadKind, str]] = ..., coarse_dim: _Optional[int] = ..., device: _Optional[str] = ..., max_candidates: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., selector_segments: _Optional[int] = ...) -> None: ...
