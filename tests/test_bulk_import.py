@@ -103,6 +103,29 @@ def test_failed_import_leaves_objects_without_rows_then_succeeds(
     assert report.orphan_objects == [] and report.reindex == []
 
 
+@pytest.mark.server
+def test_bulk_import_carries_segment_codes(
+    milvus_server: str, segment_model_set: ModelSet, tmp_path: Path
+) -> None:
+    """Rows imported from Parquet files keep their videos' segment codes, and a search of the
+    imported rows runs the selector on them."""
+    index = DnSIndex(milvus_server, models=segment_model_set, store=LocalStore(tmp_path / "objects"),
+                     collection=f"t_bulk_{secrets.token_hex(4)}")  # fmt: skip
+    try:
+        videos = _videos(4, 12)
+        index.add_many(list(videos), list(videos.values()), import_dir=tmp_path / "import")
+        assert _ids_on_server(index) == sorted(videos)
+        direct = dict(zip(videos, index.models.index_features(list(videos.values())), strict=True))
+        stored = index.collection.get(list(videos))
+        for vid, record in direct.items():
+            np.testing.assert_array_equal(stored[vid].segments, record.segments)
+        hits = index.search(next(iter(videos)), top_k=11, candidates=11, policy="100%").hits
+        assert len(hits) == 11 and all(h.selector_confidence is not None for h in hits)
+    finally:
+        index.collection.drop()
+        index.close()
+
+
 def test_milvus_lite_has_no_import_and_nothing_is_written(model_set: ModelSet, tmp_path: Path) -> None:
     """Milvus Lite answers the Import call UNIMPLEMENTED: the error says so, before any object."""
     index = DnSIndex(str(tmp_path / "lite.db"), models=model_set, store=str(tmp_path / "objects"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +21,10 @@ from dns_milvus.errors import (
 )
 from dns_milvus.ingest import array_source, ingest
 from dns_milvus.milvus import VideoRow
-from dns_milvus.store import encode_fine_tensor, fine_key, fine_key_prefix, put_verified
+from dns_milvus.scoring import segment_matches
+from dns_milvus.store import LocalStore, encode_fine_tensor, fine_key, fine_key_prefix, put_verified
 from dns_milvus.testing.seaweedfs import SeaweedFSServer
-from tests.fixtures.engine import near_copy, random_video
+from tests.fixtures.engine import SELECTOR_SEGMENTS, near_copy, random_video
 
 
 def _fill(index: DnSIndex, n: int = 12, seed: int = 1) -> dict[str, np.ndarray]:
@@ -354,3 +357,73 @@ def test_search_arguments_are_checked(dns_index: DnSIndex) -> None:
         dns_index.search("v00", policy="bogus")
     with pytest.raises(InvalidInputError, match="query must be"):
         dns_index.search(42)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def segment_index(milvus_uri: str, segment_model_set: ModelSet, tmp_path: Path) -> Iterator[DnSIndex]:
+    """A DnS index of a model set whose selector reads segment codes, on each Milvus backend."""
+    index = DnSIndex(milvus_uri, models=segment_model_set, store=LocalStore(tmp_path / "objects"),
+                     collection=f"t_{secrets.token_hex(6)}")  # fmt: skip
+    try:
+        yield index
+    finally:
+        try:
+            index.collection.drop()
+        finally:
+            index.close()
+
+
+def test_selector_reads_the_segment_codes_stored_in_milvus(segment_index: DnSIndex) -> None:
+    """Each row keeps its video's segment codes, and stage 2 (after an ANN search and after the
+    exhaustive scan) gives the selector the segment match of the stored codes: its confidences
+    equal the model set's on the same inputs computed directly from the videos."""
+    models = segment_index.models
+    videos = _fill(segment_index, n=10)
+    direct = dict(zip(videos, models.index_features(list(videos.values())), strict=True))
+    stored = segment_index.collection.get(list(videos))
+    for vid, record in direct.items():
+        assert record.segments.shape[0] == SELECTOR_SEGMENTS
+        np.testing.assert_array_equal(stored[vid].segments, record.segments)
+    np.testing.assert_array_equal(segment_index.load_record("v04").segments, direct["v04"].segments)
+
+    query = near_copy(np.random.default_rng(7), videos["v03"])
+    q = models.index_features([query])[0]
+    ann = segment_index.search(query, top_k=10, candidates=10, policy="100%")
+    full = segment_index.exhaustive_search(query, top_k=10, policy="100%")
+    for response in (ann, full):
+        assert len(response.hits) == 10
+        targets = [direct[h.video_id] for h in response.hits]
+        coarse = np.array([np.dot(q.coarse, t.coarse) for t in targets], dtype=np.float32)
+        self_sims = np.array([t.self_sim for t in targets], dtype=np.float32)
+        match = segment_matches(q.coarse, [t.segments for t in targets])
+        expected = models.selector_confidence(q.self_sim, self_sims, coarse, match)
+        found = [h.selector_confidence for h in response.hits]
+        assert None not in found
+        np.testing.assert_allclose(found, expected, atol=1e-5)
+        # The match is an input that counts: other codes would give other confidences.
+        unmatched = models.selector_confidence(q.self_sim, self_sims, coarse, np.zeros_like(match))
+        assert not np.allclose(expected, unmatched, atol=1e-4)
+    by_id = segment_index.search("v03", top_k=9, candidates=9, policy="100%")
+    assert all(h.selector_confidence is not None for h in by_id.hits)
+
+
+def test_segment_index_refuses_rows_without_the_codes_its_selector_reads(segment_index: DnSIndex) -> None:
+    _fill(segment_index, n=3)
+    record = segment_index.models.index_features([random_video(np.random.default_rng(3), 5)])[0]
+    record.video_id = "bare"
+    codes = record.segments
+    for segments, found in ((None, 0), (codes[:2], 2)):
+        record.segments = segments
+        with pytest.raises(
+            InvalidInputError, match=f"'bare' has {found} segment codes; .* reads the codes of 4"
+        ):
+            segment_index.write_records([record])
+    assert segment_index.count() == 3
+    assert not segment_index.store.exists(fine_key(segment_index.name, "bare"))
+    # A row written past the index's checks, without codes: stage 2 refuses rather than guess.
+    row = VideoRow(
+        "bare", record.coarse, record.self_sim, fine_key(segment_index.name, "bare"), 5, "packed_bits"
+    )
+    segment_index.collection.upsert([row])
+    with pytest.raises(InvalidInputError, match="carry no segment codes"):
+        segment_index.search("v00", top_k=3, candidates=10, policy="100%")

@@ -72,6 +72,21 @@ def test_ingested_records_equal_direct_indexing(lite_index: DnSIndex) -> None:
         assert stored.fine.nbytes == feats.shape[0] * 9 * 512 // 8
 
 
+def test_ingest_stores_the_segment_codes_of_a_segment_reading_selector(
+    tmp_path: Path, segment_model_set: ModelSet
+) -> None:
+    rng = np.random.default_rng(2)
+    videos = {f"s{i}": random_video(rng, n) for i, n in enumerate([1, 3, 4, 9, 12])}
+    with DnSIndex(
+        str(tmp_path / "db.db"), models=segment_model_set, store=str(tmp_path / "objects")
+    ) as index:
+        report = ingest(index, array_source(videos), batch_size=2, progress=False)
+        assert sorted(report.added) == sorted(videos)
+        for vid, feats in videos.items():
+            direct = index.models.index_features([feats])[0]
+            np.testing.assert_array_equal(index.load_record(vid).segments, direct.segments)
+
+
 def test_next_batch_loads_while_this_one_is_indexed(
     lite_index: DnSIndex, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -37,7 +37,14 @@ from dns_milvus.milvus.index import (
     LITE_SEGMENT_ROWS,
     SERVER_SEGMENT_ROWS,
 )
-from dns_milvus.milvus.schema import collection_properties
+from dns_milvus.milvus.rows import row_to_entity
+from dns_milvus.milvus.schema import (
+    F_SEGMENTS,
+    MAX_SEGMENTS_CHARS,
+    PROP_SCHEMA_VERSION,
+    collection_properties,
+    expected_fields,
+)
 from tests.fixtures.milvus_server import KEEP_PREFIX, release_lite
 
 DIM = 16
@@ -358,6 +365,30 @@ def test_foreign_collections_are_refused(client: MilvusClient, milvus_collection
     assert "'fine_key' is missing" in message
 
 
+def test_schema_v1_collection_is_refused_with_how_to_recreate_it(
+    client: MilvusClient, milvus_collection_name: str
+) -> None:
+    """A collection of schema version 1 (every field but the segment codes) is refused when opened
+    or created again, with a message that says it predates the codes and how to recover."""
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    for name, (dtype, params) in expected_fields(DIM).items():
+        if name != F_SEGMENTS:
+            schema.add_field(name, dtype, is_primary=(name == "video_id"), **params)
+    version_1 = {**collection_properties(DIM, MODEL_SET), PROP_SCHEMA_VERSION: "1"}
+    client.create_collection(milvus_collection_name, schema=schema, properties=version_1)
+    for reopen in (
+        lambda: VideoCollection.open(client, milvus_collection_name),
+        lambda: VideoCollection.create(client, milvus_collection_name, dim=DIM, model_set=MODEL_SET),
+    ):
+        with pytest.raises(SchemaMismatchError) as info:
+            reopen()
+        message = str(info.value)
+        assert "schema version 1; this release reads version 2" in message
+        assert "predates segment codes" in message
+        assert "Re-create the collection" in message and "index its videos again" in message
+    assert client.has_collection(milvus_collection_name)  # refused, not altered
+
+
 # -- writes and search -------------------------------------------------------------------------
 
 
@@ -468,6 +499,12 @@ def test_invalid_rows_are_refused_and_nothing_is_written(lite_coll: VideoCollect
         ("fine_key", with_changes(fine_key="")),
         ("JSON", with_changes(metadata={"bad": float("nan")})),
         ("model set", with_changes(model_set="other-set")),
+        (r"uint8 \[S >= 1, 2\], got int16 \[4, 2\]", with_changes(segments=np.ones((4, 2), np.int16))),
+        (r"uint8 \[S >= 1, 2\], got uint8 \[4, 3\]", with_changes(segments=np.ones((4, 3), np.uint8))),
+        (r"uint8 \[S >= 1, 2\], got uint8 \[0, 2\]", with_changes(segments=np.ones((0, 2), np.uint8))),
+        (r"uint8 \[S >= 1, 2\], got uint8 \[8\]", with_changes(segments=np.ones(8, np.uint8))),
+        ("uint8", with_changes(segments=[[1, 2], [3]])),  # ragged
+        ("the field holds at most", with_changes(segments=np.ones((MAX_SEGMENTS_CHARS // 2, 2), np.uint8))),
         (r"more than once in one call: \['v0'\]", [*good, good[0]]),
     ]
     for expected, rows in cases:
@@ -523,6 +560,65 @@ def test_iter_rows_over_several_pages(coll: VideoCollection, rng) -> None:
     np.testing.assert_array_equal(full["v7"]["coarse"], rows[7].coarse)
     with pytest.raises(InvalidInputError, match="unknown fields"):
         list(coll.iter_rows(["nope"]))
+
+
+def test_segment_codes_round_trip(coll: VideoCollection, rng) -> None:
+    """Each row's segment codes come back unchanged from a search hit, get and iter_rows; a row
+    without codes comes back with None."""
+    rows = unit_rows(rng, 6)
+    for i, row in enumerate(rows[:3]):  # 1, 2 and 4 segments
+        row.segments = rng.integers(0, 256, size=(2**i, DIM // 8), dtype=np.uint8)
+    rows[3].segments = np.arange(256, dtype=np.uint8).reshape(128, 2)  # every byte value
+    rows[4].segments = rows[3].segments[::16]  # a strided view; v5 has no codes
+    coll.upsert(rows)
+    expected = {r.video_id: r.segments for r in rows}
+
+    def same(found: np.ndarray | None, video_id: str) -> None:
+        if expected[video_id] is None:
+            assert found is None
+            return
+        assert found.dtype == np.uint8 and found.shape == expected[video_id].shape
+        np.testing.assert_array_equal(found, expected[video_id])
+
+    hits = coll.search(np.stack([r.coarse for r in rows]), limit=len(rows))
+    assert all(len(per_query) == len(rows) for per_query in hits)
+    for per_query in hits:
+        for hit in per_query:
+            same(hit.segments, hit.video_id)
+    got = coll.get(list(expected))
+    assert set(got) == set(expected)
+    for video_id, row in got.items():
+        same(row.segments, video_id)
+    for row in coll.iter_rows(batch_size=4):
+        same(row[F_SEGMENTS], row["video_id"])
+    assert {r["video_id"] for r in coll.iter_rows([F_SEGMENTS])} == set(expected)
+    # An upsert without codes replaces the codes with none.
+    coll.upsert([VideoRow("v0", rows[0].coarse, 0.5, "objects/v0.dns", 3, "packed_bits")])
+    assert coll.get(["v0"])["v0"].segments is None
+
+
+def test_stored_segment_codes_that_do_not_decode_are_reported(lite_coll: VideoCollection, rng) -> None:
+    row = unit_rows(rng, 1)[0]
+    entity = row_to_entity(row, DIM, MODEL_SET, 1)
+    for text in ("not base64!", "AAAA"):  # not base64; 3 bytes, not whole codes of 2 bytes
+        lite_coll.client.upsert(lite_coll.name, [{**entity, F_SEGMENTS: text}])
+        lite_coll.flush()
+        with pytest.raises(InvalidInputError, match="'v0': its stored segment codes are not base64"):
+            lite_coll.get(["v0"])
+
+
+def test_segment_codes_need_a_dimension_of_whole_bytes(milvus_lite_uri: str, rng) -> None:
+    client = connect(milvus_lite_uri)
+    try:
+        coll = VideoCollection.create(client, "odd", dim=12, model_set=MODEL_SET)
+        row = VideoRow("v", np.ones(12, np.float32), 0.5, "objects/v.dns", 3, "packed_bits")
+        coll.upsert([row])  # without codes, any dimension
+        row.segments = np.ones((2, 1), np.uint8)
+        with pytest.raises(InvalidInputError, match="multiple of 8; the collection's is 12"):
+            coll.upsert([row])
+        assert coll.get(["v"])["v"].segments is None
+    finally:
+        client.close()
 
 
 def test_optional_hit_fields(coll: VideoCollection, rng) -> None:

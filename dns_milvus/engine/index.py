@@ -295,7 +295,8 @@ class DnSIndex:
         """Check and encode indexed videos for ``write_prepared``, writing nothing.
 
         Returns the videos that pass every check (a valid id, a finite coarse vector and
-        self-similarity, metadata that is JSON without NaN/Inf, an encodable fine tensor) and,
+        self-similarity, metadata that is JSON without NaN/Inf, an encodable fine tensor, the
+        segment codes the model set's selector reads) and,
         by video id, why each other one does not: a caller can store the good ones and report
         the rest, and a refused video leaves no object behind.
         """
@@ -317,14 +318,27 @@ class DnSIndex:
                     payload_kind=record.payload_kind,
                     ingested_at=now,
                     metadata=dict(meta or {}),
+                    segments=record.segments,
                 )
                 self.collection.check_row(row)
+                self._check_segment_count(row)
                 blob = encode_fine_tensor(record.fine, record.payload_kind, video_id=video_id)
             except (InvalidInputError, TypeError, ValueError) as exc:  # dict(meta) of a non-mapping
                 failed[str(record.video_id)] = str(exc)
                 continue
             prepared.append(PreparedWrite(row, blob))
         return prepared, failed
+
+    def _check_segment_count(self, row: VideoRow) -> None:
+        """Refuse a row whose segment codes (checked in form by ``check_row``) are not the
+        number the model set's selector reads: stage 2 refuses every search that finds it."""
+        expected = self.stage2_models.selector_segments
+        found = 0 if row.segments is None else len(row.segments)
+        if expected and found != expected:
+            raise InvalidInputError(
+                f"video {row.video_id!r} has {found} segment codes; the model set's selector reads the "
+                f"codes of {expected} segments a video: index it with this model set"
+            )
 
     def write_prepared(
         self,
@@ -401,12 +415,14 @@ class DnSIndex:
         return self.collection.count()
 
     def get(self, video_ids: Iterable[str], *, with_fine: bool = False) -> dict[str, dict[str, Any]]:
-        """Stored rows (and optionally the decoded fine tensors) of the given ids; unknown ids are absent."""
+        """Stored rows (and optionally the decoded fine tensors) of the given ids; unknown ids are absent.
+
+        Vectors and segment codes are left out of the rows; ``with_fine``'s records carry them."""
         ids = [validate_video_id(v) for v in video_ids]
         rows = self.collection.get(ids, with_vectors=with_fine)
         out: dict[str, dict[str, Any]] = {}
         for vid, row in rows.items():
-            item = {k: v for k, v in dataclasses.asdict(row).items() if k != "coarse"}
+            item = {k: v for k, v in dataclasses.asdict(row).items() if k not in ("coarse", "segments")}
             if with_fine:
                 item["record"] = self.load_record(vid, row)
             out[vid] = item
@@ -427,6 +443,7 @@ class DnSIndex:
             fine=ft.array,
             payload_kind=ft.kind,
             video_id=video_id,
+            segments=row.segments,
         )
 
     # -- searching -----------------------------------------------------------------------------
@@ -503,7 +520,16 @@ class DnSIndex:
         responses = []
         for record, self_id, query_hits in zip(records, self_ids, hits):
             cands = [
-                Candidate(h.video_id, h.score, h.self_sim, h.fine_key, h.n_frames, h.payload_kind, h.metadata)
+                Candidate(
+                    h.video_id,
+                    h.score,
+                    h.self_sim,
+                    h.fine_key,
+                    h.n_frames,
+                    h.payload_kind,
+                    h.metadata,
+                    segments=h.segments,
+                )
                 for h in query_hits
                 if h.video_id != self_id
             ][:candidates]
@@ -549,6 +575,7 @@ class DnSIndex:
                     row["n_frames"],
                     row["payload_kind"],
                     row["metadata"],
+                    segments=row["segments"],
                 )
             )
         scan_ms = _ms(t1)

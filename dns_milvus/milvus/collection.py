@@ -31,14 +31,23 @@ from dns_milvus.milvus._checks import require_int, require_seconds
 from dns_milvus.milvus.connection import backend_kind, display_uri, translate_errors
 from dns_milvus.milvus.filters import Filter, as_filter, ids_filter
 from dns_milvus.milvus.index import METRIC, IndexConfig
-from dns_milvus.milvus.rows import CandidateHit, VideoRow, check_vectors, entity_to_row, now_ms, row_to_entity
+from dns_milvus.milvus.rows import (
+    CandidateHit,
+    VideoRow,
+    check_vectors,
+    decode_segments,
+    entity_to_row,
+    now_ms,
+    row_to_entity,
+)
 
 Consistency = Literal["Strong", "Session", "Bounded", "Eventually"]
 
 #: Milvus's largest top-k.
 MAX_LIMIT = 16384
-#: Fields stage 2 needs on every hit; ``search(output_fields=...)`` adds to them.
-HIT_FIELDS = (s.F_SELF_SIM, s.F_FINE_KEY, s.F_N_FRAMES, s.F_PAYLOAD_KIND)
+#: Fields stage 2 needs on every hit (segment codes for a selector that reads them; "" costs
+#: nothing where there are none); ``search(output_fields=...)`` adds to them.
+HIT_FIELDS = (s.F_SELF_SIM, s.F_FINE_KEY, s.F_N_FRAMES, s.F_PAYLOAD_KIND, s.F_SEGMENTS)
 OPTIONAL_HIT_FIELDS = (s.F_METADATA, s.F_MODEL_SET, s.F_INGESTED_AT)
 ALL_FIELDS = (s.F_ID, s.F_COARSE, *s.SCALAR_FIELDS[1:])
 
@@ -338,7 +347,7 @@ class VideoCollection:
                     consistency_level=self.consistency,
                     timeout=self.timeout,
                 )
-            hits.extend([_to_hit(hit) for hit in per_query] for per_query in result)
+            hits.extend([_to_hit(hit, self.dim) for hit in per_query] for per_query in result)
         if not expr and index.kind != "FLAT":
             self._check_hit_count(hits, limit, params["params"])
         return hits
@@ -359,7 +368,7 @@ class VideoCollection:
                     timeout=self.timeout,
                 )
             for entity in entities:
-                row = entity_to_row(entity, with_vector=with_vectors)
+                row = entity_to_row(entity, self.dim, with_vector=with_vectors)
                 found[row.video_id] = row
         return found
 
@@ -382,7 +391,8 @@ class VideoCollection:
         self, fields: Sequence[str] | None = None, batch_size: int = 1000
     ) -> Iterator[dict[str, Any]]:
         """Every row as a dict of ``fields`` (default: all; ``video_id`` always included),
-        fetched ``batch_size`` rows at a time. ``coarse`` comes back as float32 arrays."""
+        fetched ``batch_size`` rows at a time. ``coarse`` comes back as float32 arrays,
+        ``segments`` as uint8 [S, dim/8] arrays (None for a row without codes)."""
         wanted = list(dict.fromkeys([s.F_ID, *(fields if fields is not None else ALL_FIELDS)]))
         unknown = sorted(set(wanted) - set(ALL_FIELDS))
         if unknown:
@@ -403,6 +413,8 @@ class VideoCollection:
                     row = {name: entity[name] for name in wanted}
                     if s.F_COARSE in row:
                         row[s.F_COARSE] = np.asarray(row[s.F_COARSE], dtype=np.float32)
+                    if s.F_SEGMENTS in row:
+                        row[s.F_SEGMENTS] = decode_segments(row[s.F_SEGMENTS], self.dim, row[s.F_ID])
                     yield row
         finally:
             iterator.close()
@@ -462,10 +474,11 @@ def _coarse_index_params(client: MilvusClient, index: IndexConfig) -> Any:
     return params
 
 
-def _to_hit(hit: Mapping[str, Any]) -> CandidateHit:
+def _to_hit(hit: Mapping[str, Any], dim: int) -> CandidateHit:
     entity = hit["entity"]
+    video_id = hit.id  # type: ignore[attr-defined]  # pymilvus Hit: the primary key on every backend
     return CandidateHit(
-        video_id=hit.id,  # type: ignore[attr-defined]  # pymilvus Hit: the primary key on every backend
+        video_id=video_id,
         score=float(hit["distance"]),
         self_sim=float(entity[s.F_SELF_SIM]),
         fine_key=entity[s.F_FINE_KEY],
@@ -474,6 +487,7 @@ def _to_hit(hit: Mapping[str, Any]) -> CandidateHit:
         metadata=dict(entity.get(s.F_METADATA) or {}),
         model_set=entity.get(s.F_MODEL_SET),
         ingested_at=entity.get(s.F_INGESTED_AT),
+        segments=decode_segments(entity[s.F_SEGMENTS], dim, video_id),
     )
 
 
@@ -503,7 +517,12 @@ def _batches(entities: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
     batch: list[dict[str, Any]] = []
     size = 0
     for entity in entities:
-        row_bytes = entity[s.F_COARSE].nbytes + len(str(entity[s.F_METADATA])) + 2 * s.MAX_FINE_KEY_BYTES
+        row_bytes = (
+            entity[s.F_COARSE].nbytes
+            + len(str(entity[s.F_METADATA]))
+            + len(entity[s.F_SEGMENTS])
+            + 2 * s.MAX_FINE_KEY_BYTES
+        )
         if batch and (len(batch) >= _UPSERT_MAX_ROWS or size + row_bytes > _UPSERT_MAX_BYTES):
             yield batch
             batch, size = [], 0

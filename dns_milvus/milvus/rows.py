@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
 import time
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,8 @@ class VideoRow:
     """One video's row. ``coarse`` is None when a read did not ask for vectors.
 
     ``model_set`` defaults to the collection's on upsert; ``ingested_at`` (unix ms) to the
-    time of the upsert.
+    time of the upsert. ``segments``: the video's segment codes, uint8 [S, dim/8]
+    (``VideoRecord.segments``), or None where its model set's selector reads none.
     """
 
     video_id: str
@@ -39,6 +41,7 @@ class VideoRow:
     metadata: dict[str, Any] = field(default_factory=dict)
     model_set: str | None = None
     ingested_at: int | None = None
+    segments: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,7 @@ class CandidateHit:
     metadata: dict[str, Any] = field(default_factory=dict)
     model_set: str | None = None
     ingested_at: int | None = None
+    segments: np.ndarray | None = None
 
 
 def now_ms() -> int:
@@ -114,6 +118,7 @@ def row_to_entity(row: VideoRow, dim: int, model_set: str, ingested_at: int) -> 
     if not isinstance(row.payload_kind, str) or not _PAYLOAD_KIND.match(row.payload_kind):
         raise bad(f"payload_kind must be 1-32 characters of a-z, 0-9 or _, got {row.payload_kind!r}")
     _check_text(row.fine_key, "fine_key", s.MAX_FINE_KEY_BYTES, bad)
+    segments = encode_segments(row.segments, dim, bad)
     tag = model_set if row.model_set is None else row.model_set
     if tag != model_set:
         raise s.ModelSetMismatchError(
@@ -130,6 +135,7 @@ def row_to_entity(row: VideoRow, dim: int, model_set: str, ingested_at: int) -> 
         s.F_INGESTED_AT: stamp,
         s.F_MODEL_SET: tag,
         s.F_METADATA: _check_metadata(row.metadata, bad),
+        s.F_SEGMENTS: segments,
     }
 
 
@@ -140,6 +146,47 @@ def _check_text(value: object, name: str, max_bytes: int, bad: Any) -> None:
         raise bad(f"{name} is longer than {max_bytes} bytes")
     if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value):
         raise bad(f"{name} contains control characters or lone surrogates")
+
+
+def encode_segments(codes: object, dim: int, bad: Callable[[str], InvalidInputError]) -> str:
+    """Segment codes uint8 [S >= 1, dim/8] (or None) as the ``segments`` field's text: base64 of
+    their bytes ("" for None). ``bad(message)`` makes the error naming the video."""
+    if codes is None:
+        return ""
+    width = dim // 8
+    try:
+        arr = np.asarray(codes)
+    except (TypeError, ValueError):  # ragged nested lists
+        raise bad(f"segment codes must be uint8 [S >= 1, {width}], got {type(codes).__name__}") from None
+    if dim % 8:
+        raise bad(f"segment codes need a vector dimension that is a multiple of 8; the collection's is {dim}")
+    if arr.dtype != np.uint8 or arr.ndim != 2 or arr.shape[1] != width or arr.shape[0] < 1:
+        raise bad(f"segment codes must be uint8 [S >= 1, {width}], got {arr.dtype} {list(arr.shape)}")
+    # base64 makes 4 characters of every 3 bytes.
+    max_bytes = s.MAX_SEGMENTS_CHARS // 4 * 3
+    if arr.nbytes > max_bytes:
+        raise bad(
+            f"segment codes take {arr.nbytes} bytes ({arr.shape[0]} segments); the field holds at most "
+            f"{max_bytes} bytes ({max_bytes // width} segments of {width} bytes)"
+        )
+    return base64.b64encode(np.ascontiguousarray(arr).tobytes()).decode("ascii")
+
+
+def decode_segments(text: str, dim: int, video_id: str) -> np.ndarray | None:
+    """The ``segments`` field's text -> uint8 [S, dim/8], or None for "" (a row without codes)."""
+    if not text:
+        return None
+    width = dim // 8
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError:  # binascii.Error
+        raw = b""
+    if not raw or not width or len(raw) % width:
+        raise InvalidInputError(
+            f"video {video_id!r}: its stored segment codes are not base64 of uint8 [S, {width}] "
+            f"({len(text)} characters); the row was not written by dns-milvus: index the video again"
+        )
+    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, width).copy()
 
 
 def _check_metadata(metadata: object, bad: Any) -> dict[str, Any]:
@@ -161,7 +208,7 @@ def _check_metadata(metadata: object, bad: Any) -> dict[str, Any]:
     return json.loads(text)
 
 
-def entity_to_row(entity: Mapping[str, Any], *, with_vector: bool) -> VideoRow:
+def entity_to_row(entity: Mapping[str, Any], dim: int, *, with_vector: bool) -> VideoRow:
     coarse = np.asarray(entity[s.F_COARSE], dtype=np.float32) if with_vector else None
     return VideoRow(
         video_id=entity[s.F_ID],
@@ -173,4 +220,5 @@ def entity_to_row(entity: Mapping[str, Any], *, with_vector: bool) -> VideoRow:
         metadata=dict(entity.get(s.F_METADATA) or {}),
         model_set=entity[s.F_MODEL_SET],
         ingested_at=int(entity[s.F_INGESTED_AT]),
+        segments=decode_segments(entity[s.F_SEGMENTS], dim, entity[s.F_ID]),
     )

@@ -3,6 +3,9 @@
 One row per video. Collection-level facts (schema version, vector dimension, model set) are
 collection properties, which both Milvus Lite 3.x and the server keep (Lite drops the
 collection description, so it is not used).
+
+Version 2 added each video's segment codes (``F_SEGMENTS``), which a selector with a
+segment-match input reads; a version-1 collection is refused with how to re-create it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dns_milvus.ids import MAX_ID_BYTES
 from dns_milvus.milvus._checks import require_int
 from dns_milvus.milvus.index import IndexConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_DIM = 1024
 
 F_ID = "video_id"
@@ -31,12 +34,17 @@ F_PAYLOAD_KIND = "payload_kind"
 F_INGESTED_AT = "ingested_at"
 F_MODEL_SET = "model_set"
 F_METADATA = "metadata"
+#: Segment codes (``VideoRecord.segments``, uint8 [S, dim/8]) as base64 of their bytes; "" for none.
+#: A string because Milvus Lite has no binary-vector type.
+F_SEGMENTS = "segments"
 
 MAX_FINE_KEY_BYTES = 1024
 MAX_PAYLOAD_KIND_BYTES = 32
 MAX_MODEL_SET_BYTES = 64
 #: Milvus's default limit on one JSON value.
 MAX_METADATA_BYTES = 65536
+#: Milvus's largest VARCHAR.
+MAX_SEGMENTS_CHARS = 65535
 
 PROP_SCHEMA_VERSION = "dns.schema_version"
 PROP_DIM = "dns.dim"
@@ -65,6 +73,7 @@ def expected_fields(dim: int) -> dict[str, tuple[DataType, dict[str, int]]]:
         F_INGESTED_AT: (DataType.INT64, {}),
         F_MODEL_SET: (DataType.VARCHAR, {"max_length": MAX_MODEL_SET_BYTES}),
         F_METADATA: (DataType.JSON, {}),
+        F_SEGMENTS: (DataType.VARCHAR, {"max_length": MAX_SEGMENTS_CHARS}),
     }
 
 
@@ -132,10 +141,7 @@ def check_description(name: str, description: Mapping[str, Any]) -> tuple[int, s
             f"collection {name!r} was not created by dns-milvus (it has no {PROP_SCHEMA_VERSION} property)"
         )
     if props[PROP_SCHEMA_VERSION] != str(SCHEMA_VERSION):
-        raise SchemaMismatchError(
-            f"collection {name!r} has schema version {props[PROP_SCHEMA_VERSION]}; "
-            f"this release reads version {SCHEMA_VERSION}"
-        )
+        raise SchemaMismatchError(_version_mismatch(name, props[PROP_SCHEMA_VERSION]))
     try:
         dim = validate_dim(int(props.get(PROP_DIM, "")))
         model_set = validate_model_set(props.get(PROP_MODEL_SET, ""))
@@ -164,6 +170,19 @@ def check_description(name: str, description: Mapping[str, Any]) -> tuple[int, s
             f"collection {name!r} does not match schema version {SCHEMA_VERSION}: " + "; ".join(problems)
         )
     return dim, model_set
+
+
+def _version_mismatch(name: str, found: str) -> str:
+    message = f"collection {name!r} has schema version {found}; this release reads version {SCHEMA_VERSION}"
+    if found == "1":
+        # The codes come from the video's features, not from its row: only indexing again makes them.
+        message += (
+            f": version 1 predates segment codes (the {F_SEGMENTS!r} field, which a selector with a "
+            "segment-match input reads). Re-create the collection: drop it (or use another collection "
+            "name) and index its videos again with the model set (dns-milvus ingest, or "
+            "DnSIndex.add_many), which writes every row with its codes"
+        )
+    return message
 
 
 def _type_name(dtype: object) -> str:
