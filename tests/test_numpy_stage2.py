@@ -4,6 +4,7 @@ line that never imports torch."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -14,11 +15,14 @@ import numpy as np
 import pytest
 
 from dns_milvus.config import DEFAULT_MODEL_SET
-from dns_milvus.engine import DnSIndex, ModelSet, NumpyModelSet
+from dns_milvus.engine import DnSIndex, LocalReranker, ModelSet, NumpyModelSet, SelectionPolicy
 from dns_milvus.engine import numpy_set as numpy_set_module
 from dns_milvus.engine.modelset import write_inference_weights
 from dns_milvus.engine.numpy_set import open_model_set
 from dns_milvus.errors import InvalidInputError
+from dns_milvus.scoring import segment_matches
+from dns_milvus.store import LocalStore
+from dns_milvus.testing.synthetic import candidates_for, random_features, write_corpus, write_model_set
 from tests.fixtures.milvus_server import release_lite
 
 FOOTAGE = ("bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4", "bigbuckbunny.mp4")
@@ -108,6 +112,104 @@ def test_weights_of_other_network_files_are_not_used(tmp_path: Path, model_set_d
     shutil.copy(directory / manifest["selector"], directory / "selector-2.pth")
     (directory / "manifest.json").write_text(json.dumps({**manifest, "selector": "selector-2.pth"}))
     assert NumpyModelSet.load(directory, "cpu") is None
+
+
+# -- a selector with the segment match -----------------------------------------------------------------
+
+SEGMENTS = 4
+
+
+@pytest.fixture(scope="module")
+def segment_sets(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelSet, NumpyModelSet]:
+    """A small synthetic set whose selector reads ``SEGMENTS`` segments a video, as torch
+    networks and as its NumPy stage 2."""
+    directory = write_model_set(
+        tmp_path_factory.mktemp("segment-set"), dims=64, coarse_dim=128, selector_segments=SEGMENTS
+    )
+    write_inference_weights(directory)
+    numpy_set = NumpyModelSet.load(directory, "cpu")
+    assert numpy_set is not None
+    return ModelSet.load(directory, device="cpu"), numpy_set
+
+
+def test_numpy_selector_reads_the_segment_match_as_the_torch_one(
+    segment_sets: tuple[ModelSet, NumpyModelSet],
+) -> None:
+    models, numpy_set = segment_sets
+    assert numpy_set.selector_segments == models.selector_segments == SEGMENTS
+    assert numpy_set.networks.segments == SEGMENTS and numpy_set.tag == models.tag
+    records = models.index_features(random_features(10, dims=64, seed=21))
+    grid = np.linspace(-1.0, 1.0, 9, dtype=np.float32)
+    for query in records[:3]:
+        coarse = np.array([float(query.coarse @ r.coarse) for r in records], dtype=np.float32)
+        self_sims = np.array([r.self_sim for r in records], dtype=np.float32)
+        match = segment_matches(query.coarse, [r.segments for r in records])
+        n = len(records)
+        inputs = [
+            (self_sims, coarse, match),
+            # the segment match across its range, the other inputs held
+            (np.repeat(self_sims, 9), np.repeat(coarse, 9), np.tile(grid, n)),
+        ]
+        for sims, scores, matches in inputs:
+            torch_conf = models.selector_confidence(query.self_sim, sims, scores, matches)
+            numpy_conf = numpy_set.selector_confidence(query.self_sim, sims, scores, matches)
+            assert numpy_conf.dtype == np.float32 and numpy_conf.shape == (len(sims),)
+            assert np.abs(torch_conf - numpy_conf).max() <= TOLERANCE
+            assert _same_order(torch_conf, numpy_conf)
+        # the confidence moves with the segment match alone
+        along = numpy_set.selector_confidence(
+            query.self_sim, np.full(9, self_sims[1]), np.full(9, coarse[1]), grid
+        )
+        assert np.ptp(along) > 1e-4
+    for stage2 in (models, numpy_set):
+        with pytest.raises(InvalidInputError, match="pass them"):
+            stage2.selector_confidence(query.self_sim, self_sims, coarse)
+
+
+def test_release_layout_numpy_selector_refuses_a_segment_match(tmp_path: Path, model_set_dir: Path) -> None:
+    directory = shutil.copytree(model_set_dir, tmp_path / "set")
+    write_inference_weights(directory)
+    numpy_set = NumpyModelSet.load(directory, "cpu")
+    assert numpy_set is not None and numpy_set.selector_segments == 0
+    with pytest.raises(InvalidInputError, match="reads no segment match"):
+        numpy_set.selector_confidence(
+            0.5, np.ones(2, np.float32), np.ones(2, np.float32), np.ones(2, np.float32)
+        )
+
+
+def test_rerank_with_segment_matches_is_the_same_on_torch_and_numpy(
+    segment_sets: tuple[ModelSet, NumpyModelSet], tmp_path: Path
+) -> None:
+    models, numpy_set = segment_sets
+    store = LocalStore(tmp_path)
+    corpus = write_corpus(models, store, "seg", 16, seed=22)
+    query = corpus["v0"]
+    candidates = candidates_for(query, corpus, "seg")
+    policy = SelectionPolicy.parse("50%")
+    torch_run = LocalReranker(models, store).rerank(query, candidates, policy, len(candidates))
+    numpy_run = LocalReranker(numpy_set, store).rerank(query, candidates, policy, len(candidates))
+    # the selection is decided apart from float noise: the cut is wider than the tolerance
+    confidence = np.sort(LocalReranker(models, store).selector_confidence(query, candidates))[::-1]
+    assert confidence[6] - confidence[7] > TOLERANCE
+    assert numpy_run.n_reranked == torch_run.n_reranked == 7  # floor(50 % of 15)
+    assert [h.video_id for h in numpy_run.hits] == [h.video_id for h in torch_run.hits]
+    assert [h.stage for h in numpy_run.hits] == [h.stage for h in torch_run.hits]
+    for n, t in zip(numpy_run.hits, torch_run.hits):
+        for key in ("score", "coarse_score", "selector_confidence", "fine_score"):
+            a, b = getattr(n, key), getattr(t, key)
+            assert (a is None) == (b is None) and (a is None or abs(a - b) <= TOLERANCE), key
+    assert all(h.selector_confidence is not None for h in numpy_run.hits)
+
+    # candidates without segment codes: refused where the selector runs, fine where it does not
+    bare = [dataclasses.replace(c, segments=None) for c in candidates]
+    for stage2 in (models, numpy_set):
+        with pytest.raises(InvalidInputError, match="15 candidates carry no segment codes"):
+            LocalReranker(stage2, store).rerank(query, bare, policy, 5)
+        every = LocalReranker(stage2, store).rerank(query, bare, SelectionPolicy.parse("all"), 5)
+        assert every.n_reranked == 15 and all(h.selector_confidence is None for h in every.hits)
+    few = [dataclasses.replace(c, segments=c.segments[:2]) for c in candidates]
+    with pytest.raises(InvalidInputError, match="has 2 segment codes; the model set's selector reads 4"):
+        LocalReranker(numpy_set, store).rerank(query, few, policy, 5)
 
 
 # -- the command line ---------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ alone with ``index_video``, for every network kind and the engine's ``ModelSet``
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +13,10 @@ import torch
 from dns_milvus.engine import ModelSet
 from dns_milvus.errors import InvalidInputError
 from dns_milvus.models import CoarseGrainedStudent, FineGrainedStudent, SelectorNetwork
-from dns_milvus.models.packed import length_groups, pad_packed
+from dns_milvus.models.packed import length_groups, pad_packed, segment_frames
+from dns_milvus.scoring import segment_codes
 from dns_milvus.similarity import pack_codes, pack_signs
+from dns_milvus.testing.synthetic import write_model_set
 from tests.fixtures.engine import random_video
 
 LENGTHS = [1, 2, 3, 4, 7, 19, 33, 5]  # 1-3 frames take the comparator's up-sampling rule
@@ -157,3 +160,87 @@ def test_pack_signs_refuses_non_boolean_or_ragged_codes() -> None:
         pack_signs(np.ones((2, 16), dtype=np.float32))
     with pytest.raises(InvalidInputError, match="multiple of 8"):
         pack_signs(np.ones((2, 12), dtype=bool))
+
+
+# -- segments (the selector's segment match) ------------------------------------------------------
+
+
+def _segment_rule(n: int, segments: int) -> list[list[int]]:
+    """Frames of each segment of an n-frame video: [a*n//S, max((a+1)*n//S, a*n//S + 1))."""
+    return [
+        list(range(a * n // segments, max((a + 1) * n // segments, a * n // segments + 1)))
+        for a in range(segments)
+    ]
+
+
+def test_segment_frames_cut_each_video_into_consecutive_near_equal_parts() -> None:
+    index, sizes = segment_frames(torch.tensor([5, 2, 8]), 3)
+    # 5 frames: 1 + 2 + 2; 2 frames (fewer than segments): frame 0 twice, then 1; 8 frames: 2 + 3 + 3
+    assert index.tolist() == [0, 1, 2, 3, 4, 5, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    assert sizes.tolist() == [1, 2, 2, 1, 1, 1, 2, 3, 3]
+    index, sizes = segment_frames(torch.tensor([1, 4]), 4)
+    assert index.tolist() == [0, 0, 0, 0, 1, 2, 3, 4] and sizes.tolist() == [1] * 8
+    index, sizes = segment_frames(torch.tensor([3, 7]), 1)  # one segment: the whole video
+    assert index.tolist() == list(range(10)) and sizes.tolist() == [3, 7]
+    for n in range(1, 12):
+        parts = _segment_rule(n, 4)
+        assert sum(map(len, parts)) == max(n, 4) and all(parts)
+        if n >= 4:
+            assert [f for part in parts for f in part] == list(range(n))  # every frame once, in order
+    for bad in (0, -2):
+        with pytest.raises(InvalidInputError, match="segments must be >= 1"):
+            segment_frames(torch.tensor([3]), bad)
+
+
+def test_coarse_segments_equal_indexing_each_segment_alone() -> None:
+    torch.manual_seed(6)
+    net = CoarseGrainedStudent(
+        dims=64,
+        transformer_heads=4,
+        transformer_feedforward_dims=128,
+        netvlad_clusters=8,
+        netvlad_outdims=128,
+    ).eval()
+    lengths, segments = [1, 2, 5, 9, 17, 4], 4
+    videos = _videos(lengths, 64, seed=6)
+    with torch.inference_mode():
+        got = net.index_segments_packed(*_packed(videos), segments)
+        assert got.shape == (len(videos), segments, net.output_dim)
+        for b, (video, n) in enumerate(zip(videos, lengths)):
+            alone = torch.stack([net.index_video(video[frames]) for frames in _segment_rule(n, segments)])
+            torch.testing.assert_close(got[b], alone, atol=1e-5, rtol=1e-4)
+        whole = net.index_segments_packed(*_packed(videos), 1)[:, 0]
+        torch.testing.assert_close(whole, net.index_packed(*_packed(videos)), atol=1e-5, rtol=1e-4)
+
+
+SEGMENTS = 4
+
+
+@pytest.fixture(scope="module")
+def small_segment_set(tmp_path_factory: pytest.TempPathFactory) -> ModelSet:
+    """A small synthetic set (64-dim features) whose selector reads ``SEGMENTS`` segments a video."""
+    directory = write_model_set(
+        Path(tmp_path_factory.mktemp("segments")), dims=64, coarse_dim=128, selector_segments=SEGMENTS
+    )
+    return ModelSet.load(directory, device="cpu")
+
+
+def test_model_set_segment_codes_equal_each_video_alone(small_segment_set: ModelSet) -> None:
+    models = small_segment_set
+    assert models.selector_segments == SEGMENTS
+    lengths = [3, 40, 1, 12, 2, 25]
+    videos = _videos(lengths, 64, seed=7)
+    records = models.index_features(videos)
+    with torch.inference_mode():
+        for video, n, record in zip(videos, lengths, records):
+            vectors = models.coarse.index_segments_packed(video, torch.tensor([n]), SEGMENTS)[0]
+            assert record.segments.dtype == np.uint8
+            assert record.segments.shape == (SEGMENTS, models.coarse_dim // 8)
+            np.testing.assert_array_equal(record.segments, segment_codes(vectors.numpy()))
+            np.testing.assert_array_equal(record.segments, models.index_features([video])[0].segments)
+
+
+def test_release_layout_model_set_records_carry_no_segment_codes(model_set: ModelSet) -> None:
+    assert model_set.selector_segments == 0
+    records = model_set.index_features([random_video(np.random.default_rng(8), n) for n in (2, 6)])
+    assert [r.segments for r in records] == [None, None]

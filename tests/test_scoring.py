@@ -16,7 +16,17 @@ from dns_milvus.engine.rerank import Candidate
 from dns_milvus.errors import CheckpointError, InvalidInputError
 from dns_milvus.eval.datasets import ColumnIndex
 from dns_milvus.eval.tradeoff import PairScores, mixed_row, selection_order
-from dns_milvus.scoring import RELEASE_MERGE, Calibration, ScoreMerge, fine_unit, fit_merge
+from dns_milvus.scoring import (
+    RELEASE_MERGE,
+    Calibration,
+    ScoreMerge,
+    check_segment_input,
+    fine_unit,
+    fit_merge,
+    segment_codes,
+    segment_matches,
+)
+from dns_milvus.similarity.codes import pack_signs
 from dns_milvus.store import LocalStore, encode_fine_tensor, fine_key
 from dns_milvus.train.calibration import calibration_pairs
 from dns_milvus.train.selector import SelectorPairs
@@ -227,3 +237,80 @@ def test_calibration_pairs_weigh_random_negatives_for_what_they_stand_for() -> N
         w for q, y, w in zip(pairs.queries, pairs.labels, pairs.weights) if q == "a" and y == 0 and w != 1
     ]
     assert random_a == [1.5, 1.5]  # 3 other-scene videos stood for by 2 draws
+
+
+# -- the selector's segment match -----------------------------------------------------------------
+
+
+def _float_segment_match(query: np.ndarray, vectors: np.ndarray) -> float:
+    """The definition: the best segment's <q, sign(v_s)> / sqrt(D), in float64."""
+    signs = np.where(vectors > 0, 1.0, -1.0)
+    return float((signs @ query.astype(np.float64)).max() / np.sqrt(query.size))
+
+
+def test_segment_matches_equal_the_float_definition_across_chunks_and_mixed_segments() -> None:
+    rng = np.random.default_rng(11)
+    dim = 64
+    query = rng.standard_normal(dim).astype(np.float32)
+    query /= np.linalg.norm(query)
+    # 8 targets of 3 segments (two whole chunks of one S: the stacked path), then mixed S
+    counts = [3] * 8 + [1, 5, 3, 2, 7, 1, 4, 6, 2, 3, 5]
+    vectors = [rng.standard_normal((s, dim)).astype(np.float32) for s in counts]
+    vectors[3][1] = query  # a segment equal to the query: the best match, ||q||_1 / sqrt(D)
+    codes = [segment_codes(v) for v in vectors]
+    expected = np.array([_float_segment_match(query, v) for v in vectors])
+    for chunk in (4, 3, 1, 4096):
+        got = segment_matches(query, codes, chunk=chunk)
+        assert got.dtype == np.float32 and got.shape == (len(counts),)
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    assert got[3] == pytest.approx(np.abs(query).sum() / np.sqrt(dim), abs=1e-5)
+    assert np.all(np.abs(got) <= 1 + 1e-6)  # a unit query: within [-1, 1]
+    empty = segment_matches(query, [])
+    assert empty.dtype == np.float32 and empty.shape == (0,)
+
+
+def test_segment_codes_are_the_packed_signs_of_the_vectors() -> None:
+    rng = np.random.default_rng(12)
+    vectors = rng.standard_normal((3, 4, 40)).astype(np.float32)
+    vectors[0, 0, :5] = 0.0  # zero is not positive: a 0 bit, as pack_signs(v > 0) has it
+    codes = segment_codes(vectors)
+    assert codes.dtype == np.uint8 and codes.shape == (3, 4, 5)
+    np.testing.assert_array_equal(codes, pack_signs(vectors > 0))
+    for bad in (np.zeros((4, 12)), np.zeros(16), np.zeros((4, 0))):
+        with pytest.raises(InvalidInputError, match="multiple of 8"):
+            segment_codes(bad)
+
+
+@pytest.mark.parametrize(
+    ("codes", "shown"),
+    [
+        ([np.zeros((2, 8), np.int8)], r"0: .* got \[2, 8\]"),  # not uint8
+        ([np.zeros((2, 8), np.float32)], r"0: .* got \[2, 8\]"),
+        ([np.zeros((2, 8), np.uint8), np.zeros((2, 4), np.uint8)], r"1: .* got \[2, 4\]"),  # width
+        ([np.zeros((0, 8), np.uint8)], r"0: .* got \[0, 8\]"),  # no segment
+        ([np.zeros(8, np.uint8)], r"0: .* got \[8\]"),  # one segment's code, not [S, D/8]
+        ([[[0] * 8]], "0: .* got list"),  # not an array
+        ([np.zeros((2, 8), np.uint8), None], "1: .* got NoneType"),
+    ],
+)
+def test_segment_matches_refuse_malformed_codes(codes: list, shown: str) -> None:
+    query = np.ones(64, np.float32) / 8
+    with pytest.raises(InvalidInputError, match=r"^target " + shown) as err:
+        segment_matches(query, codes)
+    assert r"expected segment codes uint8 [S, 8]" in str(err.value)
+
+
+def test_segment_matches_refuse_a_query_not_of_whole_bytes() -> None:
+    codes = [np.zeros((2, 2), np.uint8)]
+    for query in (np.ones(12, np.float32), np.ones(0, np.float32)):
+        with pytest.raises(InvalidInputError, match="multiple of 8"):
+            segment_matches(query, codes)
+
+
+def test_segment_input_is_required_exactly_when_the_selector_reads_segments() -> None:
+    check_segment_input(0, False)
+    check_segment_input(4, True)
+    with pytest.raises(InvalidInputError, match="segment matches of 4 segments; pass them"):
+        check_segment_input(4, False)
+    with pytest.raises(InvalidInputError, match="reads no segment match"):
+        check_segment_input(0, True)

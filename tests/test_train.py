@@ -24,6 +24,7 @@ from scipy.stats import spearmanr
 from dns_milvus.errors import CheckpointError, InvalidInputError
 from dns_milvus.features import FeatureExtractor, PCAWhitening
 from dns_milvus.models import FineGrainedStudent, ViSiLTeacher, load_checkpoint
+from dns_milvus.scoring import segment_matches
 from dns_milvus.train import run_stage
 from dns_milvus.train.config import ConfigError, load_config
 from dns_milvus.train.corpus import extract_all, make_copies
@@ -40,7 +41,15 @@ from dns_milvus.train.model_set import (
 )
 from dns_milvus.train.model_set import main as model_set_main
 from dns_milvus.train.scoring import pair_similarities, similarity_matrix
-from dns_milvus.train.selector import SelectorTask, cached_selector_pairs, predict, roc_auc, split_pairs
+from dns_milvus.train.selector import (
+    SelectorTask,
+    cached_selector_pairs,
+    pair_segment_matches,
+    predict,
+    roc_auc,
+    split_pairs,
+    train_selector,
+)
 from dns_milvus.video import camera_pan, random_copy, read_frames
 
 DIMS = 96  # PCA-whitened feature size of the test corpus (multiple of 8: binary codes pack into bytes)
@@ -445,6 +454,99 @@ def test_selector_beats_random_selection_on_held_out_pairs(
     assert auc > 0.5 + 4 * chance_sd, f"AUC {auc:.3f}; chance 0.5 +- {chance_sd:.3f}"
 
 
+def _students(students_run) -> tuple[torch.nn.Module, torch.nn.Module]:
+    outputs = students_run.outputs
+    return load_checkpoint(outputs["cg_student"]), load_checkpoint(outputs["fg_bin_student"])
+
+
+def test_cached_selector_pairs_gain_segment_matches_without_rescoring(
+    corpus: Corpus, mined, students_run, tmp_path: Path
+):
+    coarse, fine = _students(students_run)
+    pairs, features = MinedPairs.load(mined.outputs["pairs"]), FeatureSet.open(corpus.train_path)
+    path = tmp_path / "selector_pairs.h5"
+    plain = cached_selector_pairs(path, pairs, coarse, fine, features)
+    assert plain.segment_match is None
+    # marks in the stored scores: pairs read back keep them, pairs scored again would not
+    with h5py.File(path, "r+") as f:
+        assert int(f.attrs["segments"]) == 0 and "segment_match" not in f
+        f["coarse"][...] = marked_coarse = np.linspace(-0.5, 0.5, len(plain)).astype(f["coarse"].dtype)
+        f["fine"][...] = 0.25
+
+    scored = cached_selector_pairs(path, pairs, coarse, fine, features, segments=2)
+    np.testing.assert_array_equal(scored.coarse, marked_coarse)
+    assert (scored.fine == 0.25).all() and (scored.queries, scored.targets) == (plain.queries, plain.targets)
+    expected = pair_segment_matches(coarse, features, plain.queries, plain.targets, 2)
+    assert scored.segment_match is not None and scored.segment_match.dtype == np.float32
+    np.testing.assert_array_equal(scored.segment_match, expected)
+    with h5py.File(path, "r+") as f:
+        assert int(f.attrs["segments"]) == 2
+        np.testing.assert_array_equal(f["coarse"][()], marked_coarse)
+        np.testing.assert_array_equal(f["segment_match"][()], expected)
+        f["segment_match"][...] = 0.5  # stored matches of as many segments are read back too
+    assert (cached_selector_pairs(path, pairs, coarse, fine, features, segments=2).segment_match == 0.5).all()
+    assert cached_selector_pairs(path, pairs, coarse, fine, features).segment_match is None
+    assert (cached_selector_pairs(path, pairs, coarse, fine, features, segments=3).segment_match != 0.5).any()
+
+    # a pair's match by its definition: the query's coarse vector against the signs of the coarse
+    # vectors of the target's two halves, the better half
+    with torch.no_grad():
+        for i in range(0, len(plain), max(1, len(plain) // 5)):
+            q = coarse.index_video(features.tensor(plain.queries[i])).numpy()
+            t = features.tensor(plain.targets[i])
+            halves = [t[: max(len(t) // 2, 1)], t[len(t) // 2 :]]  # one frame: both halves hold it
+            signs = np.sign(torch.stack([coarse.index_video(h) for h in halves]).numpy())
+            assert expected[i] == pytest.approx((signs @ q).max() / math.sqrt(q.size), abs=1e-4)
+            assert expected[i] == pytest.approx(
+                segment_matches(q, [np.packbits(signs > 0, axis=-1, bitorder="little")])[0], abs=1e-4
+            )
+
+
+def test_selector_with_segments_trains_and_loads_with_them(corpus: Corpus, mined, students_run, tmp_path):
+    coarse, fine = _students(students_run)
+    out = tmp_path / "selector"
+    out.mkdir()
+    # scored without the matches first: the run adds them to the stored pairs
+    scored = cached_selector_pairs(
+        out / "selector_pairs.h5", MinedPairs.load(mined.outputs["pairs"]), coarse, fine, corpus.features
+    )
+    threshold = float(np.median(np.abs(scored.coarse - scored.fine)))
+    students = students_run.outputs
+    config = {
+        "output": str(out),
+        "features": str(corpus.path),
+        "pairs": str(mined.outputs["pairs"]),
+        "coarse": str(students["cg_student"]),
+        "fine": str(students["fg_bin_student"]),
+        "threshold": threshold,
+        "segments": 2,
+        "epochs": 2,
+        "batch_size": 16,
+        "pairs_per_class": 32,
+        "val_fraction": 0.3,
+        "lr": 1e-3,
+        "progress": False,
+    }
+    result = train_selector(load_config("selector", config))
+    assert len(result.history) == 2 and all(math.isfinite(h["loss"]) for h in result.history)
+    selector = load_checkpoint(result.checkpoint, expected="selector")
+    assert selector.segments == 2 and selector.input_size == 4 and selector.config()["segments"] == 2
+    with h5py.File(out / "selector_pairs.h5") as f:
+        assert int(f.attrs["segments"]) == 2 and "segment_match" in f
+    with_matches = cached_selector_pairs(
+        out / "selector_pairs.h5", MinedPairs.load(mined.outputs["pairs"]), coarse, fine, corpus.features,
+        segments=2,
+    )  # fmt: skip
+    task = SelectorTask(
+        selector, corpus.features, with_matches, None, threshold=threshold, batch_size=16,
+        pairs_per_class=32, device=torch.device("cpu"),
+    )  # fmt: skip
+    confidences = predict(task, with_matches)
+    assert confidences.shape == (len(with_matches),) and ((confidences > 0) & (confidences < 1)).all()
+    with pytest.raises(InvalidInputError, match="pass them"):
+        predict(task, replace(with_matches, segment_match=None))
+
+
 # -- resume ---------------------------------------------------------------------------------------
 
 
@@ -521,6 +623,9 @@ def test_bad_configs_fail_before_any_work(corpus: Corpus, tmp_path):
         load_config("selector", {**selector, "threshold": 1.5})
     with pytest.raises(ConfigError, match=r"selector\.target: expected one of \['disagreement', 'copy'\]"):
         load_config("selector", {**selector, "target": "rank"})
+    with pytest.raises(ConfigError, match=r"selector\.segments: expected a non-negative number, got -1"):
+        load_config("selector", {**selector, "segments": -1})
+    assert load_config("selector", {**selector, "segments": 0}).segments == 0
     assert not out.exists(), "nothing is written when the config is rejected"
 
     # files: JSON or TOML, a stage table, paths relative to the file
