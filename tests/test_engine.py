@@ -38,7 +38,7 @@ def test_scores_equal_direct_network_computation(dns_index: DnSIndex) -> None:
     videos = _fill(dns_index)
     rng = np.random.default_rng(7)
     query = near_copy(rng, videos["v03"])
-    resp = dns_index.search(query, top_k=12, candidates=12, policy="all")
+    resp = dns_index.search(query, top_k=12, candidates=12, policy="100%")  # all, chosen by the selector
     assert len(resp.hits) == 12 and resp.n_reranked == 12
 
     m = dns_index.models
@@ -82,7 +82,7 @@ def test_policies_select_what_they_promise(dns_index: DnSIndex, policy: str, exp
 
 def test_threshold_policy(dns_index: DnSIndex) -> None:
     _fill(dns_index)
-    full = dns_index.search("v01", top_k=11, candidates=11, policy="all")  # every confidence
+    full = dns_index.search("v01", top_k=11, candidates=11, policy="100%")  # every confidence
     confidences = sorted(h.selector_confidence for h in full.hits)
     threshold = float(np.median(confidences))
     resp = dns_index.search("v01", top_k=11, candidates=11, policy=SelectionPolicy("threshold", threshold))

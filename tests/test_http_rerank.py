@@ -249,17 +249,21 @@ def test_bearer_token_is_required_except_for_probes_and_metrics(http: Background
     assert info["selector_segments"] == 0
 
 
-def test_a_selector_that_reads_segment_codes_is_not_served_over_http(tmp_path: Path) -> None:
-    """Documents carry no segment codes, and the selector runs under policy all: 501, pointing to gRPC."""
+def test_a_selector_that_reads_segment_codes_is_served_over_http(tmp_path: Path) -> None:
+    """Documents carry no segment codes; under policy all the selector is not consulted, so a set
+    whose selector reads codes ranks documents as its own stage 2 does."""
     segments = build_stage2(tmp_path, selector_segments=4)
     try:
         with BackgroundServer(segments.config(http_port=0), segments.models, segments.store) as server:
             keys = [c.fine_key for c in segments.candidates()]
             query = f"dns:v1:video:{COLLECTION}:v0"
-            for path, body in (("/v2/rerank", {"query": query, "documents": keys}),
-                               ("/rerank", {"query": query, "texts": keys})):  # fmt: skip
+            for path, body, results in (("/v2/rerank", {"query": query, "documents": keys}, "results"),
+                                        ("/rerank", {"query": query, "texts": keys}, None)):  # fmt: skip
                 status, reply = request(server, path, body, token=None)
-                assert status == 501 and "segment codes" in reply["message"] and "gRPC" in reply["message"]
+                assert status == 200, reply
+                ranked = reply[results] if results else reply
+                got = [(r["index"], r.get("relevance_score", r.get("score"))) for r in ranked]
+                assert got == expected_order(segments, keys)
             status, info = request(server, "/v1/info", token=None)
             assert status == 200 and info["selector_segments"] == 4
     finally:

@@ -301,7 +301,8 @@ def test_segment_codes_travel_and_the_remote_selector_equals_the_local_one(
             got = remote.rerank(stage2.query, candidates, selection, 8)
         assert hits_of(got) == hits_of(expected), collection
         assert (got.n_reranked, got.warnings) == (expected.n_reranked, [])
-    assert all(h.selector_confidence is not None for h in got.hits)
+    # policy all re-ranks everything without consulting the selector
+    assert all((h.selector_confidence is None) == (policy == "all") for h in got.hits)
     request = convert.candidates_to_proto(candidates)
     decoded = convert.candidates_from_proto(request, coarse_dim=stage2.models.coarse_dim)
     for sent, back in zip(candidates, decoded, strict=True):
@@ -319,11 +320,11 @@ def test_candidates_without_codes_are_invalid_argument_for_a_selector_that_reads
     one_bare = [*candidates[:3], *bare[3:4], *candidates[4:]]  # one candidate without codes is enough
     with RemoteReranker(segment_server.grpc_target) as remote:
         with pytest.raises(InvalidInputError, match=f"first: {bare[3].video_id!r}"):
-            remote.rerank(segment_stage2.query, one_bare, SelectionPolicy("all", 0), 5)
-        # policy none runs no selector: the coarse ranking needs no codes
-        coarse = remote.rerank(segment_stage2.query, bare, SelectionPolicy("none", 0), 5)
-    local = segment_stage2.local.rerank(segment_stage2.query, bare, SelectionPolicy("none", 0), 5)
-    assert hits_of(coarse) == hits_of(local)
+            remote.rerank(segment_stage2.query, one_bare, SelectionPolicy("percent", 50), 5)
+        # policies none and all consult no selector: they need no codes
+        for policy in (SelectionPolicy("none", 0), SelectionPolicy("all", 0)):
+            got = remote.rerank(segment_stage2.query, bare, policy, 5)
+            assert hits_of(got) == hits_of(segment_stage2.local.rerank(segment_stage2.query, bare, policy, 5))
 
 
 def test_segment_codes_of_a_wrong_length_are_invalid_argument(

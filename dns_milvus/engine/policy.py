@@ -60,9 +60,10 @@ class SelectionPolicy:
 
     @property
     def uses_selector(self) -> bool:
-        """Whether the selection depends on the selector's confidences (``none`` keeps the coarse
-        ranking: stage 2 then runs no network)."""
-        return self.kind != "none"
+        """Whether the selection depends on the selector's confidences: ``none`` keeps the coarse
+        ranking (stage 2 then runs no network), ``all`` re-ranks every candidate whatever the
+        selector would say (so hits show no confidence, and candidates need no selector input)."""
+        return self.kind not in ("none", "all")
 
     def select(self, confidences: np.ndarray) -> np.ndarray:
         """Indices of the selected candidates, highest confidence first (ties: lower index first)."""

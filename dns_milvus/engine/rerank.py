@@ -238,10 +238,9 @@ class LocalReranker:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         confidence: np.ndarray | None = None
-        selected = np.zeros(0, dtype=np.int64)
-        if policy.uses_selector:  # policy none: no hit would show a confidence worth computing
+        if policy.uses_selector:  # none and all choose without it: no confidence worth computing
             confidence = self.selector_confidence(query, candidates)
-            selected = policy.select(confidence)
+        selected = policy.select(np.zeros(len(candidates)) if confidence is None else confidence)
         timings["selector_ms"] = _ms_since(t0)
 
         t1 = time.perf_counter()

@@ -50,7 +50,7 @@ from dns_milvus.eval.tradeoff import (
     selection_order,
     write_table,
 )
-from dns_milvus.scoring import fine_unit
+from dns_milvus.scoring import fine_unit, segment_matches
 from dns_milvus.similarity import fine_similarity_float, fine_similarity_packed
 
 if TYPE_CHECKING:
@@ -474,13 +474,16 @@ class _Targets:
     coarse: torch.Tensor  # [n, dim]
     self_sim: torch.Tensor  # [n]
     fine: list[torch.Tensor]  # stored forms
+    segments: list[np.ndarray] | None  # segment codes, for a selector that reads them
 
     @classmethod
     def of(cls, records: Sequence[VideoRecord], device: torch.device) -> _Targets:
+        segments = [r.segments for r in records]
         return cls(
             torch.from_numpy(np.stack([r.coarse for r in records])).to(device),
             torch.tensor([r.self_sim for r in records], dtype=torch.float32, device=device),
             [_fine_tensor(r, device) for r in records],
+            None if any(s is None for s in segments) else segments,  # type: ignore[misc]
         )
 
 
@@ -497,7 +500,10 @@ def _score_query(
     clock.start()
     coarse = models.coarse.calculate_video_similarity(q_coarse, targets.coarse)
     laps[0] = clock.stop()
-    selector = models.selector.pair_confidence(query.self_sim, targets.self_sim, coarse)
+    match = None
+    if models.selector_segments and targets.segments is not None:
+        match = torch.from_numpy(segment_matches(query.coarse, targets.segments)).to(device)
+    selector = models.selector.pair_confidence(query.self_sim, targets.self_sim, coarse, match)
     laps[1] = clock.stop()
     fine = fine_kernel(models.fine, q_fine, targets.fine, device=device)
     laps[2] = clock.stop()
@@ -510,10 +516,12 @@ def _fine_tensor(record: VideoRecord, device: torch.device) -> torch.Tensor:
 
 
 def _storage(record: VideoRecord) -> tuple[float, float, float, float, float]:
-    """Frames and bytes of one video: coarse, self-sim, fine as stored, fine by the release's count."""
+    """Frames and bytes of one video: coarse, the selector's (self-sim and any segment codes), fine
+    as stored, fine by the release's count."""
     fine = record.fine
     release = fine.nbytes if record.payload_kind == PAYLOAD_PACKED else fine.size * 4
-    return (record.n_frames, record.coarse.nbytes, SELF_SIM_BYTES, fine.nbytes, release)
+    selector = SELF_SIM_BYTES + (record.segments.nbytes if record.segments is not None else 0)
+    return (record.n_frames, record.coarse.nbytes, selector, fine.nbytes, release)
 
 
 def _describe(features: FeatureSource) -> str:

@@ -39,9 +39,6 @@ from dns_milvus.sidecar.config import ServerConfig
 from dns_milvus.sidecar.metrics import Metrics
 from dns_milvus.store import ObjectStore, StoreAccessError, decode_fine_tensor, fine_key
 
-#: Policies that run the selector, hence need the query's self-similarity.
-SELECTING_POLICIES = ("percent", "count", "threshold")
-
 # (error type, gRPC status, HTTP status, short name for metrics); the first match wins.
 _STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_argument"),
@@ -255,11 +252,7 @@ class RerankCore:
         request = prepare()
         self.check_candidate_count(len(request.candidates))
         query = request.query
-        if (
-            isinstance(query, IndexedRef)
-            and query.self_sim is None
-            and request.policy.kind in SELECTING_POLICIES
-        ):
+        if isinstance(query, IndexedRef) and query.self_sim is None and request.policy.uses_selector:
             raise InvalidInputError(
                 f"indexed.self_sim: required by policy {request.policy} (the selector needs the query's "
                 "self-similarity); give it, or use policy 'all' or 'none'"
@@ -271,7 +264,7 @@ class RerankCore:
             raise InvalidInputError(
                 f"{where}.coarse: required by policy {request.policy} (the model set's selector matches "
                 "the query's coarse vector against the candidates' segment codes); give it, or use "
-                "policy 'none'"
+                "policy 'all' or 'none'"
             )
         record = self.load_indexed(query) if isinstance(query, IndexedRef) else query
         result = self.reranker.rerank(record, request.candidates, request.policy, request.top_k)

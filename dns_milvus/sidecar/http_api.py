@@ -10,9 +10,9 @@ candidate ("document"). Here those strings NAME stored representations instead o
 
 The protocols carry no stage-1 scores, so the selector cannot run: every document goes to the
 fine-grained student (policy ``all``) and ``relevance_score`` is its similarity rescaled to
-[0, 1]. Milvus already did the coarse selection when it chose the documents. A model set whose
-selector reads the candidates' segment codes cannot serve these protocols (the selector runs under
-every policy but ``none``, and documents carry no codes): they answer 501 and point to gRPC.
+[0, 1]. Milvus already did the coarse selection when it chose the documents. Under policy ``all``
+the selector is not consulted, so a model set whose selector reads segment codes (which documents
+do not carry) serves these protocols too.
 
 Endpoints (bearer token required when the server has one, except /metrics and /healthz):
 
@@ -162,13 +162,6 @@ async def score_documents(
 ) -> tuple[list[str], list[float], list[str]]:
     """(document keys, fine-grained relevance of each, warnings); a missing tensor scores 0 with a
     warning. Parsing runs in the request's worker thread, like the scoring."""
-    if core.models.selector_segments:
-        raise HttpError(
-            501,
-            f"model set {core.models.name!r} has a selector that reads the candidates' segment codes, "
-            "which the HTTP rerank protocols do not carry (documents are fine_key strings); re-rank "
-            "through the gRPC API (dns.rerank.v1.Reranker), whose candidates carry them",
-        )
     keys: list[str] = []
 
     def prepare() -> Stage2Request:

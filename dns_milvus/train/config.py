@@ -357,6 +357,9 @@ class SelectorConfig(StageConfig):
     lr: float = 1e-4
     weight_decay: float = 0.0
     hidden_size: int = 100
+    # > 0: a fourth input, the match of the query with the best of the target's segments
+    # (SelectorNetwork(segments=...)); 0: the release's three inputs
+    segments: int = 0
     val_fraction: float = 0.03
     max_frames: int = 300
 
@@ -367,7 +370,7 @@ class SelectorConfig(StageConfig):
         super().validate()
         _require(self, "features", "pairs", "coarse", "fine")
         self._positive("epochs", "batch_size", "pairs_per_class", "lr", "hidden_size", "max_frames")
-        self._positive("weight_decay", allow_zero=True)
+        self._positive("weight_decay", "segments", allow_zero=True)
         if not 0 < self.threshold < 1:
             raise ConfigError(f"selector.threshold: expected a merged score in (0, 1), got {self.threshold}")
         if self.target not in SELECTOR_TARGETS:

@@ -116,6 +116,10 @@ class Recipe:
     # "copy": the selector learns which pairs either stage ranks among the copies; "disagreement"
     # (the paper): which pairs the fine score moves (dns_milvus.scoring.ScoreMerge.selector_target)
     selector_target: SelectorTarget = "disagreement"
+    # > 0: the selector also reads how well the query matches the best of the target's segments
+    # (dns_milvus.scoring.segment_matches), which finds copies hidden in part of a longer video
+    selector_segments: int = 8
+    selector_lr: float = 1e-3  # the paper's 1e-4 leaves the 4-input MLP short of converged in 5 epochs
     # How coarse and fine scores mix (dns_milvus.scoring): calibrated on the training groups.
     merge: str = "calibrated"
     calibration_negatives: int = 30
@@ -588,6 +592,8 @@ def build_default_model_set(
             fine=str(students["fg_bin_student"]),
             threshold=recipe.selector_threshold,
             target=recipe.selector_target,
+            segments=recipe.selector_segments,
+            lr=recipe.selector_lr,
             merge=str(merge_json),
             epochs=recipe.selector_epochs,
             batch_size=32,

@@ -22,10 +22,18 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from dns_milvus.errors import InvalidInputError
 from dns_milvus.models import SelectorNetwork, load_checkpoint
-from dns_milvus.scoring import RELEASE_MERGE, ScoreMerge, SelectorTarget, fine_unit
+from dns_milvus.scoring import (
+    RELEASE_MERGE,
+    ScoreMerge,
+    SelectorTarget,
+    fine_unit,
+    segment_codes,
+    segment_matches,
+)
 from dns_milvus.train.config import SelectorConfig
 from dns_milvus.train.data import FeatureSet, pad_videos
 from dns_milvus.train.mining import MinedPairs
@@ -43,6 +51,9 @@ class SelectorPairs:
     targets: list[str]
     coarse: np.ndarray  # float32 [N]
     fine: np.ndarray  # float32 [N], on [0, 1]
+    #: float32 [N]: the selector's segment-match input (dns_milvus.scoring.segment_matches), or
+    #: None when the pairs were scored for a release-layout selector
+    segment_match: np.ndarray | None = None
 
     def labels(
         self, threshold: float, merge: ScoreMerge = RELEASE_MERGE, target: SelectorTarget = "disagreement"
@@ -55,19 +66,24 @@ class SelectorPairs:
             [self.targets[i] for i in keep],
             self.coarse[keep],
             self.fine[keep],
+            None if self.segment_match is None else self.segment_match[keep],
         )
 
     def __len__(self) -> int:
         return len(self.queries)
 
-    def save(self, path: Path, digest: str = "") -> None:
+    def save(self, path: Path, digest: str = "", segments: int = 0) -> None:
+        """Write the pairs; ``segments``: how many segments a video their segment matches read."""
         tmp = path.with_name(path.name + ".tmp")
         with h5py.File(tmp, "w") as f:
             f.attrs["digest"] = digest
+            f.attrs["segments"] = segments
             f.create_dataset("queries", data=np.array(self.queries, dtype=h5py.string_dtype()))
             f.create_dataset("targets", data=np.array(self.targets, dtype=h5py.string_dtype()))
             f.create_dataset("coarse", data=self.coarse)
             f.create_dataset("fine", data=self.fine)
+            if self.segment_match is not None:
+                f.create_dataset("segment_match", data=self.segment_match)
         tmp.replace(path)
 
     @classmethod
@@ -79,6 +95,7 @@ class SelectorPairs:
                 [s.decode() for s in f["targets"][()]],
                 f["coarse"][()],
                 f["fine"][()],
+                f["segment_match"][()] if "segment_match" in f else None,
             )
 
 
@@ -101,23 +118,67 @@ def score_selector_pairs(
     return SelectorPairs(queries, targets, coarse_sims, fine_sims.astype(np.float32))
 
 
+@torch.no_grad()
+def pair_segment_matches(
+    coarse: torch.nn.Module,
+    features: FeatureSet,
+    queries: list[str],
+    targets: list[str],
+    segments: int,
+    *,
+    device: torch.device | str = "cpu",
+    max_frames: int | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """The segment match of each pair ``(queries[i], targets[i])`` as search computes it: the
+    query's coarse vector against the target's segment codes (``dns_milvus.scoring``)."""
+    vectors: dict[str, np.ndarray] = {}
+    codes: dict[str, np.ndarray] = {}
+    for video_id in tqdm(sorted(set(queries) | set(targets)), desc="segment codes", disable=not progress):
+        x = features.tensor(video_id)[:max_frames].to(device)
+        lengths = torch.tensor([x.shape[0]], device=device)
+        vectors[video_id] = coarse.index_packed(x, lengths)[0].float().cpu().numpy()
+        codes[video_id] = segment_codes(
+            coarse.index_segments_packed(x, lengths, segments)[0].float().cpu().numpy()
+        )
+    out = np.empty(len(queries), dtype=np.float32)
+    by_query: dict[str, list[int]] = {}
+    for i, q in enumerate(queries):
+        by_query.setdefault(q, []).append(i)
+    for q, positions in by_query.items():
+        out[positions] = segment_matches(vectors[q], [codes[targets[i]] for i in positions])
+    return out
+
+
 def cached_selector_pairs(
     path: Path,
     pairs: MinedPairs,
     coarse: torch.nn.Module,
     fine: torch.nn.Module,
     features: FeatureSet,
+    segments: int = 0,
     **options: Any,
 ) -> SelectorPairs:
-    """:func:`score_selector_pairs`, stored in ``path`` and read back when the inputs match."""
+    """:func:`score_selector_pairs` (with ``segments``, the segment matches too), stored in ``path``
+    and read back when the inputs match; pairs already scored gain only the missing matches."""
     digest = state_digest(coarse, fine, pairs.similarity, pairs.anchor, pairs.target)
+    scored, stored_segments = None, 0
     if path.is_file():
         with h5py.File(path, "r") as f:
             fresh = f.attrs.get("digest") == digest
+            stored_segments = int(f.attrs.get("segments", 0))
         if fresh:
-            return SelectorPairs.load(path)
-    scored = score_selector_pairs(pairs, coarse, fine, features, **options)
-    scored.save(path, digest)
+            scored = SelectorPairs.load(path)
+    if scored is None:
+        scored, stored_segments = score_selector_pairs(pairs, coarse, fine, features, **options), 0
+        scored.save(path, digest)
+    if segments and stored_segments != segments:
+        scored.segment_match = pair_segment_matches(
+            coarse, features, scored.queries, scored.targets, segments, **options
+        )
+        scored.save(path, digest, segments)
+    if not segments:
+        scored.segment_match = None
     return scored
 
 
@@ -126,6 +187,7 @@ class SelectorBatch:
     videos: list[torch.Tensor]  # queries, then targets
     coarse: torch.Tensor  # [b]
     labels: torch.Tensor  # [b]
+    segment_match: torch.Tensor | None = None  # [b], for a selector with segments
 
 
 class SelectorTask(TrainingTask):
@@ -189,16 +251,21 @@ class SelectorTask(TrainingTask):
                 self._video(pairs.targets[i]) for i in idx
             ]
             yield SelectorBatch(
-                videos, torch.from_numpy(pairs.coarse[idx]), torch.from_numpy(self.labels[idx])
+                videos,
+                torch.from_numpy(pairs.coarse[idx]),
+                torch.from_numpy(self.labels[idx]),
+                _rows(pairs.segment_match, idx),
             )
 
-    def confidences(self, videos: list[torch.Tensor], coarse: torch.Tensor) -> torch.Tensor:
+    def confidences(
+        self, videos: list[torch.Tensor], coarse: torch.Tensor, segment_match: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x, mask = pad_videos(videos, self.device)
         queries, targets = self.model.index_video(x, mask).chunk(2)
-        return self.model.pair_confidence(queries, targets, coarse)
+        return self.model.pair_confidence(queries, targets, coarse, segment_match)
 
     def losses(self, batch: SelectorBatch) -> dict[str, torch.Tensor]:
-        confidence = self.confidences(batch.videos, batch.coarse)
+        confidence = self.confidences(batch.videos, batch.coarse, batch.segment_match)
         loss = F.binary_cross_entropy(confidence, batch.labels.to(confidence))
         return {"loss": loss}
 
@@ -225,8 +292,14 @@ def predict(task: SelectorTask, pairs: SelectorPairs, batch_size: int = 64) -> n
         videos = [task._video(q) for q in pairs.queries[start:stop]] + [
             task._video(t) for t in pairs.targets[start:stop]
         ]
-        out.append(task.confidences(videos, torch.from_numpy(pairs.coarse[start:stop])).cpu().numpy())
+        part = np.arange(start, stop)
+        coarse = torch.from_numpy(pairs.coarse[part])
+        out.append(task.confidences(videos, coarse, _rows(pairs.segment_match, part)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _rows(values: np.ndarray | None, idx: np.ndarray) -> torch.Tensor | None:
+    return None if values is None else torch.from_numpy(values[idx])
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -280,11 +353,12 @@ def train_selector(config: SelectorConfig, **fit_options: Any) -> TrainingResult
         device=device,
         max_frames=config.max_frames,
         progress=config.progress,
+        segments=config.segments,
     )
     train, held_out = split_pairs(scored, config.val_fraction, config.seed)
     torch.manual_seed(config.seed)
     task = SelectorTask(
-        SelectorNetwork(dims=features.dims, hidden_size=config.hidden_size),
+        SelectorNetwork(dims=features.dims, hidden_size=config.hidden_size, segments=config.segments),
         features,
         train,
         held_out,
