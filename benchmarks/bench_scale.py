@@ -327,7 +327,8 @@ def fill(
             for i, vector in enumerate(vectors, start):
                 record = objects.record_of(i % objects.count)
                 rows.append(VideoRow(video_id(i), vector, record.self_sim, objects.keys[i % objects.count],
-                                     record.n_frames, record.payload_kind))  # fmt: skip
+                                     record.n_frames, record.payload_kind,
+                                     segments=record.segments))  # fmt: skip
             t1 = time.perf_counter()
             index.collection.upsert(rows)
             generate_s += t1 - t0
