@@ -24,7 +24,7 @@ from dns_milvus.milvus import VideoRow
 from dns_milvus.scoring import segment_matches
 from dns_milvus.store import LocalStore, encode_fine_tensor, fine_key, fine_key_prefix, put_verified
 from dns_milvus.testing.seaweedfs import SeaweedFSServer
-from tests.fixtures.engine import SELECTOR_SEGMENTS, near_copy, random_video
+from tests.fixtures.engine import SELECTOR_SEGMENTS, fresh_index, near_copy, random_video
 
 
 def _fill(index: DnSIndex, n: int = 12, seed: int = 1) -> dict[str, np.ndarray]:
@@ -362,15 +362,8 @@ def test_search_arguments_are_checked(dns_index: DnSIndex) -> None:
 @pytest.fixture
 def segment_index(milvus_uri: str, segment_model_set: ModelSet, tmp_path: Path) -> Iterator[DnSIndex]:
     """A DnS index of a model set whose selector reads segment codes, on each Milvus backend."""
-    index = DnSIndex(milvus_uri, models=segment_model_set, store=LocalStore(tmp_path / "objects"),
-                     collection=f"t_{secrets.token_hex(6)}")  # fmt: skip
-    try:
+    with fresh_index(milvus_uri, segment_model_set, LocalStore(tmp_path / "objects")) as index:
         yield index
-    finally:
-        try:
-            index.collection.drop()
-        finally:
-            index.close()
 
 
 def test_selector_reads_the_segment_codes_stored_in_milvus(segment_index: DnSIndex) -> None:

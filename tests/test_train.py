@@ -393,6 +393,18 @@ def test_students_lower_their_loss_and_agree_with_the_teacher_on_held_out_pairs(
     assert all(rho >= 0.8 for rho in agreement.values()), f"Spearman with the teacher: {agreement}"
 
 
+def _selector_inputs(out: Path, corpus: Corpus, mined, students: dict, threshold: float) -> dict:
+    """The selector stage's inputs: the corpus, the mined pairs, the two students, the label threshold."""
+    return {
+        "output": str(out),
+        "features": str(corpus.path),
+        "pairs": str(mined.outputs["pairs"]),
+        "coarse": str(students["cg_student"]),
+        "fine": str(students["fg_bin_student"]),
+        "threshold": threshold,
+    }
+
+
 def test_selector_beats_random_selection_on_held_out_pairs(
     corpus: Corpus, teacher_run, students_run, tmp_path: Path
 ):
@@ -413,12 +425,7 @@ def test_selector_beats_random_selection_on_held_out_pairs(
     result = run_stage(
         "selector",
         {
-            "output": str(tmp_path / "selector"),
-            "features": str(corpus.path),
-            "pairs": str(mined_all.outputs["pairs"]),
-            "coarse": str(students["cg_student"]),
-            "fine": str(students["fg_bin_student"]),
-            "threshold": threshold,
+            **_selector_inputs(tmp_path / "selector", corpus, mined_all, students, threshold),
             "epochs": 16,
             "batch_size": 32,
             "pairs_per_class": 96,
@@ -513,12 +520,7 @@ def test_selector_with_segments_trains_and_loads_with_them(corpus: Corpus, mined
     threshold = float(np.median(np.abs(scored.coarse - scored.fine)))
     students = students_run.outputs
     config = {
-        "output": str(out),
-        "features": str(corpus.path),
-        "pairs": str(mined.outputs["pairs"]),
-        "coarse": str(students["cg_student"]),
-        "fine": str(students["fg_bin_student"]),
-        "threshold": threshold,
+        **_selector_inputs(out, corpus, mined, students, threshold),
         "segments": 2,
         "epochs": 2,
         "batch_size": 16,
