@@ -21,8 +21,9 @@ from tests.fixtures.engine import random_video
 
 
 @pytest.fixture
-def server_index(milvus_server: str, model_set: ModelSet, tmp_path: Path) -> Iterator[DnSIndex]:
-    index = DnSIndex(milvus_server, models=model_set, store=LocalStore(tmp_path / "objects"),
+def server_index(milvus_server: str, segment_model_set: ModelSet, tmp_path: Path) -> Iterator[DnSIndex]:
+    """A server index whose selector reads segment codes: imports must carry them."""
+    index = DnSIndex(milvus_server, models=segment_model_set, store=LocalStore(tmp_path / "objects"),
                      collection=f"t_bulk_{secrets.token_hex(4)}")  # fmt: skip
     yield index
     index.collection.drop()
@@ -58,11 +59,14 @@ def test_bulk_import_writes_objects_then_imported_rows(server_index: DnSIndex, t
         direct = server_index.models.index_features([feats])[0]
         np.testing.assert_array_equal(stored.fine, direct.fine)
         np.testing.assert_allclose(stored.coarse, direct.coarse, atol=1e-5)
+        np.testing.assert_array_equal(stored.segments, direct.segments)
         assert server_index.get([vid])[vid]["metadata"] == m
-    # Imported rows are indexed and searchable like upserted ones.
+    # Imported rows are indexed and searchable like upserted ones, their segment codes included.
     first = next(iter(videos))
     hits = server_index.search(videos[first], top_k=3, policy="none").hits  # coarse: itself first
     assert hits[0].video_id == first
+    hits = server_index.search(first, top_k=11, candidates=11, policy="100%").hits
+    assert len(hits) == 11 and all(h.selector_confidence is not None for h in hits)
 
     # Again, with 10 of the ids and 10 new ones: the known ids are upserted, the new imported.
     more = _videos(1, 10, prefix="w")
@@ -71,7 +75,7 @@ def test_bulk_import_writes_objects_then_imported_rows(server_index: DnSIndex, t
     rows = []
     for vid, rec in zip(again, records):
         rows.append(VideoRow(vid, rec.coarse, rec.self_sim, fine_key(server_index.name, vid), rec.n_frames,
-                             rec.payload_kind, {"again": True}))  # fmt: skip
+                             rec.payload_kind, {"again": True}, segments=rec.segments))  # fmt: skip
     report = import_rows(server_index.collection, rows, staging)
     assert sorted(report.upserted) == sorted(list(videos)[:10])
     assert sorted(report.imported) == sorted(more)
@@ -101,29 +105,6 @@ def test_failed_import_leaves_objects_without_rows_then_succeeds(
     assert _ids_on_server(server_index) == sorted(videos)
     report = server_index.repair(deep=True)
     assert report.orphan_objects == [] and report.reindex == []
-
-
-@pytest.mark.server
-def test_bulk_import_carries_segment_codes(
-    milvus_server: str, segment_model_set: ModelSet, tmp_path: Path
-) -> None:
-    """Rows imported from Parquet files keep their videos' segment codes, and a search of the
-    imported rows runs the selector on them."""
-    index = DnSIndex(milvus_server, models=segment_model_set, store=LocalStore(tmp_path / "objects"),
-                     collection=f"t_bulk_{secrets.token_hex(4)}")  # fmt: skip
-    try:
-        videos = _videos(4, 12)
-        index.add_many(list(videos), list(videos.values()), import_dir=tmp_path / "import")
-        assert _ids_on_server(index) == sorted(videos)
-        direct = dict(zip(videos, index.models.index_features(list(videos.values())), strict=True))
-        stored = index.collection.get(list(videos))
-        for vid, record in direct.items():
-            np.testing.assert_array_equal(stored[vid].segments, record.segments)
-        hits = index.search(next(iter(videos)), top_k=11, candidates=11, policy="100%").hits
-        assert len(hits) == 11 and all(h.selector_confidence is not None for h in hits)
-    finally:
-        index.collection.drop()
-        index.close()
 
 
 def test_milvus_lite_has_no_import_and_nothing_is_written(model_set: ModelSet, tmp_path: Path) -> None:

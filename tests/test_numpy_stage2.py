@@ -72,9 +72,14 @@ def test_numpy_stage2_scores_as_the_torch_networks(
         coarse = np.array([float(query.coarse @ r.coarse) for r in records], dtype=np.float32)
         self_sims = np.array([r.self_sim for r in records], dtype=np.float32)
         grid = np.linspace(-0.2, 1.0, 25, dtype=np.float32)
-        for sims, scores in ((self_sims, coarse), (np.repeat(self_sims, 25), np.tile(grid, len(records)))):
-            torch_conf = models.selector_confidence(query.self_sim, sims, scores)
-            numpy_conf = numpy_set.selector_confidence(query.self_sim, sims, scores)
+        assert models.selector_segments == numpy_set.selector_segments == 8  # the shipped selector's
+        matches = segment_matches(query.coarse, [r.segments for r in records])
+        for sims, scores, match in (
+            (self_sims, coarse, matches),
+            (np.repeat(self_sims, 25), np.tile(grid, len(records)), np.repeat(matches, 25)),
+        ):
+            torch_conf = models.selector_confidence(query.self_sim, sims, scores, match)
+            numpy_conf = numpy_set.selector_confidence(query.self_sim, sims, scores, match)
             assert numpy_conf.dtype == np.float32
             assert np.abs(torch_conf - numpy_conf).max() <= TOLERANCE
             assert _same_order(torch_conf, numpy_conf)

@@ -74,6 +74,9 @@ class Stage2:
             grpc_port=0,
             http_port=-1,
             max_wait_ms=1.0,
+            # One thread, as the local reranker: float sums split over another number of threads
+            # round differently (1 ulp), and the automatic count follows the machine's load.
+            fine_threads=1,
         )
         return dataclasses.replace(base, **overrides)
 
@@ -87,7 +90,8 @@ def build_stage2(root: Path, selector_segments: int = 0) -> Stage2:
     models = ModelSet.load(model_dir, device="cpu")
     store = LocalStore(root / "objects")
     corpus = write_corpus(models, store, COLLECTION, 16, seed=3)
-    return Stage2(model_dir, models, store, root / "objects", corpus, LocalReranker(models, store))
+    local = LocalReranker(models, store, fine_threads=1)
+    return Stage2(model_dir, models, store, root / "objects", corpus, local)
 
 
 @pytest.fixture(scope="module")
