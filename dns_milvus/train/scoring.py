@@ -103,6 +103,15 @@ def similarity_matrix(
     return out
 
 
+def pairs_by_query(queries: Sequence[str]) -> dict[str, list[int]]:
+    """Positions of the listed pairs grouped by their query (first appearance order): each query
+    is then indexed once for all its pairs."""
+    groups: dict[str, list[int]] = {}
+    for i, q in enumerate(queries):
+        groups.setdefault(q, []).append(i)
+    return groups
+
+
 @torch.no_grad()
 def pair_similarities(
     model: torch.nn.Module,
@@ -126,12 +135,10 @@ def pair_similarities(
             f"expected as many targets as queries (one pair each), got {len(targets)} and {len(queries)}"
         )
     load = _loader(features, max_frames)
-    by_query: dict[str, list[int]] = {}
-    for i, q in enumerate(queries):
-        by_query.setdefault(q, []).append(i)
     out = np.empty(len(queries), dtype=np.float32)
+    groups = pairs_by_query(queries)
     for q_id, positions in tqdm(
-        by_query.items(), desc="pair similarities", unit="query", disable=not progress, leave=False
+        groups.items(), desc="pair similarities", unit="query", disable=not progress, leave=False
     ):
         q = index_block(model, [load(q_id)], device)
         for start in range(0, len(positions), block_size):

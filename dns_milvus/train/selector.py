@@ -37,7 +37,7 @@ from dns_milvus.scoring import (
 from dns_milvus.train.config import SelectorConfig
 from dns_milvus.train.data import FeatureSet, pad_videos
 from dns_milvus.train.mining import MinedPairs
-from dns_milvus.train.scoring import pair_similarities, state_digest
+from dns_milvus.train.scoring import pair_similarities, pairs_by_query, state_digest
 from dns_milvus.train.trainer import TrainingResult, TrainingTask, fit_stage, resolve_device
 
 SELECTOR_FILE = "selector"
@@ -142,10 +142,7 @@ def pair_segment_matches(
             coarse.index_segments_packed(x, lengths, segments)[0].float().cpu().numpy()
         )
     out = np.empty(len(queries), dtype=np.float32)
-    by_query: dict[str, list[int]] = {}
-    for i, q in enumerate(queries):
-        by_query.setdefault(q, []).append(i)
-    for q, positions in by_query.items():
+    for q, positions in pairs_by_query(queries).items():
         out[positions] = segment_matches(vectors[q], [codes[targets[i]] for i in positions])
     return out
 
